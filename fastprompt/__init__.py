@@ -1,0 +1,41 @@
+"""fastprompt: fused kernels for prompt-based tuning on Hugging Face transformers.
+
+Public API (imported lazily, so ``import fastprompt`` stays cheap and pulls in neither triton nor the
+C++ build)::
+
+    fastprompt.prefix_attention(q, k, v, prefix_k, prefix_v, ...)   # the op
+    fastprompt.merge_attention_states(out_a, lse_a, out_b, lse_b)   # merge partial attention by LSE
+    fastprompt.patch(model) / fastprompt.unpatch(model)              # transformers / PEFT integration
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "prefix_attention": "fastprompt.ops",
+    "merge_attention_states": "fastprompt.ops",
+    "available_backends": "fastprompt.ops",
+    "patch": "fastprompt.patching",
+    "unpatch": "fastprompt.patching",
+}
+
+__all__ = ["BackendUnavailableError", "UnsupportedModelError", "__version__", *_LAZY]
+
+if TYPE_CHECKING:
+    from fastprompt.ops import available_backends, merge_attention_states, prefix_attention
+    from fastprompt.patching import patch, unpatch
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastprompt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,1 @@
+"""Triton kernels of fastprompt (installed as ``fastprompt.kernels``)."""
