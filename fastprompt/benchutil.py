@@ -1,0 +1,103 @@
+"""One way to time a call and to measure its peak memory, used by every benchmark and by ``fastprompt bench``.
+
+Time: median wall time over ``iters`` calls after ``warmup`` calls, with the device synchronised around
+each call. Peak memory: the most bytes the call held allocated above what was allocated before it,
+from the CUDA caching allocator's statistics on CUDA, and from the profiler's allocation events on CPU
+(the CPU allocator keeps no statistics). Memory is measured in one separate call, so the profiler's
+overhead never reaches the timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """``ms``: median milliseconds per call; ``peak_mib``: peak MiB allocated by one call."""
+
+    ms: float
+    peak_mib: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The CPU profiler prints start/stop lines on file descriptor 2; keep tables clean."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def _cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    del result
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 2,
+    iters: int = 5,
+) -> Measurement:
+    """Time ``fn()`` and measure its peak memory on ``device``.
+
+    ``fn`` takes no arguments; whatever it returns is dropped after the call (return the outputs so
+    that their memory counts while they are alive, as a training step's would).
+    """
+    device = torch.device(device)
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = _cuda_peak_bytes(fn, device)
+    else:
+        peak = _cpu_peak_bytes(fn)
+    return Measurement(ms=1e3 * statistics.median(times), peak_mib=peak / 2**20)
