@@ -28,8 +28,8 @@ _LAZY = {
 __all__ = ["BackendUnavailableError", "UnsupportedModelError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
-    from fastprompt.ops import available_backends, merge_attention_states, prefix_attention
-    from fastprompt.patching import patch, unpatch
+    from fastprompt.ops import available_backends, merge_attention_states, prefix_attention  # noqa: F401
+    from fastprompt.patching import patch, unpatch  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -96,8 +96,5 @@ def measure(
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = _cuda_peak_bytes(fn, device)
-    else:
-        peak = _cpu_peak_bytes(fn)
+    peak = _cuda_peak_bytes(fn, device) if device.type == "cuda" else _cpu_peak_bytes(fn)
     return Measurement(ms=1e3 * statistics.median(times), peak_mib=peak / 2**20)

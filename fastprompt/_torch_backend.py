@@ -1,0 +1,162 @@
+"""The ``torch`` backend: pure PyTorch, the readable statement of the op's semantics.
+
+The prefix block and the sequence block are attended separately and merged by log-sum-exp, so the prefix
+is never concatenated onto K/V and never copied once per batch row: the rows that use bank row ``n`` are
+gathered (a copy of *queries*, not of the prefix) and multiplied against ``prefix_k[n]`` once.
+Backward recomputes the forward under autograd. Implements the backend contract of ``fastprompt.ops``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastprompt.merge import merge_attention_states
+
+
+def _keep_mask(
+    generator: torch.Generator, shape: tuple[int, ...], dropout_p: float, device: torch.device
+) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+def _softmax_block(
+    logits: torch.Tensor, visible: torch.Tensor, keep: torch.Tensor | None, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax over the last dim: ``(probs, lse)``; rows with nothing visible give 0 and -inf.
+
+    Written without ``logsumexp`` so that fully masked rows have finite gradients (zero), not NaN.
+    """
+    logits = logits.masked_fill(~visible, float("-inf"))
+    row_max = logits.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(logits - row_max)
+    total = weights.sum(dim=-1)
+    has_keys = total > 0
+    safe_total = torch.where(has_keys, total, torch.ones_like(total))
+    probs = weights / safe_total[..., None]
+    lse = torch.where(has_keys, row_max.squeeze(-1) + torch.log(safe_total), torch.full_like(total, float("-inf")))
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
+    return probs, lse
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable forward in float32 (float64 stays float64); returns ``(out, lse)``."""
+    B, Hq, T, D = q.shape
+    N, Hkv, P, _ = prefix_k.shape
+    S = k.shape[2]
+    group = Hq // Hkv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # [B, Hkv, group * T, D]: the query heads of one KV head share its keys, so they become extra rows
+    qg = q.to(compute).reshape(B, Hkv, group * T, D)
+    t_of_row = torch.arange(T, device=q.device).repeat(group)
+
+    generator = None
+    if dropout_p > 0:
+        generator = torch.Generator(device=q.device).manual_seed(seed)
+
+    logits = scale * qg @ k.to(compute).transpose(-1, -2)
+    visible = torch.ones(B, 1, group * T, S, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible & (torch.arange(S, device=q.device)[None, :] <= (S - T + t_of_row)[:, None])
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    keep = None
+    if generator is not None:
+        keep = _keep_mask(generator, (B, Hq, T, S), dropout_p, q.device).reshape(B, Hkv, group * T, S)
+    probs, seq_lse = _softmax_block(logits, visible, keep, dropout_p)
+    seq_out = probs @ v.to(compute)
+
+    prefix_out = torch.zeros_like(seq_out)
+    prefix_lse = torch.full_like(seq_lse, float("-inf"))
+    prefix_keep = None
+    if generator is not None and P > 0:
+        prefix_keep = _keep_mask(generator, (B, Hq, T, P), dropout_p, q.device).reshape(B, Hkv, group * T, P)
+    for n in range(N if P > 0 else 0):
+        rows = (prefix_index == n).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        pk = prefix_k[n].to(compute)  # [Hkv, P, D], broadcast over the rows that use it
+        row_logits = scale * qg[rows] @ pk.transpose(-1, -2)
+        row_visible = (torch.arange(P, device=q.device) < prefix_lens[n])[None, None, None, :]
+        row_keep = None if prefix_keep is None else prefix_keep[rows]
+        row_probs, row_lse = _softmax_block(row_logits, row_visible, row_keep, dropout_p)
+        prefix_out = prefix_out.index_copy(0, rows, row_probs @ prefix_v[n].to(compute))
+        prefix_lse = prefix_lse.index_copy(0, rows, row_lse)
+
+    out, lse = merge_attention_states(prefix_out, prefix_lse, seq_out, seq_lse)
+    return out.reshape(B, Hq, T, D), lse.reshape(B, Hq, T)
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out, lse = _attend(
+            q,
+            k,
+            v,
+            prefix_k,
+            prefix_v,
+            prefix_index,
+            prefix_lens,
+            key_padding_mask,
+            causal,
+            scale,
+            dropout_p,
+            seed,
+        )
+    return out.to(q.dtype), lse.float()
+
+
+def backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # A custom op's implementation runs below autograd, so the recompute is differentiated with
+    # torch.func.vjp, which brings its own grad transform.
+    def attend(*tensors: torch.Tensor) -> torch.Tensor:
+        out, _ = _attend(*tensors, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p, seed)
+        return out
+
+    inputs = (q, k, v, prefix_k, prefix_v)
+    recomputed, vjp = torch.func.vjp(attend, *inputs)
+    grads = vjp(grad_out.to(recomputed.dtype))
+    return tuple(g.to(x.dtype) for g, x in zip(grads, inputs, strict=True))

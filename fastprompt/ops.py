@@ -1,0 +1,584 @@
+"""The prefix-attention op: public function → custom op with autograd → backend kernels.
+
+Backends (``FASTPROMPT_BACKEND=auto|triton|cpu|torch``, default ``auto``):
+
+- ``triton`` (``fastprompt.kernels.prefix_attention``): CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1``;
+- ``cpu`` (``fastprompt._cpp``, the C++ kernels of ``csrc/``, compiled with ninja on first use);
+- ``torch`` (``fastprompt._torch_backend``): pure PyTorch.
+
+``auto`` takes triton for CUDA tensors and cpu for CPU tensors; it falls back to ``torch`` only when that
+backend cannot run here, and then says so once with a warning (never silently). A backend asked for by
+name that cannot run the given tensors raises :class:`~fastprompt.errors.BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+from fastprompt.errors import BackendUnavailableError
+from fastprompt.merge import merge_attention_states
+
+__all__ = ["available_backends", "merge_attention_states", "prefix_attention"]
+
+BACKENDS = ("triton", "cpu", "torch")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _triton_status() -> tuple[bool, str]:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False, "triton is not installed (pip install triton)"
+    return True, "triton is installed"
+
+
+def _backend_status(name: str, device: torch.device) -> tuple[bool, str]:
+    """Whether backend ``name`` can run tensors on ``device`` here, and why (not)."""
+    if name == "torch":
+        return True, "pure PyTorch, always available"
+    if name == "cpu":
+        if device.type != "cpu":
+            return False, f"the cpu backend runs CPU tensors only, got {device.type} tensors"
+        from fastprompt import _cpp
+
+        return _cpp.available()
+    if name == "triton":
+        ok, why = _triton_status()
+        if not ok:
+            return ok, why
+        if device.type == "cuda":
+            return True, "triton kernels on CUDA"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "triton interpreter (TRITON_INTERPRET=1) on CPU tensors"
+        return False, f"triton runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type}"
+    raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def available_backends(device: torch.device | str | None = None) -> dict[str, tuple[bool, str]]:
+    """For each backend, ``(available, reason)`` for tensors on ``device``.
+
+    ``device`` defaults to ``cuda`` when a GPU is present, else ``cpu``. Asking about ``cpu`` compiles the
+    C++ kernels if they are not built yet (once; cached).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return {name: (False, "no CUDA GPU is available") for name in BACKENDS}
+    return {name: _backend_status(name, device) for name in BACKENDS}
+
+
+@functools.cache
+def _warn_fallback(device_type: str, preferred: str, reason: str) -> None:
+    warnings.warn(
+        f"fastprompt: the {preferred} backend is unavailable for {device_type} tensors ({reason}); "
+        "using the slower pure-PyTorch backend. Set FASTPROMPT_BACKEND=torch to silence this.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    if requested == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpu"
+        ok, reason = _backend_status(preferred, device)
+        if ok and not (preferred == "triton" and dtype == torch.float64):
+            return preferred
+        if ok:
+            reason = "float64 is not supported by triton kernels"
+        _warn_fallback(device.type, preferred, reason)
+        return "torch"
+    ok, reason = _backend_status(requested, device)
+    if not ok:
+        raise BackendUnavailableError(f"FASTPROMPT_BACKEND={requested} cannot run here: {reason}")
+    if requested == "triton" and dtype == torch.float64:
+        raise BackendUnavailableError("FASTPROMPT_BACKEND=triton does not support float64 tensors")
+    return requested
+
+
+def _backend_module(name: str) -> ModuleType:
+    if name == "triton":
+        return importlib.import_module("fastprompt.kernels.prefix_attention")
+    if name == "cpu":
+        return importlib.import_module("fastprompt._cpp")
+    return importlib.import_module("fastprompt._torch_backend")
+
+
+def _requested_backend() -> str:
+    requested = os.environ.get("FASTPROMPT_BACKEND", "auto").strip().lower() or "auto"
+    if requested != "auto" and requested not in BACKENDS:
+        raise ValueError(f"FASTPROMPT_BACKEND must be one of auto, {', '.join(BACKENDS)}; got {requested!r}")
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile; the fake implementations give it shapes)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _seed_value(seed: torch.Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+@torch.library.custom_op("fastprompt::prefix_attention_fwd", mutates_args=())
+def _prefix_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    backend: str,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # return_lse only tells the backward whether the lse reached the caller (and so carries a gradient)
+    name = _resolve_backend(backend, q.device, q.dtype)
+    out, lse = _backend_module(name).forward(
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lens,
+        key_padding_mask,
+        causal,
+        scale,
+        dropout_p,
+        _seed_value(seed),
+    )
+    return out.contiguous(), lse.contiguous()
+
+
+@_prefix_attention_fwd.register_fake
+def _(
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lens,
+    key_padding_mask,
+    causal,
+    scale,
+    dropout_p,
+    seed,
+    backend,
+    return_lse,
+):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastprompt::prefix_attention_bwd", mutates_args=())
+def _prefix_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    name = _resolve_backend(backend, q.device, q.dtype)
+    grads = _backend_module(name).backward(
+        grad_out,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lens,
+        key_padding_mask,
+        out,
+        lse,
+        causal,
+        scale,
+        dropout_p,
+        _seed_value(seed),
+    )
+    return tuple(g.contiguous() for g in grads)
+
+
+@_prefix_attention_bwd.register_fake
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lens,
+    key_padding_mask,
+    out,
+    lse,
+    causal,
+    scale,
+    dropout_p,
+    seed,
+    backend,
+):
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, prefix_k, prefix_v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lens,
+        key_padding_mask,
+        causal,
+        scale,
+        dropout_p,
+        seed,
+        backend,
+        return_lse,
+    ) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse, seed)
+    ctx.options = (causal, scale, dropout_p, backend, return_lse)
+
+
+def _lse_gradients(ctx, grad_lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients reaching q, k, prefix_k through the log-sum-exp output.
+
+    d lse_i / d q_i = scale * sum_j p_ij key_j: attention with the keys as values.
+    d lse_i / d key_j = scale * p_ij q_i: the value-gradient of attention with keys as values and
+    ``scale * grad_lse * q`` as output gradient. Dropout never touches the lse, so both run without it.
+    """
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse, seed = ctx.saved_tensors
+    causal, scale, _, backend, _ = ctx.options
+    keys_out, keys_lse = _prefix_attention_fwd(
+        q,
+        k,
+        k,
+        prefix_k,
+        prefix_k,
+        prefix_index,
+        prefix_lens,
+        key_padding_mask,
+        causal,
+        scale,
+        0.0,
+        None,
+        backend,
+        False,
+    )
+    g = (scale * grad_lse.float())[..., None]
+    dq = (g * keys_out.float()).to(q.dtype)
+    pseudo_grad_out = (g * q.float()).to(q.dtype)
+    _, _, dk, _, dprefix_k = _prefix_attention_bwd(
+        pseudo_grad_out,
+        q,
+        k,
+        k,
+        prefix_k,
+        prefix_k,
+        prefix_index,
+        prefix_lens,
+        key_padding_mask,
+        keys_out,
+        keys_lse,
+        causal,
+        scale,
+        0.0,
+        None,
+        backend,
+    )
+    return dq, dk, dprefix_k
+
+
+def _backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse, seed = ctx.saved_tensors
+    causal, scale, dropout_p, backend, return_lse = ctx.options
+    dq, dk, dv, dprefix_k, dprefix_v = _prefix_attention_bwd(
+        grad_out,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lens,
+        key_padding_mask,
+        out,
+        lse,
+        causal,
+        scale,
+        dropout_p,
+        seed,
+        backend,
+    )
+    if return_lse:
+        lse_dq, lse_dk, lse_dprefix_k = _lse_gradients(ctx, grad_lse)
+        dq, dk, dprefix_k = dq + lse_dq, dk + lse_dk, dprefix_k + lse_dprefix_k
+    return dq, dk, dv, dprefix_k, dprefix_v, None, None, None, None, None, None, None, None, None
+
+
+_prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, x: object, ndim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_index_tensor(name: str, x: object, length: int, length_name: str, device: torch.device) -> torch.Tensor:
+    x = _check_tensor(name, x, 1)
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if x.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length_name}] = [{length}], got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}")
+    return x
+
+
+def check_index_values(
+    prefix_index: torch.Tensor | None, prefix_lens: torch.Tensor | None, num_prefixes: int, prefix_len: int
+) -> None:
+    """Range checks of ``prefix_index`` (in [-1, N)) and ``prefix_lens`` (in [0, P]).
+
+    These read tensor values (a device sync on CUDA); callers that run the op many times with the same
+    index tensors (every layer of a model) check once and then call :func:`prefix_attention_checked`.
+    """
+    if prefix_index is not None and prefix_index.numel() > 0:
+        lo, hi = int(prefix_index.min()), int(prefix_index.max())
+        if lo < -1 or hi >= num_prefixes:
+            raise ValueError(
+                f"prefix_index values must be in [-1, N) with N = {num_prefixes} bank rows, got values in [{lo}, {hi}]"
+            )
+    if prefix_lens is not None and prefix_lens.numel() > 0:
+        lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
+        if lo < 0 or hi > prefix_len:
+            raise ValueError(f"prefix_lens values must be in [0, P] with P = {prefix_len}, got values in [{lo}, {hi}]")
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    prefix_index: torch.Tensor | None = None,
+    prefix_lens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention in which every query also sees a read-only block of prefix keys/values.
+
+    ``out = softmax(scale * q @ [pk; k]^T + mask) @ [pv; v]``, without concatenating the prefix, copying
+    it per batch row, or building a 4-D mask.
+
+    Args:
+        q: ``[B, Hq, T, D]`` queries.
+        k, v: ``[B, Hkv, S, D]`` keys and values of the sequence, ``S >= T`` (the first ``S - T`` are earlier
+            tokens held in a KV cache). ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA).
+        prefix_k, prefix_v: ``[N, Hkv, P, D]`` a bank of ``N`` prefixes, read-only. ``P`` may be 0.
+        prefix_index: ``[B]`` integer, the bank row each batch row uses, ``-1`` for none. ``None``: every row
+            uses row 0 (then ``N`` must be 1).
+        prefix_lens: ``[N]`` integer, the valid length (``<= P``) of each bank row. ``None``: all ``P``.
+        key_padding_mask: ``[B, S]`` bool (or 0/1 integer), ``True`` for a real token.
+        causal: over the sequence part, aligned bottom-right: query ``t`` sees keys ``s <= S - T + t``.
+            Prefix columns are visible to every query of the row.
+        scale: logit scale, default ``D ** -0.5``.
+        dropout_p: attention dropout probability in ``[0, 1)`` (pass 0 in eval).
+        return_lse: also return the log-sum-exp ``[B, Hq, T]`` float32 (for merging; differentiable).
+
+    Returns:
+        ``out`` ``[B, Hq, T, D]`` in the dtype of ``q``, or ``(out, lse)``. A query with nothing to attend
+        to gives zeros (and ``lse = -inf``). Gradients flow to ``q, k, v, prefix_k, prefix_v``; the prefix
+        gradient is summed over the rows that used each bank row.
+    """
+    args = _normalise(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p
+    )
+    if not torch.compiler.is_compiling():
+        check_index_values(args[5], args[6], prefix_k.shape[0], prefix_k.shape[2])
+    return _run(*args, return_lse=return_lse)
+
+
+def prefix_attention_checked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    prefix_index: torch.Tensor | None = None,
+    prefix_lens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prefix_attention` for callers that already ran :func:`check_index_values` on these index tensors.
+
+    Shapes, dtypes and devices are still checked (no sync); the value-range checks are skipped.
+    """
+    args = _normalise(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p
+    )
+    return _run(*args, return_lse=return_lse)
+
+
+def _normalise(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p):
+    q = _check_tensor("q", q, 4)
+    k = _check_tensor("k", k, 4)
+    v = _check_tensor("v", v, 4)
+    prefix_k = _check_tensor("prefix_k", prefix_k, 4)
+    prefix_v = _check_tensor("prefix_v", prefix_v, 4)
+    named = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
+    for name, x in named.items():
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; all five tensors must share a dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all tensors must be on one device")
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, S, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(
+            f"prefix_k and prefix_v must have the same shape [N, Hkv, P, D], "
+            f"got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}"
+        )
+    _, Hkv, S, Dk = k.shape
+    N, Hkv_p, P, Dp = prefix_k.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {B}")
+    if Dk != D or Dp != D:
+        raise ValueError(f"head dims differ: q has D={D}, k/v have {Dk}, prefix_k/prefix_v have {Dp}")
+    if Hkv_p != Hkv:
+        raise ValueError(f"prefix_k has {Hkv_p} heads but k has Hkv={Hkv}; the prefix must have the KV heads of k")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q has Hq={Hq} heads, which must be a positive multiple of k's Hkv={Hkv} heads")
+    if T < 1 or S < T:
+        raise ValueError(f"k/v have S={S} keys and q has T={T} queries; need S >= T >= 1")
+    if N < 1:
+        raise ValueError("prefix_k must hold at least one bank row (N >= 1); use P = 0 for an empty prefix")
+    if prefix_index is None:
+        if N != 1:
+            raise ValueError(f"prefix_index is required when the bank holds N={N} > 1 prefixes")
+        prefix_index = torch.zeros(B, dtype=torch.int32, device=q.device)
+    else:
+        prefix_index = _check_index_tensor("prefix_index", prefix_index, B, "B", q.device).to(torch.int32).contiguous()
+    if prefix_lens is None:
+        prefix_lens = torch.full((N,), P, dtype=torch.int32, device=q.device)
+    else:
+        prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, "N", q.device).to(torch.int32).contiguous()
+    if key_padding_mask is not None:
+        key_padding_mask = _check_tensor("key_padding_mask", key_padding_mask, 2)
+        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
+            raise TypeError(f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(
+                f"key_padding_mask must have shape [B, S] = [{B}, {S}], got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        key_padding_mask = key_padding_mask.to(torch.bool).contiguous()
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = D**-0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (0 < float(scale) < float("inf")):
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return (
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lens,
+        key_padding_mask,
+        causal,
+        float(scale),
+        float(dropout_p),
+    )
+
+
+def _run(
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lens,
+    key_padding_mask,
+    causal,
+    scale,
+    dropout_p,
+    *,
+    return_lse: bool,
+):
+    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
+    out, lse = _prefix_attention_fwd(
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lens,
+        key_padding_mask,
+        causal,
+        scale,
+        dropout_p,
+        seed,
+        _requested_backend(),
+        return_lse,
+    )
+    return (out, lse) if return_lse else out
