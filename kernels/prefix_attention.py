@@ -1,0 +1,712 @@
+"""Triton backend of the prefix-attention op: tiled forward, backward and a split-K decode path.
+
+The prefix bank ``prefix_k, prefix_v`` [N, Hkv, P, D] is a read-only block next to the sequence keys
+``k, v`` [B, Hkv, S, D]: every kernel walks the prefix tiles of the row's bank entry
+(``prefix_index[b]``, cut at ``prefix_lens``) and then the sequence tiles, with the same online softmax,
+so nothing is concatenated, copied per row or masked through a 4-D tensor. Query head ``hq`` reads kv
+head ``hq // (Hq // Hkv)``.
+
+Kernels (FlashAttention-2 structure, scores in base 2 with ``qk_scale = scale * log2(e)``):
+
+- ``_fwd_kernel``: grid (T / BLOCK_M, B * Hq); one query tile against all visible key tiles. Causal
+  sequence tiles entirely to the right of the tile's last query are never visited.
+- ``_decode_kernel`` + ``_merge_kernel`` (T <= 16): the M dimension packs the ``Hq / Hkv`` query heads
+  of one kv head (GQA rows share every K/V load); the key columns ``[0, P + S)`` are split across
+  programs, each writing a normalised partial output and its log-sum-exp, merged by log-sum-exp.
+- ``_bwd_delta_kernel``: ``delta = rowsum(dO * O)``.
+- ``_bwd_dq_kernel``: grid like the forward; accumulates dq over the prefix and sequence tiles.
+- ``_bwd_dkdv_kernel``: grid (S / BLOCK_N, B * Hkv); one sequence key tile, looping over the query
+  heads of its group and the query tiles that can see it, so dk/dv need no atomics.
+- ``_bwd_dprefix_kernel``: grid (P / BLOCK_N, N * Hkv, splits); one bank key tile, looping over the batch
+  rows whose ``prefix_index`` is that bank row (see the kernel for how the sum stays deterministic).
+
+Dropout keeps probability (b, hq, t, c) iff a Philox draw keyed by the counters
+``(c, (b * Hq + hq) * T + t)`` is >= p, where c is the prefix column j or P + s for sequence column s;
+every kernel derives the same keep mask from those counters, so backward never stores it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_DECODE_MAX_T = 16
+_MAX_SPLITS = 64
+
+# ----------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(base, row_off, row_ok, offs_d, d_ok, stride_d):
+    """A [rows, BLOCK_D] tile; masked rows and the padding past D read as 0 (so dots ignore them)."""
+    return tl.load(
+        base + row_off[:, None] + offs_d[None, :] * stride_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _visible(t, t_ok, key_ok, key_pos, shift, CAUSAL: tl.constexpr):
+    """Visibility of (query t, key) pairs; arguments broadcast, so either orientation can be asked for.
+
+    ``shift = S - T`` for sequence keys (causal, bottom-right aligned), unused for prefix keys.
+    """
+    vis = t_ok & key_ok
+    if CAUSAL:
+        vis = vis & (key_pos <= t + shift)
+    return vis
+
+
+@triton.jit
+def _dropout_keep(seed, row, col, dropout_p):
+    """Keep mask for probabilities at (row, col), ``row = (b * Hq + hq) * T + t``, ``col`` in [0, P + S).
+
+    Two 32-bit Philox counters (column, row) instead of one flat offset: a flat offset would need
+    64-bit arithmetic once B * Hq * T * (P + S) passes 2**32, and wrapping would repeat masks.
+    """
+    zero = (row * 0 + col * 0).to(tl.uint32)
+    c0 = (col + zero).to(tl.uint32)
+    c1 = (row + zero).to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, q, k, v, vis, drop_row, drop_col, seed, dropout_p, qk_scale,
+                  DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax update of (acc, l_i, m_i) with a [BLOCK_N, BLOCK_D] key/value tile."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key keeps m = -inf; subtracting 0 then avoids exp2(-inf + inf).
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    # l sums the un-dropped probabilities: dropout scales what reaches the output, not the normaliser.
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, drop_row[:, None], drop_col[None, :], dropout_p)
+        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _finish_rows(acc, l_i, m_i):
+    """Normalised output and natural-log lse; rows with no visible key give 0 and -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    # 0.693... = ln(2): the running max and sum are kept in base 2.
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    return out, lse
+
+
+@triton.jit
+def _attend_prefix_and_sequence(
+    acc, l_i, m_i, q, offs_m, m_ok, drop_row, b, hkv,
+    K, V, PK, PV, PI, PL, KPM,
+    skb, skh, sks, skd, svb, svh, svs, svd,
+    spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
+    T, S, P, D, col_lo, col_hi, qk_scale, seed, dropout_p,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Online softmax over the key columns [col_lo, col_hi) of row b: prefix columns first, then
+    sequence columns (column P + s). The forward passes the whole range, the decode path one split."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    idx = tl.load(PI + b)
+    plen = tl.where(idx >= 0, tl.load(PL + tl.maximum(idx, 0)), 0)
+    p_end = tl.minimum(col_hi, plen)
+    pk_base = PK + tl.maximum(idx, 0).to(tl.int64) * spkn + hkv.to(tl.int64) * spkh
+    pv_base = PV + tl.maximum(idx, 0).to(tl.int64) * spvn + hkv.to(tl.int64) * spvh
+    for start_n in range(col_lo, p_end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < p_end
+        k = _load_rows(pk_base, offs_n * spkp, n_ok, offs_d, d_ok, spkd)
+        v = _load_rows(pv_base, offs_n * spvp, n_ok, offs_d, d_ok, spvd)
+        vis = _visible(offs_m[:, None], m_ok[:, None], n_ok[None, :], offs_n[None, :], 0, False)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, vis, drop_row, offs_n, seed, dropout_p,
+                                      qk_scale, DROPOUT, PRECISION)
+
+    s_lo = tl.maximum(col_lo - P, 0)
+    s_hi = tl.minimum(col_hi - P, S)
+    if CAUSAL:
+        # Keys right of the last query of the tile are masked for every row of it: never load them.
+        s_hi = tl.minimum(s_hi, S - T + tl.max(tl.where(m_ok, offs_m, 0), 0) + 1)
+    k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+    for start_n in range(s_lo, s_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < s_hi
+        if HAS_KPM:
+            n_ok = n_ok & (tl.load(KPM + b * S + offs_n, mask=n_ok, other=0) != 0)
+        k = _load_rows(k_base, offs_n * sks, n_ok, offs_d, d_ok, skd)
+        v = _load_rows(v_base, offs_n * svs, n_ok, offs_d, d_ok, svd)
+        vis = _visible(offs_m[:, None], m_ok[:, None], n_ok[None, :], offs_n[None, :], S - T, CAUSAL)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, vis, drop_row, P + offs_n, seed, dropout_p,
+                                      qk_scale, DROPOUT, PRECISION)
+    return acc, l_i, m_i
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, PK, PV, PI, PL, KPM, Out, Lse,
+    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+    spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
+    Hq, T, S, P, D, qk_scale, seed, dropout_p,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hq = bh % Hq
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    q_base = Q + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh
+    q = _load_rows(q_base, offs_m * sqt, m_ok, offs_d, d_ok, sqd)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _attend_prefix_and_sequence(
+        acc, l_i, m_i, q, offs_m, m_ok, bh * T + offs_m, b, hq // GROUP,
+        K, V, PK, PV, PI, PL, KPM,
+        skb, skh, sks, skd, svb, svh, svs, svd,
+        spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
+        T, S, P, D, 0, P + S, qk_scale, seed, dropout_p,
+        CAUSAL, HAS_KPM, DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
+    )
+    out, lse = _finish_rows(acc, l_i, m_i)
+    rows = bh.to(tl.int64) * T + offs_m
+    tl.store(Out + rows[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + rows, lse, mask=m_ok)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, PK, PV, PI, PL, KPM, OutPart, LsePart,
+    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+    spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
+    Hq, T, S, P, D, n_rows, cols_per_split, qk_scale, seed, dropout_p,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bk = tl.program_id(1)
+    Hkv = Hq // GROUP
+    b = bk // Hkv
+    hkv = bk % Hkv
+    # Row r of the tile is query t = r % T of head hkv * GROUP + r // T.
+    offs_r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = offs_r < GROUP * T
+    t = offs_r % T
+    hq = hkv * GROUP + offs_r // T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    q_off = hq.to(tl.int64) * sqh + t * sqt
+    q = _load_rows(Q + b.to(tl.int64) * sqb, q_off, r_ok, offs_d, d_ok, sqd)
+    rows = (b * Hq + hq) * T + t
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    col_lo = split * cols_per_split
+    acc, l_i, m_i = _attend_prefix_and_sequence(
+        acc, l_i, m_i, q, t, r_ok, rows, b, hkv,
+        K, V, PK, PV, PI, PL, KPM,
+        skb, skh, sks, skd, svb, svh, svs, svd,
+        spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
+        T, S, P, D, col_lo, col_lo + cols_per_split, qk_scale, seed, dropout_p,
+        CAUSAL, HAS_KPM, DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
+    )
+    out, lse = _finish_rows(acc, l_i, m_i)
+    part_rows = split.to(tl.int64) * n_rows + rows
+    tl.store(OutPart + part_rows[:, None] * D + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(LsePart + part_rows, lse, mask=r_ok)
+
+
+@triton.jit
+def _merge_kernel(OutPart, LsePart, Out, Lse, n_rows, n_splits, D,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Combine the splits' (out, lse) of each row: out = sum_s exp(lse_s - lse) * out_s."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < n_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = r_ok[:, None] & (offs_d < D)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for split in range(0, n_splits):
+        part_rows = split * n_rows + offs_r.to(tl.int64)
+        lse_s = tl.load(LsePart + part_rows, mask=r_ok, other=float("-inf"))
+        out_s = tl.load(OutPart + part_rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m_i, lse_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_ref)
+        w = tl.exp(lse_s - m_ref)
+        acc = acc * alpha[:, None] + w[:, None] * out_s
+        l_i = l_i * alpha + w
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
+    tl.store(Out + offs_r.to(tl.int64)[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Lse + offs_r, lse, mask=r_ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_delta_kernel(Out, DOut, Delta, sob, soh, sot, sod, sdb, sdh, sdt, sdd, Hq, T, D,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hq = bh % Hq
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    o = _load_rows(Out + b.to(tl.int64) * sob + hq.to(tl.int64) * soh, offs_m * sot, m_ok, offs_d, d_ok, sod)
+    do = _load_rows(DOut + b.to(tl.int64) * sdb + hq.to(tl.int64) * sdh, offs_m * sdt, m_ok, offs_d, d_ok, sdd)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _row_stats(Lse, Delta, rows, m_ok):
+    """lse in base 2 (0 for rows with no visible key, whose scores are all -inf anyway) and delta."""
+    lse = tl.load(Lse + rows, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(Delta + rows, mask=m_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k, v, vis, drop_row, drop_col, seed, dropout_p, qk_scale,
+             DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """dq += dS @ K for one key tile (dS without the final `scale`, applied once at the end)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.exp2(tl.where(vis, s, float("-inf")) - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, drop_row[:, None], drop_col[None, :], dropout_p)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, PK, PV, DO, Lse, Delta, PI, PL, KPM, DQ,
+    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+    spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd, sdb, sdh, sdt, sdd,
+    Hq, T, S, P, D, scale, qk_scale, seed, dropout_p,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hq = bh % Hq
+    hkv = hq // GROUP
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < T
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    rows = bh * T + offs_m
+
+    q = _load_rows(Q + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh, offs_m * sqt, m_ok, offs_d, d_ok, sqd)
+    do = _load_rows(DO + b.to(tl.int64) * sdb + hq.to(tl.int64) * sdh, offs_m * sdt, m_ok, offs_d, d_ok, sdd)
+    lse2, delta = _row_stats(Lse, Delta, rows, m_ok)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    idx = tl.load(PI + b)
+    plen = tl.where(idx >= 0, tl.load(PL + tl.maximum(idx, 0)), 0)
+    pk_base = PK + tl.maximum(idx, 0).to(tl.int64) * spkn + hkv.to(tl.int64) * spkh
+    pv_base = PV + tl.maximum(idx, 0).to(tl.int64) * spvn + hkv.to(tl.int64) * spvh
+    for start_n in range(0, plen, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < plen
+        k = _load_rows(pk_base, offs_n * spkp, n_ok, offs_d, d_ok, spkd)
+        v = _load_rows(pv_base, offs_n * spvp, n_ok, offs_d, d_ok, spvd)
+        vis = _visible(offs_m[:, None], m_ok[:, None], n_ok[None, :], offs_n[None, :], 0, False)
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, vis, rows, offs_n, seed, dropout_p, qk_scale,
+                      DROPOUT, PRECISION)
+
+    s_hi = S
+    if CAUSAL:
+        s_hi = tl.minimum(S, S - T + (tl.program_id(0) + 1) * BLOCK_M)
+    k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+    for start_n in range(0, s_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < S
+        if HAS_KPM:
+            n_ok = n_ok & (tl.load(KPM + b * S + offs_n, mask=n_ok, other=0) != 0)
+        k = _load_rows(k_base, offs_n * sks, n_ok, offs_d, d_ok, skd)
+        v = _load_rows(v_base, offs_n * svs, n_ok, offs_d, d_ok, svd)
+        vis = _visible(offs_m[:, None], m_ok[:, None], n_ok[None, :], offs_n[None, :], S - T, CAUSAL)
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, vis, rows, P + offs_n, seed, dropout_p, qk_scale,
+                      DROPOUT, PRECISION)
+
+    tl.store(DQ + rows.to(tl.int64)[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dkdv_from_queries(
+    dk, dv, k, v, key_ok, key_pos, drop_col,
+    q_base, do_base, Lse, Delta, sqt, sqd, sdt, sdd, row0, T, D, m_lo, shift, qk_scale, seed, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dk/dv of one key tile [BLOCK_N, BLOCK_D] from the queries [m_lo, T) of one (b, hq).
+
+    Works key-major (scores transposed, [BLOCK_N, BLOCK_M]) so dk and dv accumulate without transposes
+    of computed tiles. dk comes back without the final `scale`.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    for start_m in range(m_lo, T, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < T
+        q = _load_rows(q_base, offs_m * sqt, m_ok, offs_d, d_ok, sqd)
+        do = _load_rows(do_base, offs_m * sdt, m_ok, offs_d, d_ok, sdd)
+        lse2, delta = _row_stats(Lse, Delta, row0 + offs_m, m_ok)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        vis = _visible(offs_m[None, :], m_ok[None, :], key_ok[:, None], key_pos[:, None], shift, CAUSAL)
+        p_t = tl.exp2(tl.where(vis, s_t, float("-inf")) - lse2[None, :])
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, (row0 + offs_m)[None, :], drop_col[:, None], dropout_p)
+            p_kept = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
+            dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+        else:
+            p_kept = p_t
+        dv += tl.dot(p_kept.to(do.dtype), do, input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, KPM, DK, DV,
+    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sdt, sdd,
+    Hq, T, S, P, D, scale, qk_scale, seed, dropout_p,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bk = tl.program_id(1)
+    Hkv = Hq // GROUP
+    b = bk // Hkv
+    hkv = bk % Hkv
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < S
+    if HAS_KPM:
+        key_ok = key_ok & (tl.load(KPM + b * S + offs_n, mask=key_ok, other=0) != 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k = _load_rows(K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh, offs_n * sks, key_ok, offs_d, d_ok, skd)
+    v = _load_rows(V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh, offs_n * svs, key_ok, offs_d, d_ok, svd)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_lo = 0
+    if CAUSAL:
+        # Query t sees key s iff t >= s - (S - T): earlier query tiles see nothing of this key tile.
+        m_lo = tl.maximum(tl.program_id(0) * BLOCK_N - (S - T), 0) // BLOCK_M * BLOCK_M
+    for g in range(0, GROUP):
+        hq = hkv * GROUP + g
+        dk, dv = _dkdv_from_queries(
+            dk, dv, k, v, key_ok, offs_n, P + offs_n,
+            Q + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh, DO + b.to(tl.int64) * sdb + hq.to(tl.int64) * sdh,
+            Lse, Delta, sqt, sqd, sdt, sdd, (b * Hq + hq) * T, T, D, m_lo, S - T, qk_scale, seed, dropout_p,
+            CAUSAL, DROPOUT, PRECISION, BLOCK_M, BLOCK_D,
+        )
+    out_rows = bk.to(tl.int64) * S + offs_n
+    mask = (offs_n < S)[:, None] & d_ok[None, :]
+    tl.store(DK + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + out_rows[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dprefix_kernel(
+    Q, PK, PV, DO, Lse, Delta, PI, PL, DPKPart, DPVPart,
+    sqb, sqh, sqt, sqd, spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd, sdb, sdh, sdt, sdd,
+    B, Hq, T, P, D, N, n_splits, scale, qk_scale, seed, dropout_p,
+    GROUP: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Gradient of one bank key tile, summed over the batch rows using that bank row.
+
+    The sum over rows and over the group's query heads happens in registers, in a fixed order, so the
+    result is deterministic (no atomics). Rows are dealt round-robin to ``n_splits`` programs (split
+    s takes rows b = s, s + n_splits, ...) so a bank shared by a large batch still fills the GPU; each
+    split writes an fp32 partial [N, Hkv, P, D] and the launcher adds the few partials in a fixed order.
+    """
+    nk = tl.program_id(1)
+    split = tl.program_id(2)
+    Hkv = Hq // GROUP
+    n = nk // Hkv
+    hkv = nk % Hkv
+    plen = tl.load(PL + n)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < plen
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    pk = _load_rows(PK + n.to(tl.int64) * spkn + hkv.to(tl.int64) * spkh, offs_n * spkp, key_ok, offs_d, d_ok,
+                    spkd)
+    pv = _load_rows(PV + n.to(tl.int64) * spvn + hkv.to(tl.int64) * spvh, offs_n * spvp, key_ok, offs_d, d_ok,
+                    spvd)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # A tile wholly past prefix_lens[n] gets no gradient: skip the rows instead of masking them.
+    b_end = tl.where(tl.program_id(0) * BLOCK_N < plen, B, 0)
+    for b in range(split, b_end, n_splits):
+        if tl.load(PI + b) == n:
+            for g in range(0, GROUP):
+                hq = hkv * GROUP + g
+                dk, dv = _dkdv_from_queries(
+                    dk, dv, pk, pv, key_ok, offs_n, offs_n,
+                    Q + tl.cast(b, tl.int64) * sqb + hq.to(tl.int64) * sqh,
+                    DO + tl.cast(b, tl.int64) * sdb + hq.to(tl.int64) * sdh,
+                    Lse, Delta, sqt, sqd, sdt, sdd, (b * Hq + hq) * T, T, D, 0, 0, qk_scale, seed, dropout_p,
+                    False, DROPOUT, PRECISION, BLOCK_M, BLOCK_D,
+                )
+    out_rows = ((split.to(tl.int64) * N + n) * Hkv + hkv) * P + offs_n
+    mask = (offs_n < P)[:, None] & d_ok[None, :]
+    tl.store(DPKPart + out_rows[:, None] * D + offs_d[None, :], dk * scale, mask=mask)
+    tl.store(DPVPart + out_rows[:, None] * D + offs_d[None, :], dv, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Config(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _config(q: torch.Tensor, kernel: str) -> _Config:
+    """Tile sizes and launch options for ``kernel`` in {"fwd", "decode", "dq", "dkdv"}.
+
+    A fixed table rather than autotuning: the tiles are chosen so shared memory stays well under an
+    H100's 228 KiB for every supported (dtype, head dim), and the interpreter gets one small tile.
+    """
+    if not q.is_cuda:
+        return _Config(16, 16, 4, 1)
+    row_bytes = _block_d(q.shape[-1]) * q.element_size()  # one K/V row in shared memory
+    wide = row_bytes > 256  # fp16/bf16 with D > 128, or fp32 with D > 64
+    huge = row_bytes > 512  # fp32 with D > 128
+    warps = 8 if _block_d(q.shape[-1]) >= 256 else 4
+    stages = 1 if huge else 2
+    if kernel in ("fwd", "decode"):
+        return _Config(32 if huge else 64, 32 if wide else 64, warps, stages)
+    if kernel == "dq":
+        return _Config(32 if huge else 64, 16 if huge else 32, warps, stages)
+    return _Config(16 if huge else 32, 32 if wide else 64, 8 if wide else 4, stages)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get full fp32 products; tf32 would lose ~3 decimal digits. Ignored for fp16/bf16.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    """Programs that keep the device busy: two per SM on CUDA; a small fixed number under the
+    interpreter (keeps both single- and multi-split paths reachable from CPU tests)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    return [s for t in tensors for s in t.stride()]
+
+
+def _common_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor, prefix_lens: torch.Tensor, key_padding_mask: torch.Tensor | None,
+) -> tuple[list, torch.Tensor]:
+    """Pointer arguments (Q, K, V, PK, PV, PI, PL) and the key-padding pointer (a dummy if None)."""
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), q.dtype
+    assert prefix_index.dtype == torch.int32 and prefix_lens.dtype == torch.int32
+    # bool viewed as uint8 (no copy): the same bytes, loaded as plain integers.
+    kpm = prefix_index if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    return [q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens], kpm
+
+
+def _forward_general(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor, prefix_lens: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    causal: bool, scale: float, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled forward for any T: out [B, Hq, T, D] (q's dtype), lse [B, Hq, T] float32."""
+    B, Hq, T, D = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[2]
+    ptrs, kpm = _common_args(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask)
+    out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    cfg = _config(q, "fwd")
+    grid = (triton.cdiv(T, cfg.block_m), B * Hq)
+    _fwd_kernel[grid](
+        *ptrs, kpm, out, lse, *_strides(q, k, v, prefix_k, prefix_v),
+        Hq, T, S, P, D, scale * 1.4426950408889634, seed, dropout_p,
+        GROUP=Hq // Hkv, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
+        PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def _forward_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor, prefix_lens: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    causal: bool, scale: float, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K forward for short queries: same results as :func:`_forward_general`."""
+    B, Hq, T, D = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[2]
+    group = Hq // Hkv
+    ptrs, kpm = _common_args(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask)
+    cfg = _config(q, "decode")
+    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(group * T)))
+    row_blocks = triton.cdiv(group * T, block_m)
+    n_cols = P + S
+    n_splits = max(1, min(triton.cdiv(_target_programs(q.device), B * Hkv * row_blocks),
+                          triton.cdiv(n_cols, cfg.block_n), _MAX_SPLITS))
+    cols_per_split = triton.cdiv(triton.cdiv(n_cols, n_splits), cfg.block_n) * cfg.block_n
+    n_splits = triton.cdiv(n_cols, cols_per_split)
+    n_rows = B * Hq * T
+    out_part = torch.empty(n_splits, n_rows, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(n_splits, n_rows, dtype=torch.float32, device=q.device)
+    _decode_kernel[(n_splits, B * Hkv, row_blocks)](
+        *ptrs, kpm, out_part, lse_part, *_strides(q, k, v, prefix_k, prefix_v),
+        Hq, T, S, P, D, n_rows, cols_per_split, scale * 1.4426950408889634, seed, dropout_p,
+        GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
+        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    block_r = 16
+    _merge_kernel[(triton.cdiv(n_rows, block_r),)](
+        out_part, lse_part, out, lse, n_rows, n_splits, D, BLOCK_R=block_r, BLOCK_D=_block_d(D),
+    )
+    return out, lse
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor, prefix_lens: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    causal: bool, scale: float, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backend forward: ``(out [B, Hq, T, D], lse [B, Hq, T] float32)``; see ``fastprompt.ops``.
+
+    q [B, Hq, T, D]; k, v [B, Hkv, S, D]; prefix_k, prefix_v [N, Hkv, P, D]; prefix_index int32 [B];
+    prefix_lens int32 [N]; key_padding_mask bool [B, S] or None. Queries of T <= 16 take the split-K
+    decode path, longer ones the tiled kernel.
+    """
+    path = _forward_decode if q.shape[2] <= _DECODE_MAX_T else _forward_general
+    return path(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
+                causal, scale, dropout_p, seed)
+
+
+def backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_index: torch.Tensor, prefix_lens: torch.Tensor,
+    key_padding_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+    causal: bool, scale: float, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backend backward: ``(dq, dk, dv, dprefix_k, dprefix_v)`` in the shapes and dtypes of the inputs.
+
+    grad_out, out [B, Hq, T, D] (any strides); lse [B, Hq, T] float32 from :func:`forward`. dprefix_k,
+    dprefix_v [N, Hkv, P, D] are summed over the rows using each bank row, zero past ``prefix_lens``
+    and for unused bank rows.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    N, P = prefix_k.shape[0], prefix_k.shape[2]
+    group = Hq // Hkv
+    assert grad_out.dtype == q.dtype and out.dtype == q.dtype and lse.dtype == torch.float32
+    ptrs, kpm = _common_args(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask)
+    device = q.device
+    lse = lse.contiguous()
+    block_d = _block_d(D)
+    precision = _precision(q.dtype)
+    dropout = dropout_p > 0.0
+    qk_scale = scale * 1.4426950408889634
+
+    delta = torch.empty(B, Hq, T, dtype=torch.float32, device=device)
+    block_t = 16
+    _bwd_delta_kernel[(triton.cdiv(T, block_t), B * Hq)](
+        out, grad_out, delta, *_strides(out, grad_out), Hq, T, D, BLOCK_M=block_t, BLOCK_D=block_d,
+    )
+
+    dq = torch.empty(B, Hq, T, D, dtype=q.dtype, device=device)
+    cfg = _config(q, "dq")
+    _bwd_dq_kernel[(triton.cdiv(T, cfg.block_m), B * Hq)](
+        *ptrs[:5], grad_out, lse, delta, prefix_index, prefix_lens, kpm, dq,
+        *_strides(q, k, v, prefix_k, prefix_v, grad_out),
+        Hq, T, S, P, D, scale, qk_scale, seed, dropout_p,
+        GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout,
+        PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    dk = torch.empty(B, Hkv, S, D, dtype=k.dtype, device=device)
+    dv = torch.empty(B, Hkv, S, D, dtype=v.dtype, device=device)
+    cfg = _config(q, "dkdv")
+    _bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * Hkv)](
+        q, k, v, grad_out, lse, delta, kpm, dk, dv, *_strides(q, k, v, grad_out),
+        Hq, T, S, P, D, scale, qk_scale, seed, dropout_p,
+        GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout,
+        PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    if P == 0:
+        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    p_blocks = triton.cdiv(P, cfg.block_n)
+    n_splits = max(1, min(triton.cdiv(_target_programs(device), p_blocks * N * Hkv), B))
+    dpk_part = torch.empty(n_splits, N, Hkv, P, D, dtype=torch.float32, device=device)
+    dpv_part = torch.empty(n_splits, N, Hkv, P, D, dtype=torch.float32, device=device)
+    _bwd_dprefix_kernel[(p_blocks, N * Hkv, n_splits)](
+        q, prefix_k, prefix_v, grad_out, lse, delta, prefix_index, prefix_lens, dpk_part, dpv_part,
+        *_strides(q, prefix_k, prefix_v, grad_out),
+        B, Hq, T, P, D, N, n_splits, scale, qk_scale, seed, dropout_p,
+        GROUP=group, DROPOUT=dropout, PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv, dpk_part.sum(0).to(prefix_k.dtype), dpv_part.sum(0).to(prefix_v.dtype)
