@@ -1,0 +1,476 @@
+"""Fused prompt encoders: PEFT's reparameterisation networks run once per forward, with autograd and caching.
+
+Public functions → autograd Functions → backend (``fastprompt.kernels.prompt_encoders`` for triton, the
+``_torch_*`` functions below for CPU). Both backends implement the same four functions::
+
+    mlp_forward(x, idx, weights, biases, act) -> (out, hiddens)
+    mlp_backward(grad, x, idx, weights, hiddens, act) -> (dx_rows, dweights, dbiases)
+    lstm_forward(x, idx, params) -> (y, *saved)
+    lstm_backward(dy, x, idx, params, y, *saved) -> (dx_rows, dparams)
+
+``x`` is either the input rows or, with ``idx``, a table whose rows ``idx`` are the input (the embedding
+lookup fused into the first layer). Backends compute and return float32; the Functions cast to the
+parameters' dtype, as PEFT's modules would produce.
+
+Backend choice (``FASTPROMPT_BACKEND``, as for the attention op): ``auto`` takes triton for CUDA tensors and
+the PyTorch path for CPU tensors (there are no C++ encoder kernels, so ``cpu`` also means the PyTorch
+path); ``triton`` forces the kernels (CPU tensors need ``TRITON_INTERPRET=1``); a forced backend that
+cannot run raises :class:`~fastprompt.errors.BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
+
+__all__ = ["clear_encoder_cache", "encode_prompt", "fused_lstm", "fused_mlp"]
+
+_ACTS = ("tanh", "relu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The PyTorch path: one call per layer for all tokens; the LSTM does its input projections for all steps
+# in one GEMM and runs both directions in the same step loop, with a hand-written backward through time
+# (no autograd graph of per-step ops).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return (x if idx is None else x.index_select(0, idx)).float()
+
+
+def _torch_mlp_forward(x, idx, weights, biases, act):
+    h = _rows(x, idx)
+    hiddens = []
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        h = torch.addmm(b.float(), h, w.float().t())
+        if i < len(weights) - 1:
+            h = torch.tanh_(h) if act == "tanh" else torch.relu_(h)
+            hiddens.append(h)
+    return h, hiddens
+
+
+def _torch_mlp_backward(grad, x, idx, weights, hiddens, act):
+    inputs = [_rows(x, idx), *hiddens]
+    dws, dbs = [None] * len(weights), [None] * len(weights)
+    g = grad
+    for i in reversed(range(len(weights))):
+        dws[i] = (g.t() @ inputs[i]).to(weights[i].dtype)
+        dbs[i] = g.sum(0).to(weights[i].dtype)
+        g = g @ weights[i].float()
+        if i > 0:
+            h = hiddens[i - 1]
+            g = g * (1.0 - h * h) if act == "tanh" else g * (h > 0)
+    return g, dws, dbs
+
+
+def _torch_lstm_forward(x, idx, params):
+    # Saved state is kept in *step* order: step s of the reverse direction is time P - 1 - s, so both
+    # directions read and write the same step slot and the loop body serves both.
+    xs = _rows(x, idx)
+    P, H = xs.shape[0], params[1].shape[1]
+    w_hh = [params[1].float(), params[5].float()]
+    gates = torch.empty(2, P, 4 * H, dtype=torch.float32, device=xs.device)
+    for d in range(2):
+        w_ih, _, b_ih, b_hh = params[4 * d : 4 * d + 4]
+        torch.addmm(b_ih.float() + b_hh.float(), xs if d == 0 else xs.flip(0), w_ih.float().t(), out=gates[d])
+    c = torch.empty(2, P, H, dtype=torch.float32, device=xs.device)
+    h = torch.empty(2, P, H, dtype=torch.float32, device=xs.device)
+    for s in range(P):
+        if s > 0:
+            for d in range(2):
+                gates[d, s].addmv_(w_hh[d], h[d, s - 1])
+        step = gates[:, s].view(2, 4, H)
+        cell_in = torch.tanh(step[:, 2])
+        step.sigmoid_()
+        step[:, 2] = cell_in
+        torch.mul(step[:, 0], cell_in, out=c[:, s])
+        if s > 0:
+            c[:, s].addcmul_(step[:, 1], c[:, s - 1])
+        torch.mul(step[:, 3], torch.tanh(c[:, s]), out=h[:, s])
+    y = torch.cat([h[0], h[1].flip(0)], dim=1)
+    return y, h, c, gates
+
+
+def _torch_lstm_backward(dy, x, idx, params, y, h, c, gates):
+    xs = _rows(x, idx)
+    P, H = xs.shape[0], params[1].shape[1]
+    w_hh = [params[1].float(), params[5].float()]
+    dy_steps = torch.stack([dy[:, :H], dy[:, H:].flip(0)])
+    dgates = torch.empty_like(gates)
+    dh = torch.zeros(2, H, dtype=torch.float32, device=xs.device)
+    dc = torch.zeros(2, H, dtype=torch.float32, device=xs.device)
+    for s in reversed(range(P)):
+        step = gates[:, s].view(2, 4, H)
+        gate_i, gate_f, gate_g, gate_o = step.unbind(1)
+        dh += dy_steps[:, s]
+        tanh_c = torch.tanh(c[:, s])
+        dc.addcmul_(dh * gate_o, 1.0 - tanh_c * tanh_c)
+        dstep = dgates[:, s].view(2, 4, H)
+        torch.mul(dc * gate_g, gate_i * (1.0 - gate_i), out=dstep[:, 0])
+        if s > 0:
+            torch.mul(dc * c[:, s - 1], gate_f * (1.0 - gate_f), out=dstep[:, 1])
+        else:
+            dstep[:, 1].zero_()
+        torch.mul(dc * gate_i, 1.0 - gate_g * gate_g, out=dstep[:, 2])
+        torch.mul(dh * tanh_c, gate_o * (1.0 - gate_o), out=dstep[:, 3])
+        dc.mul_(gate_f)
+        for d in range(2):
+            torch.mv(w_hh[d].t(), dgates[d, s], out=dh[d])
+    dx = torch.zeros_like(xs)
+    grads = []
+    for d in range(2):
+        w_ih, w_hh_d, b_ih, _ = params[4 * d : 4 * d + 4]
+        dg_time = dgates[d] if d == 0 else dgates[d].flip(0)
+        db = dgates[d].sum(0).to(b_ih.dtype)
+        grads += [
+            (dg_time.t() @ xs).to(w_ih.dtype),
+            (dgates[d, 1:].t() @ h[d, :-1]).to(w_hh_d.dtype),
+            db,
+            db.clone(),
+        ]
+        dx.addmm_(dg_time, w_ih.float())
+    return dx, grads
+
+
+class _TorchBackend:
+    mlp_forward = staticmethod(_torch_mlp_forward)
+    mlp_backward = staticmethod(_torch_mlp_backward)
+    lstm_forward = staticmethod(_torch_lstm_forward)
+    lstm_backward = staticmethod(_torch_lstm_backward)
+
+
+def _resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    from fastprompt import ops
+
+    requested = ops._requested_backend() if backend is None else backend
+    if requested not in ("auto", *ops.BACKENDS):
+        raise ValueError(f"backend must be one of auto, {', '.join(ops.BACKENDS)}; got {requested!r}")
+    if requested == "auto":
+        if device.type != "cuda" or dtype == torch.float64:
+            return "torch"
+        ok, reason = ops._backend_status("triton", device)
+        if not ok:
+            ops._warn_fallback(device.type, "triton", reason)
+            return "torch"
+        return "triton"
+    if requested == "triton":
+        ok, reason = ops._backend_status("triton", device)
+        if not ok:
+            raise BackendUnavailableError(f"backend triton cannot run the prompt encoder here: {reason}")
+        if dtype == torch.float64:
+            raise BackendUnavailableError("backend triton does not support float64 encoder weights")
+        return "triton"
+    return "torch"
+
+
+def _backend(name: str) -> ModuleType | type[_TorchBackend]:
+    if name == "triton":
+        return importlib.import_module("fastprompt.kernels.prompt_encoders")
+    return _TorchBackend
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------------
+
+
+def _input_grad(x: torch.Tensor, idx: torch.Tensor | None, dx_rows: torch.Tensor) -> torch.Tensor:
+    if idx is None:
+        return dx_rows.to(x.dtype)
+    return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, idx, dx_rows).to(x.dtype)
+
+
+class _MLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, act, backend, *params):
+        weights, biases = list(params[0::2]), list(params[1::2])
+        out, hiddens = backend.mlp_forward(x, idx, weights, biases, act)
+        ctx.save_for_backward(x, idx, *params, *hiddens)
+        ctx.act, ctx.backend, ctx.n_params = act, backend, len(params)
+        return out.to(weights[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, idx, *rest = ctx.saved_tensors
+        params, hiddens = rest[: ctx.n_params], rest[ctx.n_params :]
+        dx_rows, dws, dbs = ctx.backend.mlp_backward(
+            grad.float().contiguous(), x, idx, list(params[0::2]), list(hiddens), ctx.act
+        )
+        dparams = [g for pair in zip(dws, dbs, strict=True) for g in pair]
+        return _input_grad(x, idx, dx_rows), None, None, None, *dparams
+
+
+class _LSTMLayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, backend, *params):
+        y, *saved = backend.lstm_forward(x, idx, list(params))
+        ctx.save_for_backward(x, idx, y, *params, *saved)
+        ctx.backend = backend
+        return y.to(params[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, idx, y, *rest = ctx.saved_tensors
+        params, saved = rest[:8], rest[8:]
+        dx_rows, dparams = ctx.backend.lstm_backward(grad.float().contiguous(), x, idx, list(params), y, *saved)
+        return _input_grad(x, idx, dx_rows), None, None, *dparams
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public functional API
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_idx(idx: torch.Tensor | None, table: torch.Tensor, name: str) -> torch.Tensor | None:
+    if idx is None:
+        return None
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor [P], got {_describe(idx)}")
+    if idx.device != table.device:
+        raise ValueError(f"{name} is on {idx.device} but the encoder weights are on {table.device}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[0]):
+        raise ValueError(f"{name} values must lie in [0, {table.shape[0]}), got [{int(idx.min())}, {int(idx.max())}]")
+    return idx.to(torch.int64).contiguous()
+
+
+def _describe(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+    return type(t).__name__
+
+
+def fused_mlp(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    act: str = "relu",
+    *,
+    idx: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``Linear → act → Linear [→ act → Linear]`` over P tokens, forward and backward fused per layer.
+
+    Args:
+        x: [P, D] input rows, or with ``idx`` an embedding table [V, D] whose rows ``idx`` are the input.
+        weights: 2 or 3 matrices [H1, D], [H2, H1], ... in ``torch.nn.Linear`` layout, same dtype as x.
+        biases: one vector per weight, [H1], [H2], ...
+        act: ``"tanh"`` or ``"relu"``, applied after every layer but the last.
+        idx: [P] int64/int32 row indices into ``x`` (fuses the embedding lookup).
+        backend: ``"triton"``, ``"torch"``/``"cpu"`` or ``"auto"``; default ``FASTPROMPT_BACKEND``.
+
+    Returns:
+        [P, O] in the weights' dtype; differentiable w.r.t. x, weights and biases.
+    """
+    if act not in _ACTS:
+        raise ValueError(f"act must be one of {_ACTS}, got {act!r}")
+    if len(weights) not in (2, 3) or len(biases) != len(weights):
+        raise ValueError(
+            f"weights and biases must be 2 or 3 of each, got {len(weights)} weights and {len(biases)} biases"
+        )
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [P, D], got {_describe(x)}")
+    width = x.shape[1]
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        if w.dim() != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
+            raise ValueError(
+                f"layer {i}: expected weight [*, {width}] and bias [{w.shape[0] if w.dim() else '*'}], "
+                f"got weight {tuple(w.shape)} and bias {tuple(b.shape)}"
+            )
+        if w.dtype != x.dtype or b.dtype != x.dtype or w.device != x.device or b.device != x.device:
+            raise ValueError(f"layer {i}: weights and biases must match x's dtype {x.dtype} and device {x.device}")
+        width = w.shape[0]
+    idx = _check_idx(idx, x, "idx")
+    name = _resolve_backend(backend, x.device, x.dtype)
+    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
+    return _MLPFunction.apply(x, idx, act, _backend(name), *params)
+
+
+def fused_lstm(
+    x: torch.Tensor,
+    layers: list[list[torch.Tensor]],
+    *,
+    idx: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """A bidirectional LSTM (``torch.nn.LSTM(bidirectional=True, batch_first=True)``, zero initial state)
+    over the P tokens of one sequence, each layer's recurrence (both directions) in one kernel.
+
+    Args:
+        x: [P, D] inputs, or with ``idx`` a table [V, D] whose rows ``idx`` are the inputs.
+        layers: per layer the 8 tensors of ``torch.nn.LSTM`` in its order: ``weight_ih`` [4H, D_l],
+            ``weight_hh`` [4H, H], ``bias_ih`` [4H], ``bias_hh`` [4H], then the same for the reverse
+            direction. Gates are (input, forget, cell, output); D_l is D for layer 0, else 2H.
+        idx: [P] row indices into ``x``.
+        dropout, training: dropout on the outputs of every layer but the last, as ``torch.nn.LSTM``.
+        backend: as in :func:`fused_mlp`.
+
+    Returns:
+        [P, 2H], the forward direction's hidden states then the reverse direction's, in the weights' dtype.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [P, D], got {_describe(x)}")
+    if not layers or any(len(layer) != 8 for layer in layers):
+        raise ValueError("layers must be a non-empty list of 8-tensor lists (torch.nn.LSTM's per-layer params)")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    width = x.shape[1]
+    for i, layer in enumerate(layers):
+        hidden = layer[1].shape[1]
+        want = [(4 * hidden, width), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,)] * 2
+        got = [tuple(t.shape) for t in layer]
+        if got != want:
+            raise ValueError(f"layer {i}: expected parameter shapes {want}, got {got}")
+        if any(t.dtype != x.dtype or t.device != x.device for t in layer):
+            raise ValueError(f"layer {i}: parameters must match x's dtype {x.dtype} and device {x.device}")
+        width = 2 * hidden
+    idx = _check_idx(idx, x, "idx")
+    be = _backend(_resolve_backend(backend, x.device, x.dtype))
+    h = x
+    for i, layer in enumerate(layers):
+        h = _LSTMLayerFunction.apply(h, idx if i == 0 else None, be, *layer)
+        if i < len(layers) - 1 and dropout > 0 and training:
+            h = F.dropout(h, dropout, training=True)
+    return h
+
+
+# ---------------------------------------------------------------------------------------------------
+# PEFT encoders
+# ---------------------------------------------------------------------------------------------------
+
+
+def _linear_stack(seq: torch.nn.Module, pattern: tuple[type, ...], what: str) -> list[torch.nn.Linear]:
+    if not isinstance(seq, torch.nn.Sequential) or tuple(type(m) for m in seq) != pattern:
+        raise UnsupportedModelError(
+            f"{what} must be torch.nn.Sequential({', '.join(p.__name__ for p in pattern)}), got {seq!r}"
+        )
+    linears = [m for m in seq if isinstance(m, torch.nn.Linear)]
+    if any(m.bias is None for m in linears):
+        raise UnsupportedModelError(f"{what}: every Linear needs a bias, as PEFT builds them")
+    return linears
+
+
+def _mlp_of(linears: list[torch.nn.Linear]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [m.weight for m in linears], [m.bias for m in linears]
+
+
+def _lstm_layers(lstm: torch.nn.LSTM) -> list[list[torch.Tensor]]:
+    if not (lstm.bidirectional and lstm.batch_first and lstm.bias and lstm.proj_size == 0):
+        raise UnsupportedModelError(
+            "the P-tuning LSTM must be bidirectional, batch_first, with biases and no projection "
+            f"(as PEFT's PromptEncoder builds it), got {lstm!r}"
+        )
+    return [
+        [getattr(lstm, f"{kind}_l{layer}{sfx}") for sfx in ("", "_reverse") for kind in
+         ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        for layer in range(lstm.num_layers)
+    ]
+
+
+def _run_encoder(encoder: torch.nn.Module, tokens: torch.Tensor, backend: str | None) -> torch.Tensor:
+    from peft.tuners.p_tuning.model import PromptEncoder, PromptEncoderReparameterizationType
+    from peft.tuners.prefix_tuning.model import PrefixEncoder
+    from peft.tuners.prompt_tuning.model import PromptEmbedding
+
+    table = encoder.embedding.weight
+    if isinstance(encoder, PrefixEncoder):
+        if encoder.prefix_projection and hasattr(encoder, "transform"):
+            linears = _linear_stack(
+                encoder.transform, (torch.nn.Linear, torch.nn.Tanh, torch.nn.Linear), "PrefixEncoder.transform"
+            )
+            return fused_mlp(table, *_mlp_of(linears), act="tanh", idx=tokens, backend=backend)
+        # without projection (or in inference mode) the learned table *is* the output, as in get_prompt()
+        return F.embedding(tokens, table)
+    if isinstance(encoder, PromptEncoder):
+        if not hasattr(encoder, "mlp_head"):
+            return F.embedding(tokens, table)
+        relu_mlp = (torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear)
+        if encoder.encoder_type == PromptEncoderReparameterizationType.MLP:
+            linears = _linear_stack(encoder.mlp_head, (*relu_mlp, torch.nn.ReLU, torch.nn.Linear), "mlp_head")
+            return fused_mlp(table, *_mlp_of(linears), act="relu", idx=tokens, backend=backend)
+        if encoder.encoder_type == PromptEncoderReparameterizationType.LSTM:
+            lstm = encoder.lstm_head
+            hidden = fused_lstm(
+                table, _lstm_layers(lstm), idx=tokens, dropout=lstm.dropout, training=lstm.training, backend=backend
+            )
+            linears = _linear_stack(encoder.mlp_head, relu_mlp, "mlp_head")
+            return fused_mlp(hidden, *_mlp_of(linears), act="relu", backend=backend)
+        raise UnsupportedModelError(f"unknown P-tuning encoder type {encoder.encoder_type!r}")
+    if type(encoder) is PromptEmbedding:
+        return F.embedding(tokens, table)
+    raise UnsupportedModelError(
+        f"encode_prompt handles PEFT's PrefixEncoder, PromptEncoder and PromptEmbedding, got {type(encoder).__name__}"
+    )
+
+
+# Per encoder: (key, tokens, output). Weak keys: a dropped encoder drops its cache entry.
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.Tensor, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _state_key(encoder: torch.nn.Module, backend: str | None) -> tuple:
+    # An in-place update (optimizer step, load_state_dict, copy_ under no_grad) bumps ``_version``; a new
+    # tensor put in place changes identity or data_ptr. Writes through ``param.data`` are invisible to
+    # both: call clear_encoder_cache() after those.
+    params = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in encoder.parameters())
+    return params, backend, torch.is_inference_mode_enabled()
+
+
+def _deterministic(encoder: torch.nn.Module) -> bool:
+    return not any(isinstance(m, torch.nn.LSTM) and m.training and m.dropout > 0 for m in encoder.modules())
+
+
+def clear_encoder_cache(encoder: torch.nn.Module | None = None) -> None:
+    """Forget the cached output of ``encoder`` (all encoders if None)."""
+    if encoder is None:
+        _CACHE.clear()
+    else:
+        _CACHE.pop(encoder, None)
+
+
+def encode_prompt(encoder: torch.nn.Module, prompt_tokens: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Run a PEFT prompt encoder once on its virtual tokens with the fused kernels.
+
+    Args:
+        encoder: ``peft_model.prompt_encoder[adapter_name]``: a ``PrefixEncoder`` (MLP projection or plain
+            table), a ``PromptEncoder`` (P-tuning MLP or LSTM+MLP; in inference mode a plain table) or a
+            ``PromptEmbedding``.
+        prompt_tokens: [P] integer indices into the encoder's embedding (PEFT's ``prompt_tokens`` sliced as
+            ``get_prompt`` does).
+        backend: as in :func:`fused_mlp`.
+
+    Returns:
+        [P, out_dim], equal to ``encoder(prompt_tokens[None])[0]`` (for inference-mode encoders: the rows of
+        ``encoder.embedding.weight``, as PEFT's ``get_prompt`` uses), in the encoder's dtype, differentiable
+        w.r.t. every encoder parameter. When no gradient is needed (``torch.no_grad()``, inference mode or
+        a frozen encoder) and the encoder is deterministic (no active LSTM dropout), the output is cached
+        and recomputed only after a parameter changed (in-place update, ``load_state_dict``, replaced
+        tensor, other dtype or device) or ``prompt_tokens`` differ. Treat the result as read-only.
+    """
+    if not isinstance(encoder, torch.nn.Module) or not hasattr(encoder, "embedding"):
+        raise UnsupportedModelError(
+            f"encoder must be a PEFT prompt encoder module with an `embedding`, got {type(encoder).__name__}"
+        )
+    if not isinstance(prompt_tokens, torch.Tensor) or prompt_tokens.dim() != 1:
+        raise ValueError(f"prompt_tokens must be a 1-D integer tensor [P], got {_describe(prompt_tokens)}")
+    tokens = _check_idx(prompt_tokens, encoder.embedding.weight, "prompt_tokens")
+    needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
+    if needs_grad or not _deterministic(encoder):
+        return _run_encoder(encoder, tokens, backend)
+    key = _state_key(encoder, backend)
+    hit = _CACHE.get(encoder)
+    if hit is not None and hit[0] == key and hit[1].shape == tokens.shape and torch.equal(hit[1], tokens):
+        return hit[2]
+    out = _run_encoder(encoder, tokens, backend)
+    _CACHE[encoder] = (key, tokens.clone(), out)
+    return out

@@ -1,0 +1,384 @@
+"""Triton kernels for the prompt encoders of Prefix-Tuning and P-tuning, with plain launchers.
+
+Two kernels carry everything:
+
+* ``_linear_kernel``: ``C = epilogue(A @ B)`` for 2-D operands of any strides. The epilogue adds one or
+  two bias vectors, applies tanh/ReLU, multiplies by the activation's derivative read from a stored
+  activation (the backward of ``act(x W^T + b)``), and can accumulate into ``C``. It can gather the rows
+  of ``A`` through an index vector (the embedding lookup fused into the first layer) and can emit the row
+  sums of ``A`` (a bias gradient, fused into the weight-gradient GEMM). Every MLP layer, forward and
+  backward, and every LSTM input/weight GEMM is one launch of it; hidden pre-activations never reach
+  memory, only the post-activations the backward needs.
+* ``_lstm_fwd_kernel`` / ``_lstm_bwd_kernel``: the recurrence of one bidirectional LSTM layer in ONE
+  launch for all time steps and both directions: program 0 runs forward in time, program 1 backward.
+  Triton has no grid-wide barrier, so a time step cannot be split across programs; each program is a
+  persistent loop over time steps and over tiles of hidden units, streaming ``W_hh`` (from L2 once it is
+  resident) for the per-step mat-vec. ``h`` and ``c`` of the previous step are exchanged through global
+  memory (they are outputs saved for the backward anyway) and made visible to the whole program by
+  ``tl.debug_barrier()``. The input projections ``x @ W_ih^T + b_ih + b_hh`` of all steps are one GEMM
+  before the recurrence, and the weight gradients are GEMMs over all steps after it, so the sequential
+  part only does the mat-vec with ``W_hh`` plus the gate math.
+
+Launchers take and return torch tensors; intermediates are float32. Kernels know nothing of PEFT.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_CODES = {"none": 0, "tanh": 1, "relu": 2}
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1) saturates cleanly to +-1 at both ends (exp overflow gives 1, underflow -1)
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _linear_kernel(
+    a_ptr, idx_ptr, b_ptr, bias_ptr, bias2_ptr, g_ptr, c_ptr, rowsum_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_gm, stride_gn, stride_cm, stride_cn,
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
+    ACT: tl.constexpr, DACT: tl.constexpr, ACCUMULATE: tl.constexpr, ROWSUM: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = tl.load(idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64) if HAS_IDX else offs_m.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+        )
+        if ROWSUM:
+            row_sum += tl.sum(a.to(tl.float32), axis=1)
+        acc = tl.dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS2:
+        acc += tl.load(bias2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = _tanh(acc)
+    elif ACT == 2:
+        acc = tl.maximum(acc, 0.0)
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    if DACT != 0:
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask_c, other=0.0)
+        g = g.to(tl.float32)
+        acc = acc * (1.0 - g * g) if DACT == 1 else tl.where(g > 0.0, acc, 0.0)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask_c, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    if ROWSUM and pid_n == 0:
+        tl.store(rowsum_ptr + offs_m, row_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def _lstm_fwd_kernel(
+    gx_ptr, w_fwd_ptr, w_rev_ptr, y_ptr, c_ptr, gates_ptr,
+    P, H,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """gx [2, P, 4H] input projections (+ both biases); y [P, 2H]; c [2, P, H]; gates [2, P, 4H] (i, f, g, o)."""
+    d = tl.program_id(0)
+    w_ptr = w_fwd_ptr if d == 0 else w_rev_ptr
+    gx_ptr += d * P * 4 * H
+    gates_ptr += d * P * 4 * H
+    c_ptr += d * P * H
+    y_ptr += d * H
+    for s in range(0, P):
+        t = s + d * (P - 1 - 2 * s)
+        t_prev = t - 1 + 2 * d
+        for j0 in range(0, H, BLOCK_H):
+            offs_j = j0 + tl.arange(0, BLOCK_H)
+            mask_j = offs_j < H
+            row = gx_ptr + t * 4 * H + offs_j
+            pre_i = tl.load(row, mask=mask_j, other=0.0)
+            pre_f = tl.load(row + H, mask=mask_j, other=0.0)
+            pre_g = tl.load(row + 2 * H, mask=mask_j, other=0.0)
+            pre_o = tl.load(row + 3 * H, mask=mask_j, other=0.0)
+            c_prev = tl.zeros((BLOCK_H,), dtype=tl.float32)
+            if s > 0:
+                # the recurrent mat-vec: batch is 1, so broadcast-multiply + reduce instead of tl.dot
+                acc_i = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
+                acc_f = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
+                acc_g = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
+                acc_o = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
+                for k0 in range(0, H, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    mask_k = offs_k < H
+                    h = tl.load(y_ptr + t_prev * 2 * H + offs_k, mask=mask_k, other=0.0)[None, :]
+                    w = w_ptr + offs_j[:, None] * H + offs_k[None, :]
+                    mask_w = mask_j[:, None] & mask_k[None, :]
+                    acc_i += tl.load(w, mask=mask_w, other=0.0).to(tl.float32) * h
+                    acc_f += tl.load(w + H * H, mask=mask_w, other=0.0).to(tl.float32) * h
+                    acc_g += tl.load(w + 2 * H * H, mask=mask_w, other=0.0).to(tl.float32) * h
+                    acc_o += tl.load(w + 3 * H * H, mask=mask_w, other=0.0).to(tl.float32) * h
+                pre_i += tl.sum(acc_i, axis=1)
+                pre_f += tl.sum(acc_f, axis=1)
+                pre_g += tl.sum(acc_g, axis=1)
+                pre_o += tl.sum(acc_o, axis=1)
+                c_prev = tl.load(c_ptr + t_prev * H + offs_j, mask=mask_j, other=0.0)
+            gate_i = _sigmoid(pre_i)
+            gate_f = _sigmoid(pre_f)
+            gate_g = _tanh(pre_g)
+            gate_o = _sigmoid(pre_o)
+            c = gate_f * c_prev + gate_i * gate_g
+            tl.store(c_ptr + t * H + offs_j, c, mask=mask_j)
+            tl.store(y_ptr + t * 2 * H + offs_j, gate_o * _tanh(c), mask=mask_j)
+            out = gates_ptr + t * 4 * H + offs_j
+            tl.store(out, gate_i, mask=mask_j)
+            tl.store(out + H, gate_f, mask=mask_j)
+            tl.store(out + 2 * H, gate_g, mask=mask_j)
+            tl.store(out + 3 * H, gate_o, mask=mask_j)
+        # h_t and c_t of every tile must be visible before any tile of step s + 1 reads them
+        tl.debug_barrier()
+
+
+@triton.jit
+def _lstm_bwd_kernel(
+    dy_ptr, w_fwd_ptr, w_rev_ptr, c_ptr, gates_ptr, dgates_ptr, dh_ptr, dc_ptr,
+    P, H,
+    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Backpropagation through time for both directions. dy [P, 2H]; c, gates as saved by the forward;
+    dgates [2, P, 4H] receives the gate pre-activation gradients; dh, dc [2, H] zero-initialised scratch."""
+    d = tl.program_id(0)
+    w_ptr = w_fwd_ptr if d == 0 else w_rev_ptr
+    gates_ptr += d * P * 4 * H
+    dgates_ptr += d * P * 4 * H
+    c_ptr += d * P * H
+    dy_ptr += d * H
+    dh_ptr += d * H
+    dc_ptr += d * H
+    for s in range(0, P):
+        # walk the direction's own time order backwards
+        t = P - 1 - s - d * (P - 1 - 2 * s)
+        t_prev = t - 1 + 2 * d
+        for j0 in range(0, H, BLOCK_H):
+            offs_j = j0 + tl.arange(0, BLOCK_H)
+            mask_j = offs_j < H
+            dh = tl.load(dy_ptr + t * 2 * H + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+            dh += tl.load(dh_ptr + offs_j, mask=mask_j, other=0.0)
+            row = gates_ptr + t * 4 * H + offs_j
+            gate_i = tl.load(row, mask=mask_j, other=0.0)
+            gate_f = tl.load(row + H, mask=mask_j, other=0.0)
+            gate_g = tl.load(row + 2 * H, mask=mask_j, other=0.0)
+            gate_o = tl.load(row + 3 * H, mask=mask_j, other=0.0)
+            c = tl.load(c_ptr + t * H + offs_j, mask=mask_j, other=0.0)
+            c_prev = tl.zeros((BLOCK_H,), dtype=tl.float32)
+            if s < P - 1:
+                c_prev = tl.load(c_ptr + t_prev * H + offs_j, mask=mask_j, other=0.0)
+            tanh_c = _tanh(c)
+            dc = dh * gate_o * (1.0 - tanh_c * tanh_c) + tl.load(dc_ptr + offs_j, mask=mask_j, other=0.0)
+            out = dgates_ptr + t * 4 * H + offs_j
+            tl.store(out, dc * gate_g * gate_i * (1.0 - gate_i), mask=mask_j)
+            tl.store(out + H, dc * c_prev * gate_f * (1.0 - gate_f), mask=mask_j)
+            tl.store(out + 2 * H, dc * gate_i * (1.0 - gate_g * gate_g), mask=mask_j)
+            tl.store(out + 3 * H, dh * tanh_c * gate_o * (1.0 - gate_o), mask=mask_j)
+            tl.store(dc_ptr + offs_j, dc * gate_f, mask=mask_j)
+        tl.debug_barrier()
+        # dh_{t_prev} = W_hh^T @ dgates_t, reduced over the 4H gate rows
+        for k0 in range(0, H, BLOCK_H):
+            offs_k = k0 + tl.arange(0, BLOCK_H)
+            mask_k = offs_k < H
+            acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+            for r0 in range(0, 4 * H, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < 4 * H
+                dg = tl.load(dgates_ptr + t * 4 * H + offs_r, mask=mask_r, other=0.0)
+                w = tl.load(
+                    w_ptr + offs_r[:, None] * H + offs_k[None, :],
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0,
+                )
+                acc += w.to(tl.float32) * dg[:, None]
+            tl.store(dh_ptr + offs_k, tl.sum(acc, axis=0), mask=mask_k)
+        tl.debug_barrier()
+
+
+def _compute_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def linear(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    idx: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    bias2: torch.Tensor | None = None,
+    act: str = "none",
+    dact_from: torch.Tensor | None = None,
+    dact: str = "none",
+    accumulate: bool = False,
+    rowsum_out: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``out[M, N] (+)= epilogue(A[rows] @ B)``; A [*, K] (rows = ``idx`` [M] or all), B [K, N], any strides.
+
+    Epilogue order: + bias [N] + bias2 [N], ``act``, times ``dact``'(``dact_from`` [M, N]), (+ out).
+    ``rowsum_out`` [M] receives the row sums of A over K. Products run in ``compute_dtype`` (IEEE fp32
+    for float32, never TF32: PEFT's fp32 modules are matched tightly), accumulation in float32.
+    """
+    M, N = out.shape
+    K = b.shape[0]
+    if M == 0 or N == 0:
+        return out
+    grid = (triton.cdiv(M, 32), triton.cdiv(N, 64))
+    dummy = out
+    _linear_kernel[grid](
+        a, idx if idx is not None else dummy, b,
+        bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
+        dact_from if dact_from is not None else dummy, out,
+        rowsum_out if rowsum_out is not None else dummy,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        dact_from.stride(0) if dact_from is not None else 0,
+        dact_from.stride(1) if dact_from is not None else 0,
+        out.stride(0), out.stride(1),
+        HAS_IDX=idx is not None, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
+        ACT=ACT_CODES[act], DACT=ACT_CODES[dact], ACCUMULATE=accumulate, ROWSUM=rowsum_out is not None,
+        COMPUTE_DTYPE=_compute_dtype(compute_dtype),
+        INPUT_PRECISION="ieee" if compute_dtype == torch.float32 else None,
+        BLOCK_M=32, BLOCK_N=64, BLOCK_K=32,
+    )
+    return out
+
+
+def mlp_forward(
+    x: torch.Tensor, idx: torch.Tensor | None, weights: list[torch.Tensor], biases: list[torch.Tensor], act: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``act(...act(x[idx] W1^T + b1)...) Wn^T + bn``: x [*, D] (rows picked by idx [P]) -> out [P, O] fp32.
+
+    Returns (out, hidden post-activations [P, H_i] fp32, kept for the backward).
+    """
+    rows = idx.shape[0] if idx is not None else x.shape[0]
+    cdtype = weights[0].dtype
+    hiddens = []
+    h, h_idx = x, idx
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        last = i == len(weights) - 1
+        out = torch.empty(rows, w.shape[0], device=x.device, dtype=torch.float32)
+        linear(h, w.t(), out, idx=h_idx, bias=b, act="none" if last else act, compute_dtype=cdtype)
+        if not last:
+            hiddens.append(out)
+        h, h_idx = out, None
+    return h, hiddens
+
+
+def mlp_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    idx: torch.Tensor | None,
+    weights: list[torch.Tensor],
+    hiddens: list[torch.Tensor],
+    act: str,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of :func:`mlp_forward`: (d x[idx] [P, D] fp32, dW_i like W_i, db_i like b_i)."""
+    cdtype = weights[0].dtype
+    inputs = [(x, idx)] + [(h, None) for h in hiddens]
+    dws: list[torch.Tensor] = [None] * len(weights)
+    dbs: list[torch.Tensor] = [None] * len(weights)
+    g = grad
+    for i in reversed(range(len(weights))):
+        w = weights[i]
+        a, a_idx = inputs[i]
+        a_rows = a if a_idx is None else a.index_select(0, a_idx)
+        dws[i] = torch.empty_like(w)
+        dbs[i] = torch.empty(w.shape[0], device=w.device, dtype=w.dtype)
+        # dW = g^T @ a, with db = row sums of g^T fused into the same pass over g
+        linear(g.t(), a_rows, dws[i], rowsum_out=dbs[i], compute_dtype=cdtype)
+        dg = torch.empty(g.shape[0], w.shape[1], device=g.device, dtype=torch.float32)
+        if i > 0:
+            linear(g, w, dg, dact_from=hiddens[i - 1], dact=act, compute_dtype=cdtype)
+        else:
+            linear(g, w, dg, compute_dtype=cdtype)
+        g = dg
+    return g, dws, dbs
+
+
+def lstm_forward(
+    x: torch.Tensor, idx: torch.Tensor | None, params: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One bidirectional LSTM layer. x [*, D] (rows idx [P]); params = (w_ih [4H, D], w_hh [4H, H], b_ih [4H],
+    b_hh [4H]) for the forward then the reverse direction. Returns y [P, 2H] fp32 ([forward, reverse]
+    halves, as torch.nn.LSTM), c [2, P, H] and gates [2, P, 4H] (post-activation i, f, g, o), fp32.
+    """
+    rows = idx.shape[0] if idx is not None else x.shape[0]
+    H = params[1].shape[1]
+    cdtype = params[0].dtype
+    gates = torch.empty(2, rows, 4 * H, device=x.device, dtype=torch.float32)
+    for d in range(2):
+        w_ih, _, b_ih, b_hh = params[4 * d : 4 * d + 4]
+        linear(x, w_ih.t(), gates[d], idx=idx, bias=b_ih, bias2=b_hh, compute_dtype=cdtype)
+    y = torch.empty(rows, 2 * H, device=x.device, dtype=torch.float32)
+    c = torch.empty(2, rows, H, device=x.device, dtype=torch.float32)
+    block = min(64, triton.next_power_of_2(H))
+    _lstm_fwd_kernel[(2,)](
+        gates, params[1].contiguous(), params[5].contiguous(), y, c, gates, rows, H,
+        BLOCK_H=block, BLOCK_K=block,
+    )
+    return y, c, gates
+
+
+def lstm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    idx: torch.Tensor | None,
+    params: list[torch.Tensor],
+    y: torch.Tensor,
+    c: torch.Tensor,
+    gates: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gradients of :func:`lstm_forward`: (d x[idx] [P, D] fp32, grads of the 8 params, each like its param)."""
+    P = y.shape[0]
+    H = params[1].shape[1]
+    cdtype = params[0].dtype
+    w_fwd, w_rev = params[1].contiguous(), params[5].contiguous()
+    dgates = torch.empty_like(gates)
+    scratch = torch.zeros(2, 2, H, device=y.device, dtype=torch.float32)
+    block = min(64, triton.next_power_of_2(H))
+    _lstm_bwd_kernel[(2,)](
+        dy.contiguous(), w_fwd, w_rev, c, gates, dgates, scratch[0], scratch[1], P, H,
+        BLOCK_H=block, BLOCK_R=block,
+    )
+    x_rows = x if idx is None else x.index_select(0, idx)
+    dx = torch.empty(P, x_rows.shape[1], device=y.device, dtype=torch.float32)
+    grads: list[torch.Tensor] = []
+    for d in range(2):
+        w_ih, w_hh, b_ih, _ = params[4 * d : 4 * d + 4]
+        dw_ih, dw_hh = torch.empty_like(w_ih), torch.zeros_like(w_hh)
+        db = torch.empty(4 * H, device=y.device, dtype=b_ih.dtype)
+        linear(dgates[d].t(), x_rows, dw_ih, rowsum_out=db, compute_dtype=cdtype)
+        # h_{t_prev} pairs with dgates_t: the forward direction's previous step is t-1, the reverse one's t+1
+        if d == 0:
+            linear(dgates[0, 1:].t(), y[:-1, :H], dw_hh, compute_dtype=cdtype)
+        else:
+            linear(dgates[1, :-1].t(), y[1:, H:], dw_hh, compute_dtype=cdtype)
+        linear(dgates[d], w_ih, dx, accumulate=d == 1, compute_dtype=cdtype)
+        grads += [dw_ih, dw_hh, db, db.clone()]
+    return dx, grads
