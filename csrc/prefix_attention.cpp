@@ -1,0 +1,788 @@
+// CPU kernels of fastprompt's prefix attention: forward and backward over a read-only prefix bank.
+//
+// Shapes (see fastprompt.prefix_attention): q [B, Hq, T, D]; k, v [B, Hkv, S, D];
+// prefix_k, prefix_v [N, Hkv, P, D]; prefix_index int32 [B]; prefix_lens int32 [N];
+// key_padding_mask bool [B, S] or undefined. out [B, Hq, T, D], lse float32 [B, Hq, T].
+//
+// A work item holds every query head of one GQA group, so each key block is loaded once for Hq / Hkv
+// heads. Keys are visited in blocks: first the row's prefix bank entry (up to its prefix_lens), then
+// the sequence keys; the prefix is read in place and never concatenated or copied per batch row.
+// Block products are small GEMMs on packed fp32 (fp64 for double) tiles, so fp16/bf16 accumulate in fp32.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace fastprompt {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kBlockK = 64;     // keys per block
+constexpr int64_t kBlockRows = 64;  // query rows (positions x heads of a group) per block
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// Rows of a rank-4 tensor whose last dimension has unit stride.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t s0, s1, s2;
+  T* at(int64_t i0, int64_t i1, int64_t i2) const { return data + i0 * s0 + i1 * s1 + i2 * s2; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+at::Tensor unit_last_stride(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM on small tiles: C[M, N] (= or +=) A[M, K] @ B[K, N].
+// A(i, k) = a[i * a_rs + k * a_cs], so a transposed A is just other strides; B and C are row-major.
+// Register blocking: MR rows x NV vectors of C live in registers while K streams.
+
+template <typename T>
+struct Blocking {
+  static constexpr int W = Vectorized<T>::size();
+  // 16 vector registers on AVX2, 32 on AVX-512 and NEON.
+  static constexpr int MR = 4;
+  static constexpr int NV = W * sizeof(T) >= 64 || W * sizeof(T) <= 16 ? 4 : 2;
+};
+
+template <typename T, int MR, int NV>
+inline void micro_kernel(int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb, T* c,
+                         int64_t ldc, bool accumulate) {
+  using Vec = Vectorized<T>;
+  constexpr int W = Vec::size();
+  Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * W) : Vec(T(0));
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = Vec::loadu(b + k * ldb + v * W);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const Vec av(a[r * a_rs + k * a_cs]);
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v].store(c + r * ldc + v * W);
+    }
+  }
+}
+
+template <typename T, int NV>
+inline void gemm_columns(int64_t M, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
+                         T* c, int64_t ldc, bool accumulate) {
+  constexpr int MR = Blocking<T>::MR;
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) {
+    micro_kernel<T, MR, NV>(K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
+  }
+  for (; i < M; ++i) {
+    micro_kernel<T, 1, NV>(K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
+  }
+}
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb, T* c,
+          int64_t ldc, bool accumulate) {
+  constexpr int W = Blocking<T>::W;
+  constexpr int NV = Blocking<T>::NV;
+  int64_t j = 0;
+  for (; j + NV * W <= N; j += NV * W) {
+    gemm_columns<T, NV>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc, accumulate);
+  }
+  for (; j + W <= N; j += W) {
+    gemm_columns<T, 1>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc, accumulate);
+  }
+  for (; j < N; ++j) {
+    for (int64_t i = 0; i < M; ++i) {
+      T sum = accumulate ? c[i * ldc + j] : T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        sum += a[i * a_rs + k * a_cs] * b[k * ldb + j];
+      }
+      c[i * ldc + j] = sum;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row helpers on acc-type buffers.
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int W = Vec::size();
+  T best = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  if (n >= W) {
+    Vec m = Vec::loadu(x);
+    for (j = W; j + W <= n; j += W) {
+      m = at::vec::maximum(m, Vec::loadu(x + j));
+    }
+    T lanes[W];
+    m.store(lanes);
+    for (int l = 0; l < W; ++l) {
+      best = std::max(best, lanes[l]);
+    }
+  }
+  for (; j < n; ++j) {
+    best = std::max(best, x[j]);
+  }
+  return best;
+}
+
+// x[j] = exp(x[j] * mul - sub) in place; returns the sum. -inf inputs give 0.
+template <typename T>
+T exp_and_sum(T* x, int64_t n, T mul, T sub) {
+  using Vec = Vectorized<T>;
+  constexpr int W = Vec::size();
+  const Vec vmul(mul), vsub(sub);
+  Vec vsum(T(0));
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec e = at::vec::fmsub(Vec::loadu(x + j), vmul, vsub).exp();
+    e.store(x + j);
+    vsum = vsum + e;
+  }
+  T lanes[W];
+  vsum.store(lanes);
+  T sum = 0;
+  for (int l = 0; l < W; ++l) {
+    sum += lanes[l];
+  }
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] * mul - sub);
+    sum += x[j];
+  }
+  return sum;
+}
+
+template <typename T>
+void scale_inplace(T* x, int64_t n, T s) {
+  using Vec = Vectorized<T>;
+  constexpr int W = Vec::size();
+  const Vec vs(s);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    (Vec::loadu(x + j) * vs).store(x + j);
+  }
+  for (; j < n; ++j) {
+    x[j] *= s;
+  }
+}
+
+template <typename T>
+T dot(const T* x, const T* y, int64_t n) {
+  T sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    sum += x[j] * y[j];
+  }
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout: a counter-based hash of (seed, b, hq, t, column), so backward regenerates the forward mask.
+
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+struct Dropout {
+  bool active;
+  uint64_t seed;
+  uint64_t threshold;  // keep iff 24 hash bits >= threshold
+  double inv_keep;
+
+  Dropout(double p, int64_t seed_) : active(p > 0), seed(static_cast<uint64_t>(seed_)) {
+    threshold = static_cast<uint64_t>(p * static_cast<double>(1 << 24));
+    inv_keep = active ? 1.0 / (1.0 - p) : 1.0;
+  }
+
+  uint64_t row_key(int64_t b, int64_t hq, int64_t t, int64_t Hq, int64_t T) const {
+    return mix64(seed ^ mix64(static_cast<uint64_t>((b * Hq + hq) * T + t) + 0x9e3779b97f4a7c15ULL));
+  }
+
+  // mult[j] = inv_keep or 0 for columns first_col .. first_col + n.
+  template <typename T>
+  void row_multipliers(uint64_t key, int64_t first_col, int64_t n, T* mult) const {
+    const T keep = static_cast<T>(inv_keep);
+    for (int64_t j = 0; j < n; ++j) {
+      const uint64_t h = mix64(key + static_cast<uint64_t>(first_col + j) * 0xd1b54a32d192ed03ULL) >> 40;
+      mult[j] = h >= threshold ? keep : T(0);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// What both passes share: sizes, inputs, and the key blocks a batch row visits.
+
+template <typename scalar_t>
+struct Problem {
+  int64_t B, Hq, Hkv, G, T, S, P, D;
+  bool causal;
+  double scale;
+  Rows<const scalar_t> q, k, v, pk, pv;
+  const int32_t* prefix_index;
+  const int32_t* prefix_lens;
+  const bool* key_padding_mask;  // [B, S] or nullptr
+  Dropout dropout;
+
+  int64_t prefix_len(int64_t b) const {
+    const int32_t n = prefix_index[b];
+    return n < 0 ? 0 : prefix_lens[n];
+  }
+  // Whether any key of sequence block [start, start + len) is a real token.
+  bool block_has_keys(int64_t b, int64_t start, int64_t len) const {
+    if (key_padding_mask == nullptr) {
+      return true;
+    }
+    const bool* m = key_padding_mask + b * S + start;
+    return std::any_of(m, m + len, [](bool x) { return x; });
+  }
+  bool block_has_padding(int64_t b, int64_t start, int64_t len) const {
+    if (key_padding_mask == nullptr) {
+      return false;
+    }
+    const bool* m = key_padding_mask + b * S + start;
+    return !std::all_of(m, m + len, [](bool x) { return x; });
+  }
+};
+
+struct KeyBlock {
+  bool prefix;
+  int64_t start, len;
+};
+
+// Writes -inf over the invisible columns of one score row of a key block; returns false when the
+// row sees none of the block's keys.
+template <typename scalar_t, typename acc_t>
+bool mask_row(const Problem<scalar_t>& p, int64_t b, int64_t t, const KeyBlock& blk, bool padded, acc_t* srow) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  if (blk.prefix) {
+    return true;
+  }
+  const int64_t visible =
+      p.causal ? std::clamp<int64_t>(p.S - p.T + t - blk.start + 1, 0, blk.len) : blk.len;
+  std::fill(srow + visible, srow + blk.len, neg_inf);
+  if (padded) {
+    const bool* m = p.key_padding_mask + b * p.S + blk.start;
+    for (int64_t j = 0; j < visible; ++j) {
+      if (!m[j]) {
+        srow[j] = neg_inf;
+      }
+    }
+  }
+  return visible > 0;
+}
+
+// Blocks of keys row b visits for queries up to t_last: prefix blocks then sequence blocks.
+template <typename scalar_t>
+std::vector<KeyBlock> key_blocks(const Problem<scalar_t>& p, int64_t b, int64_t t_last) {
+  std::vector<KeyBlock> blocks;
+  const int64_t L = p.prefix_len(b);
+  for (int64_t s = 0; s < L; s += kBlockK) {
+    blocks.push_back({true, s, std::min(kBlockK, L - s)});
+  }
+  const int64_t s_end = p.causal ? std::min(p.S, p.S - p.T + t_last + 1) : p.S;
+  for (int64_t s = 0; s < s_end; s += kBlockK) {
+    const int64_t len = std::min(kBlockK, s_end - s);
+    if (p.block_has_keys(b, s, len)) {
+      blocks.push_back({false, s, len});
+    }
+  }
+  return blocks;
+}
+
+template <typename scalar_t>
+const scalar_t* key_row(const Problem<scalar_t>& p, const Rows<const scalar_t>& prefix,
+                        const Rows<const scalar_t>& seq, int64_t b, int64_t hkv, const KeyBlock& blk) {
+  return blk.prefix ? prefix.at(p.prefix_index[b], hkv, blk.start) : seq.at(b, hkv, blk.start);
+}
+
+template <typename scalar_t>
+int64_t key_stride(const Rows<const scalar_t>& prefix, const Rows<const scalar_t>& seq, const KeyBlock& blk) {
+  return blk.prefix ? prefix.s2 : seq.s2;
+}
+
+// dst[j, d] = src[j * ld + d] as acc_t (rows x D, row-major).
+template <typename scalar_t, typename acc_t>
+void pack_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* dst) {
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int64_t d = 0; d < D; ++d) {
+      dst[j * D + d] = static_cast<acc_t>(src[j * ld + d]);
+    }
+  }
+}
+
+// dst[d, j] = src[j * ld + d] as acc_t (D x kBlockK, the transposed key/value tile).
+template <typename scalar_t, typename acc_t>
+void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* dst) {
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int64_t d = 0; d < D; ++d) {
+      dst[d * kBlockK + j] = static_cast<acc_t>(src[j * ld + d]);
+    }
+  }
+}
+
+// Rows of a block as acc_t: the tensor itself when no conversion is needed, else packed into buf.
+template <typename scalar_t, typename acc_t>
+std::pair<const acc_t*, int64_t> rows_as_acc(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return {src, ld};
+  } else {
+    pack_rows(src, ld, rows, D, buf);
+    return {buf, D};
+  }
+}
+
+// Query rows of a block in (position, head) order: row r is t0 + r / G, head hkv * G + r % G.
+template <typename scalar_t, typename acc_t>
+void pack_queries(const Rows<const scalar_t>& x, int64_t b, int64_t hkv, int64_t G, int64_t t0, int64_t tn,
+                  int64_t D, acc_t scale, acc_t* dst) {
+  for (int64_t i = 0; i < tn; ++i) {
+    for (int64_t g = 0; g < G; ++g) {
+      const scalar_t* src = x.at(b, hkv * G + g, t0 + i);
+      acc_t* row = dst + (i * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        row[d] = static_cast<acc_t>(src[d]) * scale;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one item = (b, kv head, block of positions); online softmax over the key blocks.
+
+template <typename scalar_t>
+void forward_kernel(const Problem<scalar_t>& p, const Rows<scalar_t>& out, float* lse) {
+  using acc_t = typename AccType<scalar_t>::type;
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t D = p.D, G = p.G;
+  const int64_t positions = std::max<int64_t>(1, kBlockRows / G);
+  const int64_t q_blocks = (p.T + positions - 1) / positions;
+  const int64_t items = p.B * p.Hkv * q_blocks;
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t max_rows = positions * G;
+    std::vector<acc_t> qp(max_rows * D), kt(D * kBlockK), vbuf(kBlockK * D), s(max_rows * kBlockK),
+        acc(max_rows * D), m(max_rows), l(max_rows), mult(kBlockK);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (p.Hkv * q_blocks);
+      const int64_t hkv = (item / q_blocks) % p.Hkv;
+      const int64_t t0 = (item % q_blocks) * positions;
+      const int64_t tn = std::min(positions, p.T - t0);
+      const int64_t M = tn * G;
+      pack_queries(p.q, b, hkv, G, t0, tn, D, static_cast<acc_t>(p.scale), qp.data());
+      std::fill(acc.begin(), acc.begin() + M * D, acc_t(0));
+      std::fill(m.begin(), m.begin() + M, neg_inf);
+      std::fill(l.begin(), l.begin() + M, acc_t(0));
+
+      for (const KeyBlock& blk : key_blocks(p, b, t0 + tn - 1)) {
+        const scalar_t* krow = key_row(p, p.pk, p.k, b, hkv, blk);
+        const scalar_t* vrow = key_row(p, p.pv, p.v, b, hkv, blk);
+        const int64_t ldk = key_stride(p.pk, p.k, blk), ldv = key_stride(p.pv, p.v, blk);
+        const bool padded = !blk.prefix && p.block_has_padding(b, blk.start, blk.len);
+        const int64_t col0 = blk.prefix ? blk.start : p.P + blk.start;
+        pack_transposed(krow, ldk, blk.len, D, kt.data());
+        gemm<acc_t>(M, blk.len, D, qp.data(), D, 1, kt.data(), kBlockK, s.data(), kBlockK, false);
+
+        for (int64_t r = 0; r < M; ++r) {
+          acc_t* srow = s.data() + r * kBlockK;
+          const int64_t t = t0 + r / G;
+          const acc_t row_block_max =
+              mask_row(p, b, t, blk, padded, srow) ? row_max(srow, blk.len) : neg_inf;
+          const acc_t m_new = std::max(m[r], row_block_max);
+          if (m_new == neg_inf) {
+            std::fill(srow, srow + blk.len, acc_t(0));
+            continue;
+          }
+          const acc_t alpha = std::exp(m[r] - m_new);
+          l[r] = l[r] * alpha + exp_and_sum(srow, blk.len, acc_t(1), m_new);
+          m[r] = m_new;
+          if (alpha != acc_t(1)) {
+            scale_inplace(acc.data() + r * D, D, alpha);
+          }
+          if (p.dropout.active) {
+            const uint64_t key = p.dropout.row_key(b, hkv * G + r % G, t, p.Hq, p.T);
+            p.dropout.row_multipliers(key, col0, blk.len, mult.data());
+            for (int64_t j = 0; j < blk.len; ++j) {
+              srow[j] *= mult[j];
+            }
+          }
+        }
+        const auto [vp, ldvp] = rows_as_acc(vrow, ldv, blk.len, D, vbuf.data());
+        gemm<acc_t>(M, D, blk.len, s.data(), kBlockK, 1, vp, ldvp, acc.data(), D, true);
+      }
+
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t t = t0 + r / G, hq = hkv * G + r % G;
+        scalar_t* dst = out.at(b, hq, t);
+        const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
+        for (int64_t d = 0; d < D; ++d) {
+          dst[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+        }
+        lse[(b * p.Hq + hq) * p.T + t] =
+            l[r] > 0 ? static_cast<float>(m[r] + std::log(l[r])) : -std::numeric_limits<float>::infinity();
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: one item = (b, kv head) owns dq of its group and dk/dv of its sequence keys. Prefix
+// gradients go to partial buffers, one per (chunk of items, bank row): items are ordered by bank
+// row, so each chunk touches a few consecutive bank rows and the final sum runs in a fixed order
+// (deterministic for a given thread count) with memory ~ (bank rows used + threads) x [Hkv, P, D].
+
+struct PrefixSlots {
+  std::vector<int64_t> order;       // item order: batch rows sorted by bank row, then kv head
+  std::vector<int64_t> chunk_start; // first item of each chunk (and the end)
+  std::vector<int64_t> item_slot;   // slot of each ordered item (-1: the row has no prefix)
+  std::vector<int64_t> first_slot;  // per bank row: its first slot and one past its last
+  std::vector<int64_t> last_slot;
+  int64_t slots = 0;
+};
+
+PrefixSlots plan_prefix_slots(const int32_t* prefix_index, int64_t B, int64_t Hkv, int64_t N, int64_t chunks) {
+  PrefixSlots plan;
+  std::vector<int64_t> rows(B);
+  for (int64_t b = 0; b < B; ++b) {
+    rows[b] = b;
+  }
+  std::stable_sort(rows.begin(), rows.end(),
+                   [&](int64_t x, int64_t y) { return prefix_index[x] < prefix_index[y]; });
+  const int64_t items = B * Hkv;
+  for (int64_t i = 0; i < items; ++i) {
+    plan.order.push_back(rows[i / Hkv] * Hkv + i % Hkv);
+  }
+  for (int64_t c = 0; c <= chunks; ++c) {
+    plan.chunk_start.push_back(c * items / chunks);
+  }
+  plan.item_slot.assign(items, -1);
+  plan.first_slot.assign(N, 0);
+  plan.last_slot.assign(N, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t current = -1;
+    for (int64_t i = plan.chunk_start[c]; i < plan.chunk_start[c + 1]; ++i) {
+      const int32_t n = prefix_index[plan.order[i] / Hkv];
+      if (n < 0) {
+        continue;
+      }
+      if (current != n) {
+        if (plan.last_slot[n] == 0) {
+          plan.first_slot[n] = plan.slots;
+        }
+        plan.last_slot[n] = plan.slots + 1;
+        current = n;
+        ++plan.slots;
+      }
+      plan.item_slot[i] = plan.slots - 1;
+    }
+  }
+  return plan;
+}
+
+template <typename scalar_t>
+void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& grad_out, const Rows<const scalar_t>& out,
+                     const float* lse, const Rows<scalar_t>& dq, const Rows<scalar_t>& dk, const Rows<scalar_t>& dv,
+                     at::Tensor& dpk, at::Tensor& dpv, int64_t N) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t D = p.D, G = p.G, T = p.T;
+  const int64_t positions = std::max<int64_t>(1, kBlockRows / G);
+  const int64_t items = p.B * p.Hkv;
+  const int64_t chunks = std::min<int64_t>(items, at::get_num_threads());
+  const PrefixSlots plan = plan_prefix_slots(p.prefix_index, p.B, p.Hkv, N, chunks);
+  const int64_t slot_size = p.Hkv * p.P * D;
+  std::vector<acc_t> dk_slots(plan.slots * slot_size, acc_t(0)), dv_slots(plan.slots * slot_size, acc_t(0));
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    const int64_t max_rows = positions * G;
+    std::vector<acc_t> kp(kBlockK * D), kt(D * kBlockK), vt(D * kBlockK), dk_blk(kBlockK * D),
+        dv_blk(kBlockK * D), qp(max_rows * D), dop(max_rows * D), prob(max_rows * kBlockK),
+        dprob(max_rows * kBlockK), drop(max_rows * kBlockK), delta(T * G), lse_rows(T * G), dq_acc(T * G * D);
+    for (int64_t i = plan.chunk_start[chunk_begin]; i < plan.chunk_start[chunk_end]; ++i) {
+      const int64_t b = plan.order[i] / p.Hkv, hkv = plan.order[i] % p.Hkv;
+      // delta = rowsum(dO * O) equals sum_j P_ij dP_ij also under dropout.
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t hq = hkv * G + g;
+          const scalar_t* o = out.at(b, hq, t);
+          const scalar_t* go = grad_out.at(b, hq, t);
+          acc_t sum = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            sum += static_cast<acc_t>(o[d]) * static_cast<acc_t>(go[d]);
+          }
+          delta[t * G + g] = sum;
+          lse_rows[t * G + g] = static_cast<acc_t>(lse[(b * p.Hq + hq) * T + t]);
+        }
+      }
+      std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
+
+      for (const KeyBlock& blk : key_blocks(p, b, T - 1)) {
+        const scalar_t* krow = key_row(p, p.pk, p.k, b, hkv, blk);
+        const scalar_t* vrow = key_row(p, p.pv, p.v, b, hkv, blk);
+        const int64_t ldk = key_stride(p.pk, p.k, blk), ldv = key_stride(p.pv, p.v, blk);
+        const bool padded = !blk.prefix && p.block_has_padding(b, blk.start, blk.len);
+        const int64_t col0 = blk.prefix ? blk.start : p.P + blk.start;
+        const int64_t n = blk.len;
+        const auto [kmat, ldkm] = rows_as_acc(krow, ldk, n, D, kp.data());
+        pack_transposed(krow, ldk, n, D, kt.data());
+        pack_transposed(vrow, ldv, n, D, vt.data());
+        std::fill(dk_blk.begin(), dk_blk.end(), acc_t(0));
+        std::fill(dv_blk.begin(), dv_blk.end(), acc_t(0));
+        // Queries before the diagonal of this key block see none of it.
+        const int64_t t_first = blk.prefix || !p.causal ? 0 : std::max<int64_t>(0, blk.start - (p.S - T));
+
+        for (int64_t t0 = t_first / positions * positions; t0 < T; t0 += positions) {
+          const int64_t tn = std::min(positions, T - t0);
+          const int64_t M = tn * G;
+          pack_queries(p.q, b, hkv, G, t0, tn, D, acc_t(1), qp.data());
+          pack_queries(grad_out, b, hkv, G, t0, tn, D, acc_t(1), dop.data());
+          gemm<acc_t>(M, n, D, qp.data(), D, 1, kt.data(), kBlockK, prob.data(), kBlockK, false);
+          const acc_t* pd = p.dropout.active ? dprob.data() : prob.data();  // probabilities after dropout
+          for (int64_t r = 0; r < M; ++r) {
+            acc_t* prow = prob.data() + r * kBlockK;
+            const int64_t t = t0 + r / G;
+            const acc_t row_lse = lse_rows[t * G + r % G];
+            if (row_lse == -std::numeric_limits<acc_t>::infinity() || !mask_row(p, b, t, blk, padded, prow)) {
+              std::fill(prow, prow + n, acc_t(0));
+            } else {
+              exp_and_sum(prow, n, scale, row_lse);
+            }
+            if (p.dropout.active) {
+              acc_t* mrow = drop.data() + r * kBlockK;
+              p.dropout.row_multipliers(p.dropout.row_key(b, hkv * G + r % G, t, p.Hq, T), col0, n, mrow);
+              acc_t* pdrow = dprob.data() + r * kBlockK;
+              for (int64_t j = 0; j < n; ++j) {
+                pdrow[j] = prow[j] * mrow[j];
+              }
+            }
+          }
+          // dV += Pd^T dO
+          gemm<acc_t>(n, D, M, pd, 1, kBlockK, dop.data(), D, dv_blk.data(), D, true);
+          // dP = dO V^T, then dS = P * (dP * dropout - delta) * scale (in place in dprob)
+          gemm<acc_t>(M, n, D, dop.data(), D, 1, vt.data(), kBlockK, dprob.data(), kBlockK, false);
+          for (int64_t r = 0; r < M; ++r) {
+            const acc_t* prow = prob.data() + r * kBlockK;
+            acc_t* dsrow = dprob.data() + r * kBlockK;
+            const acc_t* mrow = drop.data() + r * kBlockK;
+            const acc_t row_delta = delta[(t0 + r / G) * G + r % G];
+            for (int64_t j = 0; j < n; ++j) {
+              const acc_t dp = p.dropout.active ? dsrow[j] * mrow[j] : dsrow[j];
+              dsrow[j] = prow[j] * (dp - row_delta) * scale;
+            }
+          }
+          // dQ += dS K ; dK += dS^T Q
+          gemm<acc_t>(M, D, n, dprob.data(), kBlockK, 1, kmat, ldkm, dq_acc.data() + t0 * G * D, D, true);
+          gemm<acc_t>(n, D, M, dprob.data(), 1, kBlockK, qp.data(), D, dk_blk.data(), D, true);
+        }
+
+        for (int64_t j = 0; j < n; ++j) {
+          if (blk.prefix) {
+            const int64_t offset = plan.item_slot[i] * slot_size + (hkv * p.P + blk.start + j) * D;
+            for (int64_t d = 0; d < D; ++d) {
+              dk_slots[offset + d] += dk_blk[j * D + d];
+              dv_slots[offset + d] += dv_blk[j * D + d];
+            }
+          } else {
+            scalar_t* dkr = dk.at(b, hkv, blk.start + j);
+            scalar_t* dvr = dv.at(b, hkv, blk.start + j);
+            for (int64_t d = 0; d < D; ++d) {
+              dkr[d] = static_cast<scalar_t>(dk_blk[j * D + d]);
+              dvr[d] = static_cast<scalar_t>(dv_blk[j * D + d]);
+            }
+          }
+        }
+      }
+
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t g = 0; g < G; ++g) {
+          scalar_t* dst = dq.at(b, hkv * G + g, t);
+          const acc_t* src = dq_acc.data() + (t * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            dst[d] = static_cast<scalar_t>(src[d]);
+          }
+        }
+      }
+    }
+  });
+
+  // Sum each bank row's slots in slot order.
+  scalar_t* dpk_data = dpk.data_ptr<scalar_t>();
+  scalar_t* dpv_data = dpv.data_ptr<scalar_t>();
+  at::parallel_for(0, N, 1, [&](int64_t n_begin, int64_t n_end) {
+    std::vector<acc_t> sum_k(slot_size), sum_v(slot_size);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      if (plan.last_slot[n] == 0) {
+        continue;
+      }
+      std::fill(sum_k.begin(), sum_k.end(), acc_t(0));
+      std::fill(sum_v.begin(), sum_v.end(), acc_t(0));
+      for (int64_t slot = plan.first_slot[n]; slot < plan.last_slot[n]; ++slot) {
+        for (int64_t x = 0; x < slot_size; ++x) {
+          sum_k[x] += dk_slots[slot * slot_size + x];
+          sum_v[x] += dv_slots[slot * slot_size + x];
+        }
+      }
+      for (int64_t x = 0; x < slot_size; ++x) {
+        dpk_data[n * slot_size + x] = static_cast<scalar_t>(sum_k[x]);
+        dpv_data[n * slot_size + x] = static_cast<scalar_t>(sum_v[x]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+                  const at::Tensor& prefix_v, const at::Tensor& prefix_index, const at::Tensor& prefix_lens,
+                  const std::optional<at::Tensor>& key_padding_mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && prefix_k.dim() == 4 && prefix_v.dim() == 4,
+              "prefix_attention_cpu: q, k, v, prefix_k, prefix_v must be 4-D");
+  TORCH_CHECK(q.device().is_cpu(), "prefix_attention_cpu: expected CPU tensors, got ", q.device());
+  for (const at::Tensor* t : {&k, &v, &prefix_k, &prefix_v}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "prefix_attention_cpu: all five tensors must share q's dtype");
+    TORCH_CHECK(t->size(-1) == q.size(-1), "prefix_attention_cpu: head dims differ");
+  }
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0), "prefix_attention_cpu: k, v must be [B, Hkv, S, D]");
+  TORCH_CHECK(prefix_k.sizes() == prefix_v.sizes() && prefix_k.size(1) == k.size(1),
+              "prefix_attention_cpu: prefix_k, prefix_v must be [N, Hkv, P, D]");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "prefix_attention_cpu: Hq must be a multiple of Hkv");
+  TORCH_CHECK(k.size(2) >= q.size(2), "prefix_attention_cpu: S must be >= T");
+  TORCH_CHECK(prefix_index.scalar_type() == at::kInt && prefix_index.is_contiguous() &&
+                  prefix_index.numel() == q.size(0),
+              "prefix_attention_cpu: prefix_index must be contiguous int32 [B]");
+  TORCH_CHECK(prefix_lens.scalar_type() == at::kInt && prefix_lens.is_contiguous() &&
+                  prefix_lens.numel() == prefix_k.size(0),
+              "prefix_attention_cpu: prefix_lens must be contiguous int32 [N]");
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.is_contiguous() && m.dim() == 2 && m.size(0) == q.size(0) &&
+                    m.size(1) == k.size(2),
+                "prefix_attention_cpu: key_padding_mask must be contiguous bool [B, S]");
+  }
+}
+
+template <typename scalar_t>
+Problem<scalar_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
+                               const at::Tensor& pv, const at::Tensor& prefix_index, const at::Tensor& prefix_lens,
+                               const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+                               double dropout_p, int64_t seed) {
+  Problem<scalar_t> p{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), k.size(2), pk.size(2),
+                      q.size(3), causal, scale,
+                      rows_of<const scalar_t>(q), rows_of<const scalar_t>(k), rows_of<const scalar_t>(v),
+                      rows_of<const scalar_t>(pk), rows_of<const scalar_t>(pv),
+                      prefix_index.data_ptr<int32_t>(), prefix_lens.data_ptr<int32_t>(),
+                      key_padding_mask.has_value() ? key_padding_mask->data_ptr<bool>() : nullptr,
+                      Dropout(dropout_p, seed)};
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& pk_in,
+    const at::Tensor& pv_in, const at::Tensor& prefix_index, const at::Tensor& prefix_lens,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double dropout_p, int64_t seed) {
+  check_inputs(q_in, k_in, v_in, pk_in, pv_in, prefix_index, prefix_lens, key_padding_mask);
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "prefix_attention_cpu: dropout_p must be in [0, 1)");
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const at::Tensor pk = unit_last_stride(pk_in), pv = unit_last_stride(pv_in);
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefix_attention_fwd_cpu", [&] {
+    const auto p = make_problem<scalar_t>(q, k, v, pk, pv, prefix_index, prefix_lens, key_padding_mask, causal,
+                                          scale, dropout_p, seed);
+    forward_kernel<scalar_t>(p, rows_of<scalar_t>(out), lse.data_ptr<float>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_bwd_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& pk_in, const at::Tensor& pv_in, const at::Tensor& prefix_index, const at::Tensor& prefix_lens,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out_in, const at::Tensor& lse_in,
+    bool causal, double scale, double dropout_p, int64_t seed) {
+  check_inputs(q_in, k_in, v_in, pk_in, pv_in, prefix_index, prefix_lens, key_padding_mask);
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "prefix_attention_cpu: dropout_p must be in [0, 1)");
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "prefix_attention_cpu: grad_out and out must have q's shape");
+  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+              "prefix_attention_cpu: grad_out and out must have q's dtype");
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3,
+              "prefix_attention_cpu: lse must be float32 [B, Hq, T]");
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const at::Tensor pk = unit_last_stride(pk_in), pv = unit_last_stride(pv_in);
+  const at::Tensor grad_out = unit_last_stride(grad_out_in), out = unit_last_stride(out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor dq = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dpk = at::zeros(pk.sizes(), pk.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dpv = at::zeros(pv.sizes(), pv.options().memory_format(at::MemoryFormat::Contiguous));
+  if (q.numel() == 0) {
+    return {dq, dk, dv, dpk, dpv};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefix_attention_bwd_cpu", [&] {
+    const auto p = make_problem<scalar_t>(q, k, v, pk, pv, prefix_index, prefix_lens, key_padding_mask, causal,
+                                          scale, dropout_p, seed);
+    backward_kernel<scalar_t>(p, rows_of<const scalar_t>(grad_out), rows_of<const scalar_t>(out),
+                              lse.data_ptr<float>(), rows_of<scalar_t>(dq), rows_of<scalar_t>(dk),
+                              rows_of<scalar_t>(dv), dpk, dpv, pk.size(0));
+  });
+  return {dq, dk, dv, dpk, dpv};
+}
+
+}  // namespace
+}  // namespace fastprompt
+
+TORCH_LIBRARY(fastprompt, m) {
+  m.def(
+      "prefix_attention_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+      "Tensor prefix_index, Tensor prefix_lens, Tensor? key_padding_mask, bool causal, float scale, "
+      "float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "prefix_attention_bwd_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
+      "Tensor prefix_v, Tensor prefix_index, Tensor prefix_lens, Tensor? key_padding_mask, Tensor out, "
+      "Tensor lse, bool causal, float scale, float dropout_p, int seed) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastprompt, CPU, m) {
+  m.impl("prefix_attention_fwd_cpu", &fastprompt::prefix_attention_fwd_cpu);
+  m.impl("prefix_attention_bwd_cpu", &fastprompt::prefix_attention_bwd_cpu);
+}
