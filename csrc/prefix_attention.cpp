@@ -383,76 +383,93 @@ void pack_queries(const Rows<const scalar_t>& x, int64_t b, int64_t hkv, int64_t
 // ---------------------------------------------------------------------------------------------
 // Forward: one item = (b, kv head, block of positions); online softmax over the key blocks.
 
+template <typename acc_t>
+struct ForwardScratch {
+  std::vector<acc_t> qp, kt, vbuf, s, acc, m, l, mult;
+  explicit ForwardScratch(int64_t max_rows, int64_t D)
+      : qp(max_rows * D), kt(D * kBlockK), vbuf(kBlockK * D), s(max_rows * kBlockK), acc(max_rows * D),
+        m(max_rows), l(max_rows), mult(kBlockK) {}
+};
+
+template <typename acc_t>
+acc_t log_sum_exp(acc_t m, acc_t l) {
+  return l > 0 ? m + std::log(l) : -std::numeric_limits<acc_t>::infinity();
+}
+
+// Running max m, sum l (natural-log units) and, with_values, the unnormalised output acc of the
+// rows (positions t0 .. t0 + tn) x (heads of kv group hkv), in (position, head) order.
+template <typename scalar_t, typename acc_t>
+void attend(const Problem<scalar_t>& p, int64_t b, int64_t hkv, int64_t t0, int64_t tn, bool with_values,
+            ForwardScratch<acc_t>& w) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t D = p.D, G = p.G, M = tn * G;
+  pack_queries(p.q, b, hkv, G, t0, tn, D, static_cast<acc_t>(p.scale), w.qp.data());
+  std::fill(w.acc.begin(), w.acc.begin() + M * D, acc_t(0));
+  std::fill(w.m.begin(), w.m.begin() + M, neg_inf);
+  std::fill(w.l.begin(), w.l.begin() + M, acc_t(0));
+
+  for (const KeyBlock& blk : key_blocks(p, b, t0 + tn - 1)) {
+    const scalar_t* krow = key_row(p, p.pk, p.k, b, hkv, blk);
+    const bool padded = !blk.prefix && p.block_has_padding(b, blk.start, blk.len);
+    const int64_t col0 = blk.prefix ? blk.start : p.P + blk.start;
+    pack_transposed(krow, key_stride(p.pk, p.k, blk), blk.len, D, w.kt.data());
+    gemm<acc_t>(M, blk.len, D, w.qp.data(), D, 1, w.kt.data(), kBlockK, w.s.data(), kBlockK, false);
+
+    for (int64_t r = 0; r < M; ++r) {
+      acc_t* srow = w.s.data() + r * kBlockK;
+      const int64_t t = t0 + r / G;
+      const acc_t row_block_max = mask_row(p, b, t, blk, padded, srow) ? row_max(srow, blk.len) : neg_inf;
+      const acc_t m_new = std::max(w.m[r], row_block_max);
+      if (m_new == neg_inf) {
+        std::fill(srow, srow + blk.len, acc_t(0));
+        continue;
+      }
+      const acc_t alpha = std::exp(w.m[r] - m_new);
+      w.l[r] = w.l[r] * alpha + exp_and_sum(srow, blk.len, acc_t(1), m_new);
+      w.m[r] = m_new;
+      if (with_values && alpha != acc_t(1)) {
+        scale_inplace(w.acc.data() + r * D, D, alpha);
+      }
+      if (with_values && p.dropout.active) {
+        const uint64_t key = p.dropout.row_key(b, hkv * G + r % G, t, p.Hq, p.T);
+        p.dropout.row_multipliers(key, col0, blk.len, w.mult.data());
+        for (int64_t j = 0; j < blk.len; ++j) {
+          srow[j] *= w.mult[j];
+        }
+      }
+    }
+    if (with_values) {
+      const scalar_t* vrow = key_row(p, p.pv, p.v, b, hkv, blk);
+      const auto [vp, ldvp] = rows_as_acc(vrow, key_stride(p.pv, p.v, blk), blk.len, D, w.vbuf.data());
+      gemm<acc_t>(M, D, blk.len, w.s.data(), kBlockK, 1, vp, ldvp, w.acc.data(), D, true);
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const Problem<scalar_t>& p, const Rows<scalar_t>& out, float* lse) {
   using acc_t = typename AccType<scalar_t>::type;
-  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t D = p.D, G = p.G;
   const int64_t positions = std::max<int64_t>(1, kBlockRows / G);
   const int64_t q_blocks = (p.T + positions - 1) / positions;
   const int64_t items = p.B * p.Hkv * q_blocks;
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    const int64_t max_rows = positions * G;
-    std::vector<acc_t> qp(max_rows * D), kt(D * kBlockK), vbuf(kBlockK * D), s(max_rows * kBlockK),
-        acc(max_rows * D), m(max_rows), l(max_rows), mult(kBlockK);
+    ForwardScratch<acc_t> w(positions * G, D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (p.Hkv * q_blocks);
       const int64_t hkv = (item / q_blocks) % p.Hkv;
       const int64_t t0 = (item % q_blocks) * positions;
       const int64_t tn = std::min(positions, p.T - t0);
-      const int64_t M = tn * G;
-      pack_queries(p.q, b, hkv, G, t0, tn, D, static_cast<acc_t>(p.scale), qp.data());
-      std::fill(acc.begin(), acc.begin() + M * D, acc_t(0));
-      std::fill(m.begin(), m.begin() + M, neg_inf);
-      std::fill(l.begin(), l.begin() + M, acc_t(0));
-
-      for (const KeyBlock& blk : key_blocks(p, b, t0 + tn - 1)) {
-        const scalar_t* krow = key_row(p, p.pk, p.k, b, hkv, blk);
-        const scalar_t* vrow = key_row(p, p.pv, p.v, b, hkv, blk);
-        const int64_t ldk = key_stride(p.pk, p.k, blk), ldv = key_stride(p.pv, p.v, blk);
-        const bool padded = !blk.prefix && p.block_has_padding(b, blk.start, blk.len);
-        const int64_t col0 = blk.prefix ? blk.start : p.P + blk.start;
-        pack_transposed(krow, ldk, blk.len, D, kt.data());
-        gemm<acc_t>(M, blk.len, D, qp.data(), D, 1, kt.data(), kBlockK, s.data(), kBlockK, false);
-
-        for (int64_t r = 0; r < M; ++r) {
-          acc_t* srow = s.data() + r * kBlockK;
-          const int64_t t = t0 + r / G;
-          const acc_t row_block_max =
-              mask_row(p, b, t, blk, padded, srow) ? row_max(srow, blk.len) : neg_inf;
-          const acc_t m_new = std::max(m[r], row_block_max);
-          if (m_new == neg_inf) {
-            std::fill(srow, srow + blk.len, acc_t(0));
-            continue;
-          }
-          const acc_t alpha = std::exp(m[r] - m_new);
-          l[r] = l[r] * alpha + exp_and_sum(srow, blk.len, acc_t(1), m_new);
-          m[r] = m_new;
-          if (alpha != acc_t(1)) {
-            scale_inplace(acc.data() + r * D, D, alpha);
-          }
-          if (p.dropout.active) {
-            const uint64_t key = p.dropout.row_key(b, hkv * G + r % G, t, p.Hq, p.T);
-            p.dropout.row_multipliers(key, col0, blk.len, mult.data());
-            for (int64_t j = 0; j < blk.len; ++j) {
-              srow[j] *= mult[j];
-            }
-          }
-        }
-        const auto [vp, ldvp] = rows_as_acc(vrow, ldv, blk.len, D, vbuf.data());
-        gemm<acc_t>(M, D, blk.len, s.data(), kBlockK, 1, vp, ldvp, acc.data(), D, true);
-      }
-
-      for (int64_t r = 0; r < M; ++r) {
+      attend(p, b, hkv, t0, tn, true, w);
+      for (int64_t r = 0; r < tn * G; ++r) {
         const int64_t t = t0 + r / G, hq = hkv * G + r % G;
         scalar_t* dst = out.at(b, hq, t);
-        const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
+        const acc_t inv = w.l[r] > 0 ? acc_t(1) / w.l[r] : acc_t(0);
         for (int64_t d = 0; d < D; ++d) {
-          dst[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+          dst[d] = static_cast<scalar_t>(w.acc[r * D + d] * inv);
         }
-        lse[(b * p.Hq + hq) * p.T + t] =
-            l[r] > 0 ? static_cast<float>(m[r] + std::log(l[r])) : -std::numeric_limits<float>::infinity();
+        lse[(b * p.Hq + hq) * p.T + t] = static_cast<float>(log_sum_exp(w.m[r], w.l[r]));
       }
     }
   });
@@ -531,6 +548,7 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
     std::vector<acc_t> kp(kBlockK * D), kt(D * kBlockK), vt(D * kBlockK), dk_blk(kBlockK * D),
         dv_blk(kBlockK * D), qp(max_rows * D), dop(max_rows * D), prob(max_rows * kBlockK),
         dprob(max_rows * kBlockK), drop(max_rows * kBlockK), delta(T * G), lse_rows(T * G), dq_acc(T * G * D);
+    ForwardScratch<acc_t> lse_scratch(std::is_same_v<acc_t, double> ? max_rows : 0, D);
     for (int64_t i = plan.chunk_start[chunk_begin]; i < plan.chunk_start[chunk_end]; ++i) {
       const int64_t b = plan.order[i] / p.Hkv, hkv = plan.order[i] % p.Hkv;
       // delta = rowsum(dO * O) equals sum_j P_ij dP_ij also under dropout.
@@ -545,6 +563,16 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
           }
           delta[t * G + g] = sum;
           lse_rows[t * G + g] = static_cast<acc_t>(lse[(b * p.Hq + hq) * T + t]);
+        }
+      }
+      if constexpr (std::is_same_v<acc_t, double>) {
+        // The float32 lse would cap fp64 gradients at ~1e-7 relative error: recompute it in fp64.
+        for (int64_t t0 = 0; t0 < T; t0 += positions) {
+          const int64_t tn = std::min(positions, T - t0);
+          attend(p, b, hkv, t0, tn, false, lse_scratch);
+          for (int64_t r = 0; r < tn * G; ++r) {
+            lse_rows[t0 * G + r] = log_sum_exp(lse_scratch.m[r], lse_scratch.l[r]);
+          }
         }
       }
       std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
