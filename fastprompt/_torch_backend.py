@@ -89,13 +89,19 @@ def _attend(
         rows = (prefix_index == n).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        pk = prefix_k[n].to(compute)  # [Hkv, P, D], broadcast over the rows that use it
-        row_logits = scale * qg[rows] @ pk.transpose(-1, -2)
-        row_visible = (torch.arange(P, device=q.device) < prefix_lens[n])[None, None, None, :]
-        row_keep = None if prefix_keep is None else prefix_keep[rows]
+        R = rows.numel()
+        # The rows become extra query rows of one [Hkv, R * group * T, D] @ [Hkv, D, P] product: a
+        # broadcast batch dimension would make matmul materialise the prefix once per row.
+        q_rows = qg[rows].transpose(0, 1).reshape(Hkv, R * group * T, D)
+        row_logits = scale * q_rows @ prefix_k[n].to(compute).transpose(-1, -2)
+        row_visible = (torch.arange(P, device=q.device) < prefix_lens[n])[None, None, :]
+        row_keep = None
+        if prefix_keep is not None:
+            row_keep = prefix_keep[rows].transpose(0, 1).reshape(Hkv, R * group * T, P)
         row_probs, row_lse = _softmax_block(row_logits, row_visible, row_keep, dropout_p)
-        prefix_out = prefix_out.index_copy(0, rows, row_probs @ prefix_v[n].to(compute))
-        prefix_lse = prefix_lse.index_copy(0, rows, row_lse)
+        row_out = (row_probs @ prefix_v[n].to(compute)).reshape(Hkv, R, group * T, D).transpose(0, 1)
+        prefix_out = prefix_out.index_copy(0, rows, row_out)
+        prefix_lse = prefix_lse.index_copy(0, rows, row_lse.reshape(Hkv, R, group * T).transpose(0, 1))
 
     out, lse = merge_attention_states(prefix_out, prefix_lse, seq_out, seq_lse)
     return out.reshape(B, Hq, T, D), lse.reshape(B, Hq, T)

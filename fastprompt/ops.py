@@ -298,9 +298,10 @@ def _lse_gradients(ctx, grad_lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
         backend,
         False,
     )
-    g = (scale * grad_lse.float())[..., None]
-    dq = (g * keys_out.float()).to(q.dtype)
-    pseudo_grad_out = (g * q.float()).to(q.dtype)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g = (scale * grad_lse.to(compute))[..., None]
+    dq = (g * keys_out.to(compute)).to(q.dtype)
+    pseudo_grad_out = (g * q.to(compute)).to(q.dtype)
     _, _, dk, _, dprefix_k = _prefix_attention_bwd(
         pseudo_grad_out,
         q,

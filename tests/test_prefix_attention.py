@@ -1,0 +1,462 @@
+"""fastprompt.prefix_attention on every backend against the float64 oracle (concatenate, mask, softmax)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastprompt
+from fastprompt.errors import BackendUnavailableError
+from fastprompt.naive import reference_prefix_attention
+from fastprompt.ops import available_backends
+
+CUDA = torch.cuda.is_available()
+
+# Max abs error allowed, relative to max(1, max |reference|), per input dtype: (output and lse, gradients).
+TOLERANCE = {
+    # backward recomputes probabilities from the saved lse, which the op's contract keeps in float32
+    torch.float64: (1e-10, 1e-6),
+    torch.float32: (3e-5, 2e-4),
+    torch.float16: (3e-3, 2e-2),
+    torch.bfloat16: (2e-2, 8e-2),
+}
+
+
+def _expected_here(backend: str) -> bool:
+    """Whether this machine has what the backend needs, so that being unavailable is a failure."""
+    if backend == "cpu":
+        return shutil.which("c++") is not None or shutil.which("g++") is not None
+    if backend == "triton":
+        return importlib.util.find_spec("triton") is not None
+    return True
+
+
+def _device_for(backend: str) -> str:
+    return "cpu" if backend == "cpu" or not CUDA else "cuda"
+
+
+@pytest.fixture(params=["torch", "cpu", "triton"])
+def backend(request, monkeypatch) -> str:
+    name = request.param
+    ok, reason = available_backends(_device_for(name))[name]
+    if not ok:
+        if _expected_here(name):
+            pytest.fail(f"backend {name} should be available here but is not: {reason}")
+        pytest.skip(f"backend {name} unavailable: {reason}")
+    monkeypatch.setenv("FASTPROMPT_BACKEND", name)
+    return name
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prefix_k: torch.Tensor
+    prefix_v: torch.Tensor
+    options: dict
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q, self.k, self.v, self.prefix_k, self.prefix_v]
+
+
+def make_case(
+    *,
+    B=2,
+    Hq=4,
+    Hkv=2,
+    T=5,
+    S=None,
+    P=6,
+    N=1,
+    D=32,
+    dtype=torch.float32,
+    device="cpu",
+    padding=None,
+    causal=True,
+    prefix_index=None,
+    prefix_lens=None,
+    magnitude=1.0,
+    generator=None,
+) -> Case:
+    S = T if S is None else S
+
+    def rand(*shape):
+        x = torch.randn(*shape, generator=generator, dtype=torch.float32) * magnitude
+        return x.to(device=device, dtype=dtype).requires_grad_(True)
+
+    options: dict = {"causal": causal}
+    if prefix_index is not None:
+        options["prefix_index"] = torch.tensor(prefix_index, device=device)
+    if prefix_lens is not None:
+        options["prefix_lens"] = torch.tensor(prefix_lens, device=device)
+    if padding is not None:
+        lengths = torch.randint(0, S + 1, (B,), generator=generator)
+        lengths[0] = S  # at least one unpadded row
+        positions = torch.arange(S)[None, :]
+        mask = positions >= (S - lengths)[:, None] if padding == "left" else positions < lengths[:, None]
+        options["key_padding_mask"] = mask.to(device)
+    return Case(
+        rand(B, Hq, T, D), rand(B, Hkv, S, D), rand(B, Hkv, S, D), rand(N, Hkv, P, D), rand(N, Hkv, P, D), options
+    )
+
+
+def _max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    both_inf = torch.isinf(actual) & torch.isinf(expected) & (actual.sign() == expected.sign())
+    diff = torch.where(both_inf, torch.zeros_like(expected), actual.double() - expected)
+    return diff.abs().max().item() if diff.numel() else 0.0
+
+
+def _scale_of(expected: torch.Tensor) -> float:
+    finite = expected[torch.isfinite(expected)]
+    return max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+
+
+def check_against_reference(case: Case, *, with_lse_grad: bool = True) -> None:
+    """Outputs, lse and the gradients of all five inputs against the float64 oracle."""
+    tol_out, tol_grad = TOLERANCE[case.q.dtype]
+    out, lse = fastprompt.prefix_attention(*case.tensors, **case.options, return_lse=True)
+    ref_out, ref_lse = reference_prefix_attention(*case.tensors, **case.options)
+    assert out.dtype == case.q.dtype and out.shape == case.q.shape
+    assert lse.dtype == torch.float32 and lse.shape == case.q.shape[:-1]
+    assert not torch.isnan(out).any()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows with nothing to attend to differ"
+    assert _max_err(out, ref_out) <= tol_out * _scale_of(ref_out)
+    lse_tol = max(tol_out, TOLERANCE[torch.float32][0])  # the lse is float32 whatever the input dtype
+    assert _max_err(lse, ref_lse) <= lse_tol * _scale_of(ref_lse)
+
+    grad_out = torch.randn_like(ref_out)
+    grad_lse = torch.randn_like(ref_lse) if with_lse_grad else torch.zeros_like(ref_lse)
+
+    def loss(o, l):  # noqa: E741
+        return (o.double() * grad_out).sum() + (torch.where(torch.isinf(l), 0, l).double() * grad_lse).sum()
+
+    grads = torch.autograd.grad(loss(out, lse), case.tensors)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), case.tensors)
+    names = ["q", "k", "v", "prefix_k", "prefix_v"]
+    for name, g, ref, x in zip(names, grads, ref_grads, case.tensors, strict=True):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert torch.isfinite(g).all(), f"non-finite gradient of {name}"
+        err, bound = _max_err(g, ref), tol_grad * _scale_of(ref)
+        assert err <= bound, f"gradient of {name}: max error {err:.3g} > {bound:.3g}"
+
+
+# --- against the oracle --------------------------------------------------------------------------------
+
+
+@st.composite
+def shapes(draw, small: bool):
+    Hkv = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 4] if small else [1, 4, 8]))
+    T = draw(st.integers(1, 6 if small else 17))
+    S = T + draw(st.integers(0, 5 if small else 12))
+    N = draw(st.integers(1, 3))
+    P = draw(st.integers(0, 12 if small else 40))
+    B = draw(st.integers(1, 3))
+    prefix_index = draw(st.lists(st.integers(-1, N - 1), min_size=B, max_size=B))
+    ragged = draw(st.booleans())
+    prefix_lens = draw(st.lists(st.integers(0, P), min_size=N, max_size=N)) if ragged else None
+    return {
+        "B": B,
+        "Hq": Hkv * group,
+        "Hkv": Hkv,
+        "T": T,
+        "S": S,
+        "P": P,
+        "N": N,
+        "D": draw(st.sampled_from([32, 80])),
+        "prefix_index": prefix_index,
+        "prefix_lens": prefix_lens,
+        "padding": draw(st.sampled_from([None, "left", "right"])),
+        "causal": draw(st.booleans()),
+    }
+
+
+def _hypothesis(max_examples: int):
+    return settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@_hypothesis(max_examples=25)
+@given(shape=shapes(small=False), seed=st.integers(0, 2**31 - 1))
+def test_random_shapes_cpu_backends(shape, seed, monkeypatch):
+    for name in ("torch", "cpu"):
+        ok, reason = available_backends("cpu")[name]
+        if not ok:
+            assert not _expected_here(name), reason
+            continue
+        monkeypatch.setenv("FASTPROMPT_BACKEND", name)
+        check_against_reference(make_case(**shape, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.skipif(not _expected_here("triton"), reason="triton is not installed")
+@_hypothesis(max_examples=6 if not CUDA else 40)
+@given(shape=shapes(small=not CUDA), seed=st.integers(0, 2**31 - 1))
+def test_random_shapes_triton(shape, seed, monkeypatch):
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
+    device = _device_for("triton")
+    check_against_reference(make_case(**shape, device=device, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param({"T": 1, "S": 1, "P": 0}, id="T1-no-prefix"),
+        pytest.param({"T": 1, "S": 9, "P": 5}, id="decode-with-cache"),
+        pytest.param({"T": 7, "S": 11, "P": 3, "B": 3, "padding": "left"}, id="odd-cache-left-pad"),
+        pytest.param({"T": 4, "S": 4, "P": 300, "N": 2, "prefix_index": [1, 0], "prefix_lens": [300, 129]}, id="P300"),
+        pytest.param(
+            {"B": 4, "N": 3, "P": 9, "prefix_index": [2, -1, 2, 0], "prefix_lens": [0, 4, 9]}, id="bank-repeats-none"
+        ),
+        pytest.param({"Hq": 8, "Hkv": 1, "T": 3, "P": 4}, id="MQA"),
+        pytest.param({"Hq": 16, "Hkv": 2, "T": 3, "P": 4}, id="GQA8"),
+        pytest.param({"T": 6, "S": 6, "P": 5, "causal": False, "padding": "right"}, id="bidirectional-right-pad"),
+        pytest.param({"D": 96, "T": 3, "P": 3}, id="D96"),
+    ],
+)
+def test_fixed_shapes(shape, backend):
+    check_against_reference(make_case(**shape, device=_device_for(backend)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(dtype, backend):
+    case = make_case(B=2, T=6, S=8, P=7, N=2, prefix_index=[1, 0], dtype=dtype, device=_device_for(backend))
+    check_against_reference(case)
+
+
+def test_float64(monkeypatch):
+    for name in ("torch", "cpu"):
+        if available_backends("cpu")[name][0]:
+            monkeypatch.setenv("FASTPROMPT_BACKEND", name)
+            check_against_reference(make_case(dtype=torch.float64, P=4, T=3, S=5, padding="left"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_large_logits_do_not_overflow(dtype, backend):
+    # q.k reaches ~1e4 here: far beyond fp16's exp range if the softmax were not done in fp32 with a running max
+    case = make_case(T=4, S=4, P=3, magnitude=12.0, dtype=dtype, device=_device_for(backend))
+    out = fastprompt.prefix_attention(*case.tensors, **case.options)
+    assert torch.isfinite(out).all()
+    check_against_reference(case)
+
+
+def test_rows_with_nothing_to_attend_give_zeros(backend):
+    device = _device_for(backend)
+    case = make_case(B=3, T=3, S=5, N=1, P=4, prefix_index=[-1, 0, -1], prefix_lens=[0], device=device)
+    mask = torch.ones(3, 5, dtype=torch.bool, device=device)
+    mask[0] = False  # row 0: no prefix, no keys at all
+    mask[2, :3] = False  # row 2: its first causal query sees keys 0..2, all padding
+    case.options["key_padding_mask"] = mask
+    out = fastprompt.prefix_attention(*case.tensors, **case.options)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(out[2, :, 0], torch.zeros_like(out[2, :, 0]))
+    assert (out[2, :, 1:].abs().sum(-1) > 0).all() and (out[1].abs().sum(-1) > 0).all()
+    check_against_reference(case)
+
+
+def test_non_contiguous_inputs(backend):
+    device = _device_for(backend)
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, T, S, P, D = 2, 4, 2, 5, 7, 6, 32
+
+    def bthd(*shape):  # the [B, T, H, D] layout that transformers projections produce, viewed as [B, H, T, D]
+        b, h, t, d = shape
+        return torch.randn(b, t, h, d, generator=g).to(device).transpose(1, 2).requires_grad_(True)
+
+    pk = torch.randn(1, Hkv, D, P, generator=g).to(device).transpose(2, 3).requires_grad_(True)
+    pv = torch.randn(1, Hkv, D, P, generator=g).to(device).transpose(2, 3).requires_grad_(True)
+    case = Case(bthd(B, Hq, T, D), bthd(B, Hkv, S, D), bthd(B, Hkv, S, D), pk, pv, {"causal": True})
+    assert not any(x.is_contiguous() for x in case.tensors)
+    check_against_reference(case)
+
+
+def test_dropout(backend):
+    device = _device_for(backend)
+    case = make_case(B=2, T=8, S=8, P=8, N=1, device=device)
+    p = 0.3
+    torch.manual_seed(11)
+    out_a = fastprompt.prefix_attention(*case.tensors, dropout_p=p, **case.options)
+    torch.manual_seed(11)
+    out_b = fastprompt.prefix_attention(*case.tensors, dropout_p=p, **case.options)
+    assert torch.equal(out_a, out_b), "the same torch seed must give the same dropout mask"
+    assert not torch.allclose(out_a, fastprompt.prefix_attention(*case.tensors, **case.options))
+
+    # For a fixed mask, out is linear in v and prefix_v: <g, out> = <dv, v> + <dprefix_v, prefix_v>,
+    # which holds only if backward applies exactly the forward's mask.
+    grad_out = torch.randn_like(out_a)
+    dv, dpv = torch.autograd.grad(out_a, [case.v, case.prefix_v], grad_out)
+    lhs = (grad_out.double() * out_a.double()).sum()
+    rhs = (dv.double() * case.v.double()).sum() + (dpv.double() * case.prefix_v.double()).sum()
+    assert abs(lhs - rhs) <= 1e-4 * max(1.0, abs(lhs.item()))
+
+    # Kept probabilities are rescaled by 1 / (1 - p): with constant values the output averages that constant.
+    big = make_case(B=4, Hq=4, Hkv=2, T=16, S=16, P=16, device=device)
+    out = fastprompt.prefix_attention(
+        big.q, big.k, torch.ones_like(big.v), big.prefix_k, torch.ones_like(big.prefix_v), dropout_p=p
+    )
+    assert abs(out.mean().item() - 1.0) < 0.05
+
+
+def test_dropout_directional_derivative(backend):
+    # d/de L(q + e*u) at e=0 equals <dq, u> for a fixed dropout mask (finite differences, same seed).
+    device = _device_for(backend)
+    case = make_case(B=1, T=4, S=4, P=3, device=device, dtype=torch.float32)
+    u = torch.randn_like(case.q)
+    grad_out = torch.randn_like(case.q)
+
+    def loss(q):
+        torch.manual_seed(5)
+        out = fastprompt.prefix_attention(q, *case.tensors[1:], dropout_p=0.25, **case.options)
+        return (out.double() * grad_out).sum()
+
+    (dq,) = torch.autograd.grad(loss(case.q), [case.q])
+    eps = 1e-2
+    with torch.no_grad():
+        numeric = (loss(case.q + eps * u) - loss(case.q - eps * u)) / (2 * eps)
+    analytic = (dq.double() * u).sum()
+    assert abs(numeric - analytic) <= 2e-3 * max(1.0, abs(analytic.item()))
+
+
+# --- properties of the op that do not depend on a backend ---------------------------------------------
+
+
+def test_merge_attention_states_equals_attention_over_the_union():
+    case = make_case(B=2, T=5, S=9, P=0, causal=False)
+    q, k, v = case.q.double(), case.k.double(), case.v.double()
+    empty = case.prefix_k.double()
+    whole, whole_lse = reference_prefix_attention(q, k, v, empty, empty, causal=False)
+    a, a_lse = reference_prefix_attention(q, k[:, :, :4], v[:, :, :4], empty, empty, causal=False)
+    b, b_lse = reference_prefix_attention(q, k[:, :, 4:], v[:, :, 4:], empty, empty, causal=False)
+    out, lse = fastprompt.merge_attention_states(a, a_lse, b, b_lse)
+    torch.testing.assert_close(out, whole)
+    torch.testing.assert_close(lse, whole_lse)
+    none = torch.full_like(a_lse, float("-inf"))
+    out, lse = fastprompt.merge_attention_states(a, none, b, none)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+    with pytest.raises(ValueError, match="lse_a and lse_b must have shape"):
+        fastprompt.merge_attention_states(a, a_lse[..., :2], b, b_lse)
+
+
+def test_torch_compile_fullgraph_traces_the_op(monkeypatch):
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "torch")
+    case = make_case(B=2, N=2, P=5, prefix_index=[1, 0], prefix_lens=[5, 3])
+
+    def attend(q, k, v, pk, pv):
+        return fastprompt.prefix_attention(q, k, v, pk, pv, **case.options).sum()
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*case.tensors), attend(*case.tensors))
+    grads = torch.autograd.grad(compiled(*case.tensors), case.tensors)
+    expected = torch.autograd.grad(attend(*case.tensors), case.tensors)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("name", ["cpu", "torch"])
+def test_prefix_is_not_copied_per_row(name, monkeypatch):
+    # One expanded copy of the prefix (what the naive path makes) would need B * Hkv * P * D * 4 bytes.
+    from fastprompt.benchutil import _cpu_peak_bytes
+
+    if not available_backends("cpu")[name][0]:
+        assert not _expected_here(name)
+        pytest.skip(f"{name} backend unavailable")
+    monkeypatch.setenv("FASTPROMPT_BACKEND", name)
+    B, Hkv, P, D = 16, 2, 1024, 64
+    case = make_case(B=B, Hq=2, Hkv=Hkv, T=1, S=2, P=P, D=D)
+    expanded_bytes = B * Hkv * P * D * 4
+    forward = _cpu_peak_bytes(lambda: fastprompt.prefix_attention(*case.tensors, **case.options))
+    assert forward < expanded_bytes / 4
+    out = fastprompt.prefix_attention(*case.tensors, **case.options)
+    backward = _cpu_peak_bytes(lambda: torch.autograd.grad(out, case.tensors, torch.ones_like(out), retain_graph=True))
+    # the gradients themselves (dq, dk, dv, dprefix_k, dprefix_v) are unavoidable: 2 prefix-sized buffers
+    assert backward < 2 * Hkv * P * D * 4 + expanded_bytes / 4
+
+
+# --- backend selection and bad input ------------------------------------------------------------------
+
+
+def test_backend_selection_errors(monkeypatch):
+    case = make_case()
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="FASTPROMPT_BACKEND must be one of"):
+        fastprompt.prefix_attention(*case.tensors)
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not CUDA:
+        with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+            fastprompt.prefix_attention(*case.tensors)
+    if _expected_here("triton"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        with pytest.raises(BackendUnavailableError, match="does not support float64"):
+            fastprompt.prefix_attention(*[x.double() for x in case.tensors], **case.options)
+
+
+def _bad(**changes):
+    case = make_case(B=2, Hq=4, Hkv=2, T=3, S=5, P=4, N=2)
+    args = dict(zip(["q", "k", "v", "prefix_k", "prefix_v"], case.tensors, strict=True))
+    args["prefix_index"] = torch.tensor([0, 1])
+    args.update(changes)
+    return args
+
+
+BAD_INPUTS = [
+    ({"q": torch.randn(2, 4, 3, 16)}, ValueError, "head dims differ"),
+    ({"q": torch.randn(2, 3, 3, 32)}, ValueError, "multiple of"),
+    (
+        {"k": torch.randn(2, 3, 5, 32), "v": torch.randn(2, 3, 5, 32)},
+        ValueError,
+        "prefix_k has 2 heads but k has Hkv=3",
+    ),
+    ({"v": torch.randn(2, 2, 6, 32)}, ValueError, "k and v must have the same shape"),
+    ({"k": torch.randn(2, 2, 2, 32), "v": torch.randn(2, 2, 2, 32)}, ValueError, "S >= T"),
+    ({"k": torch.randn(3, 2, 5, 32), "v": torch.randn(3, 2, 5, 32)}, ValueError, "k has batch size 3"),
+    ({"q": torch.randn(2, 4, 32)}, ValueError, "q must have 4 dimensions"),
+    ({"q": [1.0]}, TypeError, "q must be a torch.Tensor"),
+    ({"q": torch.ones(2, 4, 3, 32, dtype=torch.int32)}, TypeError, "q must be float16, bfloat16, float32 or float64"),
+    ({"k": torch.randn(2, 2, 5, 32, dtype=torch.float64)}, TypeError, "k has dtype torch.float64"),
+    ({"prefix_index": torch.tensor([0, 2])}, ValueError, r"prefix_index values must be in \[-1, N\)"),
+    ({"prefix_index": torch.tensor([-2, 0])}, ValueError, r"prefix_index values must be in \[-1, N\)"),
+    ({"prefix_index": torch.tensor([0.0, 1.0])}, TypeError, "prefix_index must be an integer tensor"),
+    ({"prefix_index": torch.tensor([0, 1, 1])}, ValueError, r"prefix_index must have shape \[B\]"),
+    ({"prefix_index": None}, ValueError, "prefix_index is required"),
+    ({"prefix_lens": torch.tensor([4, 5])}, ValueError, r"prefix_lens values must be in \[0, P\]"),
+    ({"prefix_lens": torch.tensor([4])}, ValueError, r"prefix_lens must have shape \[N\]"),
+    (
+        {"key_padding_mask": torch.ones(2, 4, dtype=torch.bool)},
+        ValueError,
+        r"key_padding_mask must have shape \[B, S\]",
+    ),
+    ({"key_padding_mask": torch.ones(2, 5)}, TypeError, "key_padding_mask must be bool"),
+    ({"scale": -1.0}, ValueError, "scale must be a positive finite float"),
+    ({"dropout_p": 1.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
+    ({"causal": "yes"}, TypeError, "causal must be a bool"),
+]
+
+
+@pytest.mark.parametrize(("changes", "error", "message"), BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_input_is_rejected_with_a_clear_error(changes, error, message):
+    args = _bad(**changes)
+    tensors = [args.pop(name) for name in ["q", "k", "v", "prefix_k", "prefix_v"]]
+    with pytest.raises(error, match=message):
+        fastprompt.prefix_attention(*tensors, **args)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device to put tensors on two devices")
+def test_tensors_on_different_devices_are_rejected():
+    args = _bad(k=torch.randn(2, 2, 5, 32, device="cuda"))
+    tensors = [args.pop(name) for name in ["q", "k", "v", "prefix_k", "prefix_v"]]
+    with pytest.raises(ValueError, match="k is on cuda"):
+        fastprompt.prefix_attention(*tensors, **args)
+
+
+def test_index_on_another_device_is_rejected():
+    args = _bad(prefix_index=torch.tensor([0, 1], device="meta"))
+    tensors = [args.pop(name) for name in ["q", "k", "v", "prefix_k", "prefix_v"]]
+    with pytest.raises(ValueError, match="prefix_index is on meta but q is on cpu"):
+        fastprompt.prefix_attention(*tensors, **args)
