@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from fastprompt import _cpp
-from fastprompt.errors import BackendUnavailableError
 from fastprompt.naive import reference_prefix_attention
 
 # Absolute and relative tolerance per dtype, for out and for the five gradients.
@@ -168,7 +167,7 @@ def test_matches_float64_oracle(case: str, dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.double(), ref_out.detach(), atol=atol, rtol=rtol)
     # lse is float32 whatever the input dtype.
     torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=1e-5, rtol=1e-6)
-    for grad, (name, leaf) in zip(grads, leaves.items()):
+    for grad, (name, leaf) in zip(grads, leaves.items(), strict=True):
         assert grad.dtype == dtype and grad.shape == leaf.shape, name
         torch.testing.assert_close(grad.double(), leaf.grad, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
     assert not any(t.isnan().any() for t in (out, lse, *grads))
@@ -194,7 +193,7 @@ def test_prefix_gradient_is_deterministic() -> None:
     grad_out = torch.randn_like(out)
     first = _cpp.backward(grad_out, *x.values(), out, lse, True, 0.2, 0.0, 0)
     second = _cpp.backward(grad_out, *x.values(), out, lse, True, 0.2, 0.0, 0)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
