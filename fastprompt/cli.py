@@ -1,0 +1,253 @@
+"""The ``fastprompt`` command: ``fastprompt bench`` (how much faster, here) and ``fastprompt info``.
+
+Bad options end with one line, ``fastprompt: error: ...``, and exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from fastprompt import bench
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SHAPE_OPTIONS = ("hidden", "layers", "heads", "kv_heads", "vocab")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fastprompt: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _row_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in bench.ROWS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(bench.ROWS)}; got {text!r}"
+        )
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fastprompt",
+        description="fastprompt: fused kernels for prompt-based tuning on Hugging Face transformers.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,info}")
+
+    b = commands.add_parser(
+        "bench",
+        help="measure fastprompt against the naive PEFT path on this machine",
+        description=(
+            "Time one training step (prefix-tuning, P-tuning v2, P-tuning) and greedy generation with a "
+            "prefix-tuned adapter, on the naive PEFT path and after fastprompt.patch, in one run. "
+            "Without options: a small random-weight Llama model on CPU, a 1B-class one (bf16) on CUDA. "
+            "Prints a markdown table naming device, versions, commit and this command."
+        ),
+    )
+    b.add_argument(
+        "--methods",
+        type=_row_list,
+        default=bench.ROWS,
+        metavar="LIST",
+        help=f"comma-separated rows to measure, from {','.join(bench.ROWS)} (default: all)",
+    )
+    b.add_argument(
+        "--model",
+        type=Path,
+        metavar="PATH",
+        help="a local checkpoint directory (loaded with local_files_only=True) instead of random weights",
+    )
+    shape = b.add_argument_group("random-weight model shape (defaults depend on the device)")
+    shape.add_argument("--hidden", type=_positive_int, help="hidden size")
+    shape.add_argument("--layers", type=_positive_int, help="number of decoder layers")
+    shape.add_argument("--heads", type=_positive_int, help="attention heads")
+    shape.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA)")
+    shape.add_argument("--vocab", type=_positive_int, help="vocabulary size")
+    work = b.add_argument_group("work per call (defaults depend on the device)")
+    work.add_argument("--batch", type=_positive_int, help="batch size")
+    work.add_argument("--seq-len", type=_positive_int, help="tokens per row (training) or prompt length")
+    work.add_argument("--prefix-len", type=_positive_int, help="virtual tokens of each adapter")
+    work.add_argument("--new-tokens", type=_positive_int, help="tokens generated per row in the generate row")
+    work.add_argument("--dtype", choices=tuple(_DTYPES), help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    work.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present")
+    work.add_argument("--iters", type=_positive_int, help="timed calls per measurement (the median is reported)")
+    work.add_argument("--warmup", type=_non_negative_int, help="untimed calls before timing")
+    out = b.add_argument_group("output")
+    out.add_argument("--json", type=Path, metavar="PATH", help="write every figure, with environment, as JSON")
+    out.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    commands.add_parser(
+        "info",
+        help="which attention backends are available here, and why not",
+        description="Print versions, the device, and for each backend of the attention op whether it can run.",
+    )
+    return parser
+
+
+def _check_output_path(parser: argparse.ArgumentParser, option: str, path: Path | None) -> None:
+    if path is not None and not path.parent.is_dir():
+        parser.error(f"{option} {path}: directory {path.parent} does not exist")
+
+
+def _check_model_path(parser: argparse.ArgumentParser, path: Path) -> Path:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    if not (path / "config.json").is_file():
+        parser.error(f"--model {path}: not a local model directory (no config.json there)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        parser.error(f"--model {path}: no weights there (*.safetensors or *.bin)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        parser.error(f"--model {path}: cannot read its config: {first_line}")
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        parser.error(f"--model {path}: a {config.model_type} model has no causal language-model head")
+    return path.resolve()
+
+
+def bench_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bench.BenchConfig:
+    """The run that ``args`` ask for, with the device's defaults filled in; bad options end in parser.error."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA GPU is available (torch {torch.__version__})")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    defaults = bench.DEFAULTS[device.type]
+
+    given_shape = [f"--{name.replace('_', '-')}" for name in _SHAPE_OPTIONS if getattr(args, name) is not None]
+    if args.model is not None:
+        if given_shape:
+            parser.error(f"{', '.join(given_shape)} cannot be combined with --model (the checkpoint has a shape)")
+        model: bench.ModelShape | Path = _check_model_path(parser, args.model)
+    else:
+        model = bench.ModelShape(
+            **{name: getattr(args, name) or getattr(defaults["shape"], name) for name in _SHAPE_OPTIONS}
+        )
+        try:
+            model.check()
+        except ValueError as exc:
+            parser.error(f"model shape: {exc}")
+
+    _check_output_path(parser, "--json", args.json)
+    _check_output_path(parser, "--plot", args.plot)
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib, which is not installed: pip install 'fastprompt[plot]'")
+
+    def pick(name: str):
+        value = getattr(args, name)
+        return defaults[name] if value is None else value
+
+    return bench.BenchConfig(
+        rows=args.methods,
+        model=model,
+        batch=pick("batch"),
+        seq_len=pick("seq_len"),
+        prefix_len=pick("prefix_len"),
+        new_tokens=pick("new_tokens"),
+        dtype=defaults["dtype"] if args.dtype is None else _DTYPES[args.dtype],
+        device=device,
+        iters=pick("iters"),
+        warmup=pick("warmup"),
+    )
+
+
+def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
+    from tqdm import tqdm
+
+    config = bench_config(parser, args)
+    bar = tqdm(
+        total=bench.steps(config),
+        file=sys.stderr,
+        disable=args.quiet or not sys.stderr.isatty(),
+        bar_format="{desc:<28} {bar} {n_fmt}/{total_fmt} [{elapsed}]",
+        leave=False,
+    )
+
+    stages_begun = 0
+
+    def progress(stage: str) -> None:
+        nonlocal stages_begun
+        bar.update(min(stages_begun, 1))
+        stages_begun += 1
+        bar.set_description_str(stage)
+
+    with bar, warnings.catch_warnings():
+        # Deprecation notices that transformers and peft raise at each other are not ours to show.
+        warnings.simplefilter("ignore", FutureWarning)
+        result = bench.run(config, progress)
+        bar.update(1)
+
+    print(bench.format_markdown(result, command), end="")
+    if args.json is not None:
+        args.json.write_text(json.dumps(bench.to_json(result, command), indent=2) + "\n")
+    if args.plot is not None:
+        bench.plot(result, args.plot)
+    return 0
+
+
+def _run_info() -> int:
+    from fastprompt.ops import available_backends
+
+    env = bench.environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items())
+    lines = [
+        f"versions: {versions}",
+        f"commit: {env['commit']}",
+        f"device: {env['device_type']} ({env['device']})",
+        f"FASTPROMPT_BACKEND: {env['backend']}",
+    ]
+    if sys.stderr.isatty():
+        print("checking backends (the first check compiles the C++ kernels)...", file=sys.stderr)
+    for device in ("cuda", "cpu"):
+        lines += ["", f"attention backends for {device} tensors:"]
+        for name, (ok, reason) in available_backends(device).items():
+            lines.append(f"  {name:<7} {'yes' if ok else 'no ':<4} {reason}")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastprompt`` console script and of ``python -m fastprompt``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _run_bench(parser, args, shlex.join(["fastprompt", *argv]))
+    return _run_info()
+
