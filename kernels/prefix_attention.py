@@ -28,6 +28,7 @@ every kernel derives the same keep mask from those counters, so backward never s
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -40,6 +41,21 @@ _MAX_SPLITS = 64
 # ----------------------------------------------------------------------------------------------------
 # Shared device helpers
 # ----------------------------------------------------------------------------------------------------
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr):
+        # The interpreter (triton 3.9) multiplies bf16 tiles as their raw uint16 bit patterns. Products of
+        # fp16/bf16 values are exact in fp32, so upcasting gives what the GPU's fp32 accumulation gives.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+
+else:
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr):
+        return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -80,7 +96,7 @@ def _dropout_keep(seed, row, col, dropout_p):
 def _softmax_step(acc, l_i, m_i, q, k, v, vis, drop_row, drop_col, seed, dropout_p, qk_scale,
                   DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax update of (acc, l_i, m_i) with a [BLOCK_N, BLOCK_D] key/value tile."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key keeps m = -inf; subtracting 0 then avoids exp2(-inf + inf).
@@ -92,7 +108,7 @@ def _softmax_step(acc, l_i, m_i, q, k, v, vis, drop_row, drop_col, seed, dropout
     if DROPOUT:
         keep = _dropout_keep(seed, drop_row[:, None], drop_col[None, :], dropout_p)
         p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, l_i, m_new
 
 
@@ -306,14 +322,14 @@ def _row_stats(Lse, Delta, rows, m_ok):
 def _dq_step(dq, q, do, lse2, delta, k, v, vis, drop_row, drop_col, seed, dropout_p, qk_scale,
              DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """dq += dS @ K for one key tile (dS without the final `scale`, applied once at the end)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
     p = tl.exp2(tl.where(vis, s, float("-inf")) - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = _dot(do, tl.trans(v), PRECISION)
     if DROPOUT:
         keep = _dropout_keep(seed, drop_row[:, None], drop_col[None, :], dropout_p)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq + _dot(ds.to(k.dtype), k, PRECISION)
 
 
 @triton.jit
@@ -394,19 +410,19 @@ def _dkdv_from_queries(
         q = _load_rows(q_base, offs_m * sqt, m_ok, offs_d, d_ok, sqd)
         do = _load_rows(do_base, offs_m * sdt, m_ok, offs_d, d_ok, sdd)
         lse2, delta = _row_stats(Lse, Delta, row0 + offs_m, m_ok)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
         vis = _visible(offs_m[None, :], m_ok[None, :], key_ok[:, None], key_pos[:, None], shift, CAUSAL)
         p_t = tl.exp2(tl.where(vis, s_t, float("-inf")) - lse2[None, :])
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dp_t = _dot(v, tl.trans(do), PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, (row0 + offs_m)[None, :], drop_col[:, None], dropout_p)
             p_kept = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
             dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
         else:
             p_kept = p_t
-        dv += tl.dot(p_kept.to(do.dtype), do, input_precision=PRECISION)
+        dv += _dot(p_kept.to(do.dtype), do, PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     return dk, dv
 
 

@@ -1,0 +1,316 @@
+"""The triton backend's kernels (``fastprompt.kernels.prefix_attention``) against the float64 oracle.
+
+Kernel-level: ``forward``/``backward`` and the two forward paths are called directly with the inputs
+ops.py would hand them. The op-level tests over every backend live in tests/test_prefix_attention.py.
+Without CUDA this runs the kernels under ``TRITON_INTERPRET=1`` on CPU tensors: shapes stay tiny.
+Set ``FASTPROMPT_TEST_SEED`` to replay a run (each test prints the seed it used).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels' module is imported
+
+from fastprompt.kernels import prefix_attention as kernels  # noqa: E402
+
+from fastprompt.naive import reference_prefix_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (atol, rtol) against the float64 oracle run on the same (rounded) inputs. Low precision: P is
+# rounded to the input dtype before P @ V, and outputs are stored in it.
+FWD_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+GRAD_TOL = {torch.float32: (5e-5, 5e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 4e-2)}
+DTYPES = list(FWD_TOL)
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    Hq: int
+    Hkv: int
+    T: int
+    S: int
+    P: int
+    N: int
+    D: int
+    prefix_index: tuple[int, ...]
+    prefix_lens: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...] | None  # per row: (left, right) padded key count
+    causal: bool
+
+
+CASES = {
+    # MQA (4 query heads on 1 kv head), ragged bank, a row without prefix, left and right padding.
+    "mqa_pad_ragged": Case(3, 4, 1, 7, 11, 5, 2, 32, (1, -1, 1), (3, 5), ((3, 0), (0, 0), (0, 4)), True),
+    # Head dim 80 (padded to 128), P = 17 across two key tiles, a repeated and an unused bank row.
+    "bidir_d80": Case(3, 2, 2, 9, 9, 17, 3, 80, (2, 0, 2), (17, 0, 9), None, False),
+    # P = 0; row 1 fully padded and prefix-less, row 0 left-padded: queries with nothing to attend to.
+    "empty_rows_p0": Case(2, 4, 2, 5, 5, 0, 1, 32, (0, -1), (0,), ((2, 0), (5, 0)), True),
+    # One query against 30 key columns: the decode path splits them over two programs.
+    "decode_t1": Case(2, 4, 2, 1, 13, 17, 2, 32, (1, 1), (17, 6), ((0, 0), (4, 0)), True),
+    # T > 16 (the general forward): two query tiles, causal tiles skipped.
+    "long_t": Case(1, 2, 1, 17, 20, 5, 1, 32, (0,), (5,), ((0, 2),), True),
+}
+
+
+@pytest.fixture(scope="session")
+def session_seed() -> int:
+    return int(os.environ.get("FASTPROMPT_TEST_SEED", secrets.randbelow(2**31)))
+
+
+@pytest.fixture
+def gen(session_seed: int, request: pytest.FixtureRequest) -> torch.Generator:
+    print(f"FASTPROMPT_TEST_SEED={session_seed}")
+    return torch.Generator().manual_seed(session_seed + zlib.crc32(request.node.name.encode()))
+
+
+def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+
+def make_inputs(case: Case, dtype: torch.dtype, gen: torch.Generator) -> dict:
+    """Keyword arguments of the kernels' ``forward`` (all but causal/scale/dropout/seed)."""
+    kpm = None
+    if case.padding is not None:
+        kpm = torch.ones(case.B, case.S, dtype=torch.bool)
+        for b, (left, right) in enumerate(case.padding):
+            kpm[b, :left] = False
+            kpm[b, case.S - right :] = False
+        kpm = kpm.to(DEVICE)
+    return dict(
+        q=_randn(gen, case.B, case.Hq, case.T, case.D, dtype=dtype),
+        k=_randn(gen, case.B, case.Hkv, case.S, case.D, dtype=dtype),
+        v=_randn(gen, case.B, case.Hkv, case.S, case.D, dtype=dtype),
+        prefix_k=_randn(gen, case.N, case.Hkv, case.P, case.D, dtype=dtype),
+        prefix_v=_randn(gen, case.N, case.Hkv, case.P, case.D, dtype=dtype),
+        prefix_index=torch.tensor(case.prefix_index, dtype=torch.int32, device=DEVICE),
+        prefix_lens=torch.tensor(case.prefix_lens, dtype=torch.int32, device=DEVICE),
+        key_padding_mask=kpm,
+    )
+
+
+def run_forward(fn, inputs: dict, causal: bool, dropout_p: float = 0.0, seed: int = 0):
+    scale = inputs["q"].shape[-1] ** -0.5
+    return fn(**inputs, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+
+
+def run_backward(grad_out, inputs: dict, out, lse, causal: bool, dropout_p: float = 0.0, seed: int = 0):
+    scale = inputs["q"].shape[-1] ** -0.5
+    return kernels.backward(grad_out, **inputs, out=out, lse=lse, causal=causal, scale=scale,
+                            dropout_p=dropout_p, seed=seed)
+
+
+def reference(inputs: dict, causal: bool, requires_grad: bool = False):
+    """Oracle (out, lse) in float64 and the float64 leaves it was computed from."""
+    leaves = [inputs[n].detach().double().requires_grad_(requires_grad) for n in TENSORS]
+    out, lse = reference_prefix_attention(
+        *leaves, prefix_index=inputs["prefix_index"], prefix_lens=inputs["prefix_lens"],
+        key_padding_mask=inputs["key_padding_mask"], causal=causal,
+    )
+    return out, lse, leaves
+
+
+TENSORS = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: tuple[float, float], what: str) -> None:
+    atol, rtol = tol
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["general", "decode"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_forward_matches_reference(case: Case, path: str, dtype: torch.dtype, gen: torch.Generator) -> None:
+    inputs = make_inputs(case, dtype, gen)
+    fn = kernels._forward_general if path == "general" else kernels._forward_decode
+    out, lse = run_forward(fn, inputs, case.causal)
+    ref_out, ref_lse, _ = reference(inputs, case.causal)
+    assert out.dtype == dtype and out.shape == inputs["q"].shape
+    assert lse.dtype == torch.float32 and lse.shape == inputs["q"].shape[:3]
+    assert_close(out, ref_out, FWD_TOL[dtype], "out")
+    # lse is fp32 whatever the input dtype; rows with no visible key must be exactly -inf in both.
+    assert_close(lse, ref_lse, FWD_TOL[torch.float32], "lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_backward_matches_reference(case: Case, dtype: torch.dtype, gen: torch.Generator) -> None:
+    inputs = make_inputs(case, dtype, gen)
+    out, lse = run_forward(kernels.forward, inputs, case.causal)
+    grad_out = _randn(gen, *out.shape, dtype=dtype)
+    grads = run_backward(grad_out, inputs, out, lse, case.causal)
+
+    ref_out, _, leaves = reference(inputs, case.causal, requires_grad=True)
+    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
+    for name, grad, ref_grad, x in zip(TENSORS, grads, ref_grads, leaves, strict=True):
+        assert grad.dtype == dtype and grad.shape == x.shape, name
+        assert_close(grad, ref_grad, GRAD_TOL[dtype], f"d{name}")
+
+    # Bank positions no row reads get exactly zero, not just something small.
+    used = torch.zeros(case.N, case.P, dtype=torch.bool)
+    for idx in case.prefix_index:
+        if idx >= 0:
+            used[idx, : case.prefix_lens[idx]] = True
+    for grad in grads[3:]:
+        assert torch.all(grad.transpose(1, 2)[~used.to(DEVICE)] == 0)
+
+
+@pytest.mark.parametrize("T, expected", [(16, "_forward_decode"), (17, "_forward_general")])
+def test_forward_picks_decode_path_for_short_queries(
+    T: int, expected: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    for name in ("_forward_decode", "_forward_general"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=original: calls.append(_n) or _f(*a))
+    case = Case(1, 1, 1, T, T, 1, 1, 16, (0,), (1,), None, True)
+    inputs = make_inputs(case, torch.float32, gen)
+    out, _ = run_forward(kernels.forward, inputs, causal=True)
+    assert calls == [expected]
+    assert_close(out, reference(inputs, causal=True)[0], FWD_TOL[torch.float32], "out")
+
+
+def test_rows_with_nothing_visible_are_zero_and_finite(gen: torch.Generator) -> None:
+    case = CASES["empty_rows_p0"]
+    inputs = make_inputs(case, torch.float16, gen)
+    out, lse = run_forward(kernels.forward, inputs, case.causal)
+    grad_out = _randn(gen, *out.shape, dtype=torch.float16)
+    grads = run_backward(grad_out, inputs, out, lse, case.causal)
+    # Row 0 (two left-padded keys, causal, S == T): queries 0 and 1 see nothing; row 1 sees nothing.
+    empty = torch.zeros(case.B, case.T, dtype=torch.bool, device=DEVICE)
+    empty[0, :2] = True
+    empty[1] = True
+    empty = empty[:, None, :].expand(case.B, case.Hq, case.T)
+    assert torch.all(out[empty] == 0) and torch.all(lse[empty] == float("-inf"))
+    assert torch.all(torch.isfinite(out)) and torch.all(torch.isfinite(lse[~empty]))
+    assert all(torch.all(torch.isfinite(g)) for g in grads)
+    assert torch.all(grads[0][empty] == 0)
+
+
+def restride(x: torch.Tensor) -> torch.Tensor:
+    """The values of ``x`` [A, H, L, D] in storage laid out [A, L, H, D + 3] (transposed, rows apart)."""
+    storage = torch.empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3] + 3, dtype=x.dtype, device=x.device)
+    view = storage.transpose(1, 2)[..., : x.shape[3]]
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("path", ["general", "decode"])
+def test_noncontiguous_inputs_match_contiguous(path: str, gen: torch.Generator) -> None:
+    case = CASES["mqa_pad_ragged"]
+    dense = make_inputs(case, torch.float32, gen)
+    strided = {name: restride(x) if name in TENSORS else x for name, x in dense.items()}
+    fn = kernels._forward_general if path == "general" else kernels._forward_decode
+    out, lse = run_forward(fn, dense, case.causal)
+    out_s, lse_s = run_forward(fn, strided, case.causal)
+    torch.testing.assert_close(out_s, out, atol=0, rtol=0)
+    torch.testing.assert_close(lse_s, lse, atol=0, rtol=0)
+
+    # A broadcast gradient (stride 0, as from out.sum()) and a transposed one.
+    for grad_out in (_randn(gen, 1, 1, 1, case.D).expand_as(out), restride(_randn(gen, *out.shape))):
+        grads = run_backward(grad_out.contiguous(), dense, out, lse, case.causal)
+        grads_s = run_backward(grad_out, strided, restride(out), lse, case.causal)
+        for name, g, g_s in zip(TENSORS, grads, grads_s, strict=True):
+            torch.testing.assert_close(g_s, g, atol=0, rtol=0, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_large_logits_do_not_overflow(dtype: torch.dtype, gen: torch.Generator) -> None:
+    case = CASES["mqa_pad_ragged"]
+    inputs = make_inputs(case, dtype, gen)
+    for name in ("q", "k", "prefix_k"):
+        inputs[name] = inputs[name] * 20  # logits of several hundred: exp() overflows fp16 and fp32
+    for fn in (kernels._forward_general, kernels._forward_decode):
+        out, lse = run_forward(fn, inputs, case.causal)
+        ref_out, ref_lse, _ = reference(inputs, case.causal)
+        assert_close(out, ref_out, FWD_TOL[dtype], "out")
+        assert_close(lse, ref_lse, (1e-3, 1e-5), "lse")  # |lse| ~ 1e3: fp32 resolution
+    grad_out = _randn(gen, *out.shape, dtype=dtype)
+    grads = run_backward(grad_out, inputs, out, lse, case.causal)
+    ref_out, _, leaves = reference(inputs, case.causal, requires_grad=True)
+    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
+    for name, grad, ref_grad in zip(TENSORS, grads, ref_grads, strict=True):
+        # dq = scale * dS @ K (and dk alike) with |K| ~ 20: its rounding error grows with that factor even
+        # where softmax saturates and the exact gradient cancels to ~0, so compare in units of it.
+        unit = 20.0 if name in ("q", "k", "prefix_k") else 1.0
+        assert_close(grad / unit, ref_grad / unit, GRAD_TOL[dtype], f"d{name}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------------------------------
+
+DROPOUT_CASE = CASES["mqa_pad_ragged"]
+
+
+def test_dropout_is_deterministic_and_paths_agree(gen: torch.Generator) -> None:
+    inputs = make_inputs(DROPOUT_CASE, torch.float32, gen)
+    args = dict(causal=True, dropout_p=0.3, seed=1234)
+    out_a, lse_a = run_forward(kernels._forward_general, inputs, **args)
+    out_b, _ = run_forward(kernels._forward_general, inputs, **args)
+    torch.testing.assert_close(out_b, out_a, atol=0, rtol=0)
+    # The decode path draws the same mask: same (b, hq, t, column) -> same keep decision.
+    out_d, lse_d = run_forward(kernels._forward_decode, inputs, **args)
+    assert_close(out_d, out_a, FWD_TOL[torch.float32], "decode vs general out")
+    # lse is that of the un-dropped probabilities.
+    assert_close(lse_a, reference(inputs, causal=True)[1], FWD_TOL[torch.float32], "lse")
+    out_c, _ = run_forward(kernels._forward_general, inputs, causal=True, dropout_p=0.3, seed=1235)
+    assert not torch.allclose(out_c, out_a)
+
+
+@pytest.mark.parametrize("path", ["general", "decode"])
+def test_dropout_keeps_one_minus_p_and_rescales(path: str, gen: torch.Generator) -> None:
+    # One-hot values (prefix column j -> e_j, sequence column s -> e_{P+s}) make out[..., c] the
+    # dropped, rescaled probability of column c.
+    case = Case(2, 4, 2, 16, 16, 5, 1, 32, (0, 0), (5, 5), None, False)
+    inputs = make_inputs(case, torch.float32, gen)
+    cols = case.P + case.S
+    eye = torch.eye(case.D, device=DEVICE)
+    inputs["prefix_v"] = eye[: case.P].expand(case.N, case.Hkv, case.P, case.D)
+    inputs["v"] = eye[case.P : cols].expand(case.B, case.Hkv, case.S, case.D)
+    p = 0.3
+    fn = kernels._forward_general if path == "general" else kernels._forward_decode
+    out, _ = run_forward(fn, inputs, causal=False, dropout_p=p, seed=99)
+    probs = reference(inputs, causal=False)[0][..., :cols]
+    out = out[..., :cols]
+    kept = out != 0
+    assert torch.all(probs > 0)  # every column visible, so a zero can only be a drop
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.04  # 2048 draws: ~5 standard deviations
+    assert_close(out[kept], probs[kept] / (1 - p), FWD_TOL[torch.float32], "kept probabilities")
+
+
+def test_dropout_backward_uses_the_forward_mask(gen: torch.Generator) -> None:
+    case = DROPOUT_CASE
+    inputs = make_inputs(case, torch.float32, gen)
+    args = dict(causal=case.causal, dropout_p=0.25, seed=4321)
+    out, lse = run_forward(kernels.forward, inputs, **args)
+    grad_out = _randn(gen, *out.shape)
+    dq, dk, dv, dpk, dpv = run_backward(grad_out, inputs, out, lse, **args)
+
+    # For a fixed mask, out is linear in (v, prefix_v): <grad_out, out> = <dv, v> + <dprefix_v, prefix_v>.
+    lhs = (grad_out.double() * out.double()).sum()
+    rhs = (dv.double() * inputs["v"].double()).sum() + (dpv.double() * inputs["prefix_v"].double()).sum()
+    assert_close(rhs, lhs, (1e-4, 1e-5), "<dv, v> + <dprefix_v, prefix_v>")
+
+    # Directional derivative along random (u_q, u_k, u_prefix_k), central differences in fp32.
+    directions = {name: _randn(gen, *inputs[name].shape) for name in ("q", "k", "prefix_k")}
+    eps = 1e-2
+
+    def loss(sign: float) -> float:
+        moved = {**inputs, **{n: inputs[n] + sign * eps * u for n, u in directions.items()}}
+        return (grad_out.double() * run_forward(kernels.forward, moved, **args)[0].double()).sum().item()
+
+    numeric = (loss(1.0) - loss(-1.0)) / (2 * eps)
+    analytic = sum((g.double() * directions[n].double()).sum().item() for n, g in
+                   (("q", dq), ("k", dk), ("prefix_k", dpk)))
+    assert abs(numeric - analytic) <= 2e-3 * max(1.0, abs(analytic))
