@@ -1,0 +1,275 @@
+"""Kernel benchmark: ``fastprompt.prefix_attention`` against the naive PEFT path, one dimension at a time.
+
+Usage::
+
+    python benchmarks/bench_attention.py [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+                                         [--iters N] [--csv PATH]
+
+Prints a markdown table (device, date, versions, commit and the command on top, so the output can be
+committed under ``benchmarks/results/``): forward and forward+backward median time and peak memory of
+fastprompt (backend ``auto``, or ``FASTPROMPT_BACKEND``) and of :func:`fastprompt.naive.naive_prefix_attention`
+(expand the prefix per row, ``torch.cat`` onto K/V, 4-D mask, SDPA), swept over the sequence length T,
+then over the prefix length P, plus the decode case (one new token, one prefix shared by the batch).
+On CUDA it adds SDPA's flash kernel without any prefix as a speed-of-light reference in TFLOP/s.
+
+The case builders (:func:`default_cases`, :func:`make_inputs`, :func:`fastprompt_call`,
+:func:`naive_call`) are reused by ``benchmarks/test_bench_attention.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+import fastprompt
+from fastprompt.bench import environment
+from fastprompt.benchutil import Measurement, measure
+from fastprompt.naive import naive_prefix_attention
+
+MODES = ("forward", "forward+backward")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention problem: q [B, Hq, T, D]; k, v [B, Hkv, S, D]; a bank of one prefix [1, Hkv, P, D]."""
+
+    sweep: str  # which dimension this row varies: "T", "P" or "decode"
+    B: int
+    Hq: int
+    Hkv: int
+    T: int
+    S: int
+    P: int
+    D: int
+    causal: bool = True
+
+    @property
+    def label(self) -> str:
+        return {"T": f"T={self.T}", "P": f"P={self.P}"}.get(
+            self.sweep, f"decode B={self.B} S={self.S} P={self.P}"
+        )
+
+    @property
+    def trains(self) -> bool:
+        """Decode is inference only."""
+        return self.sweep != "decode"
+
+    def attended_pairs(self, with_prefix: bool = True) -> int:
+        """(query, key) pairs that carry weight, per head and batch row (the useful work)."""
+        offset = self.S - self.T
+        sequence = sum(min(self.S, offset + t + 1) for t in range(self.T)) if self.causal else self.T * self.S
+        return sequence + (self.T * self.P if with_prefix else 0)
+
+    def flops(self, with_prefix: bool = True) -> float:
+        """Useful forward FLOPs: two matmuls of 2 * D per attended pair (backward counts 2.5x this)."""
+        return 4.0 * self.B * self.Hq * self.D * self.attended_pairs(with_prefix)
+
+
+def base_case(device: str) -> Case:
+    """The case both sweeps start from (and the TFLOP/s comparison on CUDA)."""
+    if device == "cuda":
+        return Case("T", B=8, Hq=32, Hkv=8, T=2048, S=2048, P=128, D=128)
+    return Case("T", B=4, Hq=8, Hkv=2, T=512, S=512, P=64, D=64)
+
+
+def decode_case(device: str) -> Case:
+    """One new token per row against a KV cache, one long prefix shared by the whole batch."""
+    if device == "cuda":
+        return Case("decode", B=32, Hq=32, Hkv=8, T=1, S=1024, P=1024, D=128)
+    return Case("decode", B=32, Hq=8, Hkv=2, T=1, S=64, P=1024, D=64)
+
+
+def default_cases(device: str) -> list[Case]:
+    """The T sweep, the P sweep (both from :func:`base_case`), and :func:`decode_case`."""
+    base = base_case(device)
+    t_values, p_values = ((512, 1024, 2048, 4096), (32, 128, 512, 2048)) if device == "cuda" else (
+        (128, 256, 512, 1024), (16, 64, 256, 1024))
+    return [
+        *(replace(base, sweep="T", T=t, S=t) for t in t_values),
+        *(replace(base, sweep="P", P=p) for p in p_values),
+        decode_case(device),
+    ]
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str, requires_grad: bool) -> dict[str, torch.Tensor]:
+    """Random q, k, v and a one-prefix bank, as leaves when ``requires_grad``."""
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+    return {
+        "q": leaf(case.B, case.Hq, case.T, case.D),
+        "k": leaf(case.B, case.Hkv, case.S, case.D),
+        "v": leaf(case.B, case.Hkv, case.S, case.D),
+        "prefix_k": leaf(1, case.Hkv, case.P, case.D),
+        "prefix_v": leaf(1, case.Hkv, case.P, case.D),
+    }
+
+
+def fastprompt_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    return fastprompt.prefix_attention(**x, causal=case.causal)
+
+
+def naive_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    return naive_prefix_attention(**x, causal=case.causal)
+
+
+def sdpa_flash_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SDPA's flash kernel on the sequence alone (no prefix): the reference for achievable TFLOP/s."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=case.causal, enable_gqa=True)
+
+
+def timed(
+    call: Callable[[Case, dict[str, torch.Tensor]], torch.Tensor],
+    case: Case,
+    mode: str,
+    dtype: torch.dtype,
+    device: str,
+    warmup: int,
+    iters: int,
+) -> Measurement:
+    """Median time and peak memory of ``call`` on fresh inputs, forward only or forward+backward."""
+    x = make_inputs(case, dtype, device, requires_grad=mode != "forward")
+    if mode == "forward":
+
+        def step() -> torch.Tensor:
+            with torch.no_grad():
+                return call(case, x)
+
+    else:
+        grad_out = torch.randn(case.B, case.Hq, case.T, case.D, dtype=dtype, device=device)
+
+        def step() -> torch.Tensor:
+            out = call(case, x)
+            out.backward(grad_out)
+            return out
+
+    return measure(step, device=device, warmup=warmup, iters=iters)
+
+
+@dataclass(frozen=True)
+class Row:
+    case: Case
+    mode: str
+    fast: Measurement
+    naive: Measurement
+
+    def record(self) -> dict[str, object]:
+        return {
+            **asdict(self.case),
+            "mode": self.mode,
+            "fastprompt_ms": round(self.fast.ms, 4),
+            "naive_ms": round(self.naive.ms, 4),
+            "speedup": round(self.naive.ms / self.fast.ms, 3),
+            "fastprompt_peak_mib": round(self.fast.peak_mib, 3),
+            "naive_peak_mib": round(self.naive.peak_mib, 3),
+        }
+
+
+def run(cases: list[Case], dtype: torch.dtype, device: str, warmup: int, iters: int) -> list[Row]:
+    rows = []
+    for case in cases:
+        for mode in MODES if case.trains else MODES[:1]:
+            fast = timed(fastprompt_call, case, mode, dtype, device, warmup, iters)
+            naive = timed(naive_call, case, mode, dtype, device, warmup, iters)
+            rows.append(Row(case, mode, fast, naive))
+            print(f"  measured {case.label} {mode}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [
+        "| sweep | case | pass | fastprompt ms | naive ms | speedup "
+        "| fastprompt MiB | naive MiB | naive/fastprompt memory |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.case.sweep} | {row.case.label} | {row.mode} | {row.fast.ms:.2f} | {row.naive.ms:.2f} | "
+            f"{_ratio(row.naive.ms, row.fast.ms)} | {row.fast.peak_mib:.1f} | {row.naive.peak_mib:.1f} | "
+            f"{_ratio(row.naive.peak_mib, row.fast.peak_mib)} |"
+        )
+    return "\n".join(lines)
+
+
+def format_tflops(case: Case, dtype: torch.dtype, device: str, warmup: int, iters: int) -> str:
+    """Useful TFLOP/s of fastprompt (with prefix) and SDPA flash (no prefix) on the base case."""
+    lines = [
+        "| kernel | pass | ms | useful TFLOP/s |",
+        "|---|---|---:|---:|",
+    ]
+    kernels = (("fastprompt", fastprompt_call, True), ("SDPA flash, no prefix", sdpa_flash_call, False))
+    for name, call, with_prefix in kernels:
+        forward = timed(call, case, "forward", dtype, device, warmup, iters).ms
+        both = timed(call, case, "forward+backward", dtype, device, warmup, iters).ms
+        flops = case.flops(with_prefix)
+        for mode, ms, work in (("forward", forward, flops), ("backward", both - forward, 2.5 * flops)):
+            lines.append(f"| {name} | {mode} | {ms:.3f} | {work / ms / 1e9:.1f} |")
+    return "\n".join(lines)
+
+
+def header(device: str, dtype: torch.dtype, argv: list[str]) -> str:
+    env = environment(torch.device(device))
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    return "\n".join(
+        [
+            "# prefix attention: fastprompt vs naive PEFT path",
+            "",
+            f"- device: {env['device']}",
+            f"- date: {env['date']}",
+            f"- versions: {versions}",
+            f"- commit: {env['commit']}",
+            f"- backend: {env['backend']}, dtype: {str(dtype).removeprefix('torch.')}",
+            f"- command: `{shlex.join(['python', *argv])}`",
+            "",
+            "Median wall time per call; MiB = peak memory allocated during one call (fastprompt.benchutil).",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 3 cpu, 20 cuda)")
+    parser.add_argument("--csv", metavar="PATH", help="also write every row to this CSV file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    iters = args.iters or (20 if args.device == "cuda" else 3)
+
+    cases = default_cases(args.device)
+    rows = run(cases, dtype, args.device, args.warmup, iters)
+    print(header(args.device, dtype, ["benchmarks/bench_attention.py", *argv]))
+    print()
+    print(format_table(rows))
+    if args.device == "cuda":
+        print()
+        print(format_tflops(base_case(args.device), dtype, args.device, args.warmup, iters))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0].record()))
+            writer.writeheader()
+            writer.writerows(row.record() for row in rows)
+
+
+if __name__ == "__main__":
+    main()
