@@ -1,0 +1,147 @@
+"""Tiny random-weight models and PEFT prompt-learning adapters shared by the model tests and benchmarks.
+
+Every architecture is built from a config with a few dozen hidden units and two layers, so a forward
+takes milliseconds on CPU. Dropout is off everywhere so that train-mode runs are deterministic and
+patched and unpatched models can be compared bit for bit (up to the attention kernel's rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    BertConfig,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+    RobertaConfig,
+)
+
+VOCAB = 96
+PAD = 1  # RoBERTa's padding index; the same id pads every architecture
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")
+ENCODERS = ("bert", "roberta")
+ARCHITECTURES = DECODERS + ENCODERS
+METHODS = ("prefix_projection", "prefix", "p_tuning_mlp", "p_tuning_lstm", "prompt_tuning")
+TASKS = {
+    "causal_lm": (TaskType.CAUSAL_LM, AutoModelForCausalLM),
+    "seq_cls": (TaskType.SEQ_CLS, AutoModelForSequenceClassification),
+    "token_cls": (TaskType.TOKEN_CLS, AutoModelForTokenClassification),
+}
+
+
+def tiny_config(arch: str, *, gqa: bool = False, hidden: int = 32, layers: int = 2, heads: int = 4,
+                max_positions: int = 256) -> PretrainedConfig:
+    """A small config of ``arch``; ``gqa`` gives half as many key/value heads as query heads."""
+    kv_heads = heads // 2 if gqa else heads
+    common: dict[str, Any] = dict(
+        vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=2, eos_token_id=3, num_labels=3, classifier_dropout=0.0
+    )
+    if arch in ("llama", "mistral", "qwen2", "qwen3", "gemma"):
+        cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+               "gemma": GemmaConfig}[arch]
+        extra: dict[str, Any] = {"head_dim": hidden // heads}
+        if arch == "mistral":
+            extra["sliding_window"] = None
+        if arch in ("qwen2", "qwen3"):
+            extra["use_sliding_window"] = False
+        return cls(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, max_position_embeddings=max_positions, attention_dropout=0.0,
+            tie_word_embeddings=False, **extra, **common,
+        )
+    if gqa:
+        raise ValueError(f"{arch} has no grouped-query attention")
+    if arch == "gpt2":
+        return GPT2Config(
+            n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, **common,
+        )
+    if arch in ENCODERS:
+        cls = BertConfig if arch == "bert" else RobertaConfig
+        return cls(
+            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            max_position_embeddings=max_positions + PAD + 1, **common,
+        )
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+
+
+def tiny_model(arch: str, task: str = "causal_lm", *, gqa: bool = False, seed: int = 0,
+               attn_implementation: str = "sdpa", **config_kwargs: Any) -> PreTrainedModel:
+    """A randomly initialised ``arch`` model with the head of ``task`` (a key of :data:`TASKS`)."""
+    torch.manual_seed(seed)
+    config = tiny_config(arch, gqa=gqa, **config_kwargs)
+    return TASKS[task][1].from_config(config, attn_implementation=attn_implementation)
+
+
+def peft_config(method: str, task: str, *, num_virtual_tokens: int = 5, encoder_hidden: int = 48) -> Any:
+    """The PEFT config of ``method`` (one of :data:`METHODS`) for ``task``.
+
+    ``prefix_projection``: prefix tuning with its two-layer MLP; ``prefix``: P-tuning v2 / deep prompt
+    tuning (a learned K/V per layer); ``p_tuning_mlp`` / ``p_tuning_lstm``: P-tuning's prompt encoder;
+    ``prompt_tuning``: learned input embeddings.
+    """
+    task_type = TASKS[task][0]
+    if method in ("prefix_projection", "prefix"):
+        return PrefixTuningConfig(
+            task_type=task_type, num_virtual_tokens=num_virtual_tokens,
+            prefix_projection=method == "prefix_projection", encoder_hidden_size=encoder_hidden,
+        )
+    if method in ("p_tuning_mlp", "p_tuning_lstm"):
+        kind = PromptEncoderReparameterizationType.MLP if method == "p_tuning_mlp" else \
+            PromptEncoderReparameterizationType.LSTM
+        return PromptEncoderConfig(
+            task_type=task_type, num_virtual_tokens=num_virtual_tokens, encoder_reparameterization_type=kind,
+            encoder_hidden_size=encoder_hidden,
+        )
+    if method == "prompt_tuning":
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens)
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def tiny_peft_model(arch: str, method: str, task: str = "causal_lm", *, gqa: bool = False, seed: int = 0,
+                    num_virtual_tokens: int = 5, **config_kwargs: Any) -> Any:
+    """``tiny_model`` wrapped by PEFT with a freshly initialised ``method`` adapter."""
+    model = tiny_model(arch, task, gqa=gqa, seed=seed, **config_kwargs)
+    torch.manual_seed(seed + 1)
+    return get_peft_model(model, peft_config(method, task, num_virtual_tokens=num_virtual_tokens))
+
+
+def random_batch(batch: int, length: int, *, padding: str | None = None, task: str = "causal_lm",
+                 num_labels: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids, attention mask and labels; ``padding`` ``"left"``/``"right"`` shortens rows 1.. by 1, 2, ..."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, VOCAB, (batch, length), generator=gen)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(1, batch):
+        pad = min(row, length - 1) if padding else 0
+        if padding == "left":
+            attention_mask[row, :pad] = 0
+        elif padding == "right" and pad:
+            attention_mask[row, -pad:] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, PAD)
+    if task == "causal_lm":
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+    elif task == "seq_cls":
+        labels = torch.randint(0, num_labels, (batch,), generator=gen)
+    else:
+        labels = torch.randint(0, num_labels, (batch, length), generator=gen).masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
