@@ -24,10 +24,13 @@ Launchers take and return torch tensors; intermediates are float32. Kernels know
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ACT_CODES = {"none": 0, "tanh": 1, "relu": 2}
 
 
@@ -49,7 +52,7 @@ def _linear_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_gm, stride_gn, stride_cm, stride_cn,
     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
     ACT: tl.constexpr, DACT: tl.constexpr, ACCUMULATE: tl.constexpr, ROWSUM: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -74,7 +77,9 @@ def _linear_kernel(
         )
         if ROWSUM:
             row_sum += tl.sum(a.to(tl.float32), axis=1)
-        acc = tl.dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), acc, input_precision=INPUT_PRECISION)
+        a = a.to(COMPUTE_DTYPE).to(DOT_DTYPE)
+        b = b.to(COMPUTE_DTYPE).to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS2:
@@ -263,7 +268,11 @@ def linear(
         HAS_IDX=idx is not None, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
         ACT=ACT_CODES[act], DACT=ACT_CODES[dact], ACCUMULATE=accumulate, ROWSUM=rowsum_out is not None,
         COMPUTE_DTYPE=_compute_dtype(compute_dtype),
-        INPUT_PRECISION="ieee" if compute_dtype == torch.float32 else None,
+        # the interpreter's 16-bit dot is wrong (numpy has no bfloat16): round operands to the compute
+        # dtype, then multiply in fp32, which is exact for 16-bit products and accumulates in fp32 as the
+        # GPU's tensor cores do
+        DOT_DTYPE=tl.float32 if _INTERPRETED else _compute_dtype(compute_dtype),
+        INPUT_PRECISION="ieee" if compute_dtype == torch.float32 or _INTERPRETED else None,
         BLOCK_M=32, BLOCK_N=64, BLOCK_K=32,
     )
     return out

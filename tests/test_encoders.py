@@ -1,0 +1,279 @@
+"""Fused prompt encoders against PEFT's modules: outputs and gradients of every encoder parameter.
+
+Reference: the PEFT module itself, deep-copied to float64 (independent of our kernels). Both backends run:
+the PyTorch path and the triton kernels (interpreted on CPU, hence tiny sizes).
+"""
+
+import copy
+
+import pytest
+import torch
+from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peft.tuners.p_tuning.model import PromptEncoder
+from peft.tuners.prefix_tuning.model import PrefixEncoder
+from peft.tuners.prompt_tuning.model import PromptEmbedding
+
+from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp
+from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "triton"]
+# fp32: elementwise (atol, rtol) against the float64 reference.
+FP32_TOL = (2e-5, 2e-5)
+# bf16: elementwise checks are meaningless where sums cancel (PEFT's own bf16 module is off by up to ~10 %
+# in relative L2 norm on some bias gradients here), so each output/gradient's relative L2 error against
+# float64 must be at most BF16_FACTOR x that of PEFT's bf16 module on the same inputs (floor BF16_FLOOR).
+# Measured worst ratio over 40 random cases: torch path 1.01, triton 1.61.
+BF16_FACTOR, BF16_FLOOR = 2.0, 1e-2
+
+
+def _prefix_mlp(P=6, token_dim=12, hidden=10, layers=2):
+    cfg = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, token_dim=token_dim, encoder_hidden_size=hidden,
+        prefix_projection=True, num_layers=layers, num_attention_heads=2, num_transformer_submodules=1,
+    )
+    return PrefixEncoder(cfg)
+
+
+def _p_tuning(kind, P=5, token_dim=12, hidden=10, num_layers=2, dropout=0.0):
+    cfg = PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, token_dim=token_dim, encoder_hidden_size=hidden,
+        encoder_reparameterization_type=kind, encoder_num_layers=num_layers, encoder_dropout=dropout,
+        num_transformer_submodules=1,
+    )
+    return PromptEncoder(cfg)
+
+
+ENCODERS = {
+    "prefix_mlp": lambda: _prefix_mlp(),
+    "ptuning_mlp": lambda: _p_tuning("MLP"),
+    "ptuning_lstm1": lambda: _p_tuning("LSTM", num_layers=1),
+    "ptuning_lstm2": lambda: _p_tuning("LSTM", num_layers=2, dropout=0.1),
+    # hidden 70 > one 64-wide tile: exercises the multi-tile recurrence loops
+    "ptuning_lstm_wide": lambda: _p_tuning("LSTM", P=3, token_dim=16, hidden=70, num_layers=1),
+}
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    # PEFT may zero-init the last layer; draw every parameter fresh so nothing is trivially zero
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+
+
+def _reference(encoder, tokens, grad_out):
+    ref = copy.deepcopy(encoder).double()
+    out = ref(tokens[None])[0]
+    grads = torch.autograd.grad(out, list(ref.parameters()), grad_out.double())
+    return out, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_encode_prompt_matches_peft(name, dtype, backend):
+    torch.manual_seed(hash((name, str(dtype), backend)) % 2**31)
+    encoder = ENCODERS[name]()
+    _randomize(encoder)
+    encoder = encoder.to(DEVICE, dtype).eval()
+    P = encoder.embedding.weight.shape[0]
+    tokens = torch.randperm(P, device=DEVICE)
+    out = encode_prompt(encoder, tokens, backend=backend)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(encoder.parameters()), grad_out)
+    ref_out, ref_grads = _reference(encoder, tokens, grad_out)
+
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert all(g.dtype == dtype for g in grads)
+    names = ["output", *(n for n, _ in encoder.named_parameters())]
+    if dtype == torch.float32:
+        atol, rtol = FP32_TOL
+        for name_, got, want in zip(names, [out, *grads], [ref_out, *ref_grads], strict=True):
+            scale = max(1.0, want.abs().max().item())
+            torch.testing.assert_close(
+                got.double(), want, atol=atol * scale, rtol=rtol, msg=lambda m, n=name_: f"{n}: {m}"
+            )
+        return
+    peft_out = encoder(tokens[None])[0]
+    peft_grads = torch.autograd.grad(peft_out, list(encoder.parameters()), grad_out)
+    for name_, got, peft, want in zip(
+        names, [out, *grads], [peft_out, *peft_grads], [ref_out, *ref_grads], strict=True
+    ):
+        err, peft_err = _rel_err(got, want), _rel_err(peft, want)
+        assert err <= BF16_FACTOR * max(peft_err, BF16_FLOOR), f"{name_}: rel err {err:.3g}, PEFT bf16 {peft_err:.3g}"
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+@pytest.mark.parametrize("dims", [(7, 5, 9), (7, 5, 11, 9)])
+def test_fused_mlp_against_float64(dims, act, backend):
+    torch.manual_seed(len(dims) * 10 + (act == "tanh"))
+    P = 5
+    x = torch.randn(P, dims[0], device=DEVICE, requires_grad=True)
+    weights = [torch.randn(o, i, device=DEVICE, requires_grad=True) for i, o in zip(dims[:-1], dims[1:], strict=True)]
+    biases = [torch.randn(w.shape[0], device=DEVICE, requires_grad=True) for w in weights]
+    out = fused_mlp(x, weights, biases, act, backend=backend)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *weights, *biases], g)
+
+    ref_in = [t.detach().double().requires_grad_() for t in [x, *weights, *biases]]
+    h = ref_in[0]
+    n = len(weights)
+    for i in range(n):
+        h = h @ ref_in[1 + i].t() + ref_in[1 + n + i]
+        if i < n - 1:
+            h = torch.tanh(h) if act == "tanh" else torch.relu(h)
+    ref_grads = torch.autograd.grad(h, ref_in, g.double())
+    torch.testing.assert_close(out.double(), h, atol=2e-5, rtol=2e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_lstm_input_gradient_and_odd_length(backend):
+    torch.manual_seed(3)
+    lstm = torch.nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True).to(DEVICE)
+    x = torch.randn(1, 7, 6, device=DEVICE, requires_grad=True)
+    layers = [[getattr(lstm, f"{k}_l{i}{s}") for s in ("", "_reverse") for k in
+               ("weight_ih", "weight_hh", "bias_ih", "bias_hh")] for i in range(2)]
+    out = fused_lstm(x[0], layers, backend=backend)
+    g = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, [x], g)
+    ref = copy.deepcopy(lstm).double()
+    x64 = x.detach().double().requires_grad_()
+    ref_out = ref(x64)[0][0]
+    (ref_dx,) = torch.autograd.grad(ref_out, [x64], g.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(dx[0].double(), ref_dx[0], atol=2e-5, rtol=2e-5)
+
+
+def test_lstm_dropout_applies_between_layers_in_training():
+    torch.manual_seed(4)
+    encoder = _p_tuning("LSTM", num_layers=2, dropout=0.5).to(DEVICE)
+    tokens = torch.arange(5, device=DEVICE)
+    encoder.eval()
+    with torch.no_grad():
+        clean = encode_prompt(encoder, tokens)
+        torch.testing.assert_close(clean, encoder(tokens[None])[0], atol=2e-5, rtol=2e-5)
+    encoder.train()
+    noisy = encode_prompt(encoder, tokens)
+    assert noisy.requires_grad and not torch.allclose(noisy, clean)
+
+
+def test_inference_mode_encoders_return_their_table():
+    torch.manual_seed(5)
+    for encoder in (
+        PrefixEncoder(PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, token_dim=8, num_layers=2,
+                                         num_attention_heads=2, prefix_projection=True, inference_mode=True)),
+        PromptEncoder(PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, token_dim=8,
+                                          encoder_hidden_size=8, inference_mode=True,
+                                          num_transformer_submodules=1)),
+        PromptEmbedding(PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, token_dim=8,
+                                           num_transformer_submodules=1), None),
+    ):
+        _randomize(encoder)
+        tokens = torch.tensor([2, 0, 3, 1])
+        torch.testing.assert_close(encode_prompt(encoder, tokens), encoder.embedding.weight[tokens], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Caching in eval / no-grad mode
+# ---------------------------------------------------------------------------------------------------
+
+
+def _peft_out(encoder, tokens):
+    with torch.no_grad():
+        return encoder(tokens[None])[0]
+
+
+@pytest.mark.parametrize("name", ["prefix_mlp", "ptuning_lstm2"])
+def test_cache_hit_and_invalidation(name):
+    torch.manual_seed(6)
+    encoder = ENCODERS[name]().to(DEVICE).eval()
+    _randomize(encoder)
+    tokens = torch.arange(encoder.embedding.weight.shape[0], device=DEVICE)
+    clear_encoder_cache()
+    with torch.no_grad():
+        first = encode_prompt(encoder, tokens)
+        assert encode_prompt(encoder, tokens) is first
+        assert encode_prompt(encoder, tokens.flip(0)) is not first
+
+    # an optimizer step changes the parameters in place
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    encode_prompt(encoder, tokens).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        stepped = encode_prompt(encoder, tokens)
+    assert not torch.allclose(stepped, first)
+    torch.testing.assert_close(stepped, _peft_out(encoder, tokens), atol=2e-5, rtol=2e-5)
+
+    # load_state_dict copies into the existing parameters
+    other = ENCODERS[name]().to(DEVICE)
+    _randomize(other)
+    encoder.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        loaded = encode_prompt(encoder, tokens)
+    torch.testing.assert_close(loaded, _peft_out(other.eval(), tokens), atol=2e-5, rtol=2e-5)
+
+    # a frozen encoder is cached even with grad mode on
+    encoder.requires_grad_(False)
+    assert encode_prompt(encoder, tokens) is encode_prompt(encoder, tokens)
+
+
+def test_no_cache_when_gradients_are_needed():
+    encoder = _prefix_mlp().eval()
+    tokens = torch.arange(6)
+    a, b = encode_prompt(encoder, tokens), encode_prompt(encoder, tokens)
+    assert a is not b and a.requires_grad and b.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    encoder = _prefix_mlp()
+    with pytest.raises(ValueError, match="prompt_tokens must be a 1-D integer tensor"):
+        encode_prompt(encoder, torch.arange(6)[None])
+    with pytest.raises(ValueError, match="prompt_tokens must be a 1-D int32/int64"):
+        encode_prompt(encoder, torch.arange(6).float())
+    with pytest.raises(ValueError, match=r"prompt_tokens values must lie in \[0, 6\)"):
+        encode_prompt(encoder, torch.tensor([0, 6]))
+    with pytest.raises(UnsupportedModelError, match="PEFT prompt encoder module"):
+        encode_prompt(torch.nn.Linear(2, 2), torch.arange(2))
+    bogus = torch.nn.Module()
+    bogus.embedding = torch.nn.Embedding(3, 2)
+    with pytest.raises(UnsupportedModelError, match="handles PEFT's PrefixEncoder"):
+        encode_prompt(bogus, torch.arange(3))
+    broken = _prefix_mlp()
+    broken.transform[1] = torch.nn.ReLU()
+    with pytest.raises(UnsupportedModelError, match=r"PrefixEncoder.transform must be"):
+        encode_prompt(broken, torch.arange(6))
+
+    x = torch.randn(3, 4)
+    w, b = [torch.randn(5, 4), torch.randn(2, 5)], [torch.randn(5), torch.randn(2)]
+    with pytest.raises(ValueError, match="act must be one of"):
+        fused_mlp(x, w, b, "gelu")
+    with pytest.raises(ValueError, match="2 or 3 of each"):
+        fused_mlp(x, w[:1], b[:1])
+    with pytest.raises(ValueError, match=r"layer 1: expected weight \[\*, 5\]"):
+        fused_mlp(x, [w[0], torch.randn(2, 4)], b)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_mlp(x, w, b, backend="cuda")
+    with pytest.raises(ValueError, match="layers must be a non-empty list"):
+        fused_lstm(x, [])
+    with pytest.raises(ValueError, match="dropout must be in"):
+        fused_lstm(x, [[torch.randn(8, 4)] * 8], dropout=1.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of a forced triton backend")
+def test_forced_triton_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError, match="backend triton cannot run"):
+        encode_prompt(_prefix_mlp(), torch.arange(6))
