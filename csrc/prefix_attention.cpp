@@ -305,15 +305,17 @@ bool mask_row(const Problem<scalar_t>& p, int64_t b, int64_t t, const KeyBlock& 
   return visible > 0;
 }
 
+enum KeyParts { kPrefixKeys = 1, kSequenceKeys = 2, kAllKeys = 3 };
+
 // Blocks of keys row b visits for queries up to t_last: prefix blocks then sequence blocks.
 template <typename scalar_t>
-std::vector<KeyBlock> key_blocks(const Problem<scalar_t>& p, int64_t b, int64_t t_last) {
+std::vector<KeyBlock> key_blocks(const Problem<scalar_t>& p, int64_t b, int64_t t_last, int parts = kAllKeys) {
   std::vector<KeyBlock> blocks;
-  const int64_t L = p.prefix_len(b);
+  const int64_t L = parts & kPrefixKeys ? p.prefix_len(b) : 0;
   for (int64_t s = 0; s < L; s += kBlockK) {
     blocks.push_back({true, s, std::min(kBlockK, L - s)});
   }
-  const int64_t s_end = p.causal ? std::min(p.S, p.S - p.T + t_last + 1) : p.S;
+  const int64_t s_end = !(parts & kSequenceKeys) ? 0 : p.causal ? std::min(p.S, p.S - p.T + t_last + 1) : p.S;
   for (int64_t s = 0; s < s_end; s += kBlockK) {
     const int64_t len = std::min(kBlockK, s_end - s);
     if (p.block_has_keys(b, s, len)) {
@@ -381,7 +383,8 @@ void pack_queries(const Rows<const scalar_t>& x, int64_t b, int64_t hkv, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: one item = (b, kv head, block of positions); online softmax over the key blocks.
+// Forward: one item = (batch rows sharing a bank row, kv head, block of positions); online softmax
+// over the key blocks.
 
 template <typename acc_t>
 struct ForwardScratch {
@@ -396,74 +399,124 @@ acc_t log_sum_exp(acc_t m, acc_t l) {
   return l > 0 ? m + std::log(l) : -std::numeric_limits<acc_t>::infinity();
 }
 
-// Running max m, sum l (natural-log units) and, with_values, the unnormalised output acc of the
-// rows (positions t0 .. t0 + tn) x (heads of kv group hkv), in (position, head) order.
+// Query rows attended together: `count` batch rows (sharing one bank row when count > 1) x positions
+// t0 .. t0 + tn x the heads of kv group hkv. Row r is batch[r / per_batch], position
+// t0 + (r % per_batch) / G, head hkv * G + r % G, with per_batch = tn * G.
+struct RowBlock {
+  const int64_t* batch;
+  int64_t count, hkv, t0, tn;
+};
+
+// Online-softmax update of rows r0 .. r1 of w with one key block of batch row b.
 template <typename scalar_t, typename acc_t>
-void attend(const Problem<scalar_t>& p, int64_t b, int64_t hkv, int64_t t0, int64_t tn, bool with_values,
-            ForwardScratch<acc_t>& w) {
+void attend_key_block(const Problem<scalar_t>& p, const RowBlock& rows, int64_t b, const KeyBlock& blk, int64_t r0,
+                      int64_t r1, bool with_values, ForwardScratch<acc_t>& w) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t D = p.D, G = p.G, M = tn * G;
-  pack_queries(p.q, b, hkv, G, t0, tn, D, static_cast<acc_t>(p.scale), w.qp.data());
-  std::fill(w.acc.begin(), w.acc.begin() + M * D, acc_t(0));
-  std::fill(w.m.begin(), w.m.begin() + M, neg_inf);
-  std::fill(w.l.begin(), w.l.begin() + M, acc_t(0));
+  const int64_t D = p.D, G = p.G, per_batch = rows.tn * G, hkv = rows.hkv;
+  const bool padded = !blk.prefix && p.block_has_padding(b, blk.start, blk.len);
+  const int64_t col0 = blk.prefix ? blk.start : p.P + blk.start;
+  pack_transposed(key_row(p, p.pk, p.k, b, hkv, blk), key_stride(p.pk, p.k, blk), blk.len, D, w.kt.data());
+  gemm<acc_t>(r1 - r0, blk.len, D, w.qp.data() + r0 * D, D, 1, w.kt.data(), kBlockK, w.s.data() + r0 * kBlockK,
+              kBlockK, false);
 
-  for (const KeyBlock& blk : key_blocks(p, b, t0 + tn - 1)) {
-    const scalar_t* krow = key_row(p, p.pk, p.k, b, hkv, blk);
-    const bool padded = !blk.prefix && p.block_has_padding(b, blk.start, blk.len);
-    const int64_t col0 = blk.prefix ? blk.start : p.P + blk.start;
-    pack_transposed(krow, key_stride(p.pk, p.k, blk), blk.len, D, w.kt.data());
-    gemm<acc_t>(M, blk.len, D, w.qp.data(), D, 1, w.kt.data(), kBlockK, w.s.data(), kBlockK, false);
-
-    for (int64_t r = 0; r < M; ++r) {
-      acc_t* srow = w.s.data() + r * kBlockK;
-      const int64_t t = t0 + r / G;
-      const acc_t row_block_max = mask_row(p, b, t, blk, padded, srow) ? row_max(srow, blk.len) : neg_inf;
-      const acc_t m_new = std::max(w.m[r], row_block_max);
-      if (m_new == neg_inf) {
-        std::fill(srow, srow + blk.len, acc_t(0));
-        continue;
-      }
-      const acc_t alpha = std::exp(w.m[r] - m_new);
-      w.l[r] = w.l[r] * alpha + exp_and_sum(srow, blk.len, acc_t(1), m_new);
-      w.m[r] = m_new;
-      if (with_values && alpha != acc_t(1)) {
-        scale_inplace(w.acc.data() + r * D, D, alpha);
-      }
-      if (with_values && p.dropout.active) {
-        const uint64_t key = p.dropout.row_key(b, hkv * G + r % G, t, p.Hq, p.T);
-        p.dropout.row_multipliers(key, col0, blk.len, w.mult.data());
-        for (int64_t j = 0; j < blk.len; ++j) {
-          srow[j] *= w.mult[j];
-        }
-      }
+  for (int64_t r = r0; r < r1; ++r) {
+    acc_t* srow = w.s.data() + r * kBlockK;
+    const int64_t t = rows.t0 + (r % per_batch) / G;
+    const acc_t row_block_max = mask_row(p, b, t, blk, padded, srow) ? row_max(srow, blk.len) : neg_inf;
+    const acc_t m_new = std::max(w.m[r], row_block_max);
+    if (m_new == neg_inf) {
+      std::fill(srow, srow + blk.len, acc_t(0));
+      continue;
     }
-    if (with_values) {
-      const scalar_t* vrow = key_row(p, p.pv, p.v, b, hkv, blk);
-      const auto [vp, ldvp] = rows_as_acc(vrow, key_stride(p.pv, p.v, blk), blk.len, D, w.vbuf.data());
-      gemm<acc_t>(M, D, blk.len, w.s.data(), kBlockK, 1, vp, ldvp, w.acc.data(), D, true);
+    const acc_t alpha = std::exp(w.m[r] - m_new);
+    w.l[r] = w.l[r] * alpha + exp_and_sum(srow, blk.len, acc_t(1), m_new);
+    w.m[r] = m_new;
+    if (with_values && alpha != acc_t(1)) {
+      scale_inplace(w.acc.data() + r * D, D, alpha);
+    }
+    if (with_values && p.dropout.active) {
+      const uint64_t key = p.dropout.row_key(rows.batch[r / per_batch], hkv * G + r % G, t, p.Hq, p.T);
+      p.dropout.row_multipliers(key, col0, blk.len, w.mult.data());
+      for (int64_t j = 0; j < blk.len; ++j) {
+        srow[j] *= w.mult[j];
+      }
     }
   }
+  if (with_values) {
+    const scalar_t* vrow = key_row(p, p.pv, p.v, b, hkv, blk);
+    const auto [vp, ldvp] = rows_as_acc(vrow, key_stride(p.pv, p.v, blk), blk.len, D, w.vbuf.data());
+    gemm<acc_t>(r1 - r0, D, blk.len, w.s.data() + r0 * kBlockK, kBlockK, 1, vp, ldvp, w.acc.data() + r0 * D, D,
+                true);
+  }
+}
+
+// Running max m, sum l (natural-log units) and, with_values, the unnormalised output acc of a RowBlock.
+// The shared prefix is attended by all its rows at once, so each prefix tile is packed once per block.
+template <typename scalar_t, typename acc_t>
+void attend(const Problem<scalar_t>& p, const RowBlock& rows, bool with_values, ForwardScratch<acc_t>& w) {
+  const int64_t D = p.D, per_batch = rows.tn * p.G, M = rows.count * per_batch, t_last = rows.t0 + rows.tn - 1;
+  for (int64_t i = 0; i < rows.count; ++i) {
+    pack_queries(p.q, rows.batch[i], rows.hkv, p.G, rows.t0, rows.tn, D, static_cast<acc_t>(p.scale),
+                 w.qp.data() + i * per_batch * D);
+  }
+  std::fill(w.acc.begin(), w.acc.begin() + M * D, acc_t(0));
+  std::fill(w.m.begin(), w.m.begin() + M, -std::numeric_limits<acc_t>::infinity());
+  std::fill(w.l.begin(), w.l.begin() + M, acc_t(0));
+  for (const KeyBlock& blk : key_blocks(p, rows.batch[0], t_last, kPrefixKeys)) {
+    attend_key_block(p, rows, rows.batch[0], blk, 0, M, with_values, w);
+  }
+  for (int64_t i = 0; i < rows.count; ++i) {
+    for (const KeyBlock& blk : key_blocks(p, rows.batch[i], t_last, kSequenceKeys)) {
+      attend_key_block(p, rows, rows.batch[i], blk, i * per_batch, (i + 1) * per_batch, with_values, w);
+    }
+  }
+}
+
+// Batch rows sorted by bank row (stable), so rows sharing a prefix are neighbours.
+std::vector<int64_t> rows_by_bank_row(const int32_t* prefix_index, int64_t B) {
+  std::vector<int64_t> rows(B);
+  for (int64_t b = 0; b < B; ++b) {
+    rows[b] = b;
+  }
+  std::stable_sort(rows.begin(), rows.end(), [&](int64_t x, int64_t y) { return prefix_index[x] < prefix_index[y]; });
+  return rows;
 }
 
 template <typename scalar_t>
 void forward_kernel(const Problem<scalar_t>& p, const Rows<scalar_t>& out, float* lse) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t D = p.D, G = p.G;
-  const int64_t positions = std::max<int64_t>(1, kBlockRows / G);
+  const int64_t positions = std::min(p.T, std::max<int64_t>(1, kBlockRows / G));
   const int64_t q_blocks = (p.T + positions - 1) / positions;
-  const int64_t items = p.B * p.Hkv * q_blocks;
+  // Few query rows per batch row (decode): attend several batch rows that share a bank row together,
+  // as long as that leaves at least two items per thread.
+  const int64_t parallel_cap = std::max<int64_t>(1, p.B * p.Hkv * q_blocks / (2 * at::get_num_threads()));
+  const int64_t max_group = std::min(std::max<int64_t>(1, kBlockRows / (positions * G)), parallel_cap);
+  const std::vector<int64_t> order = rows_by_bank_row(p.prefix_index, p.B);
+  std::vector<std::pair<int64_t, int64_t>> groups;  // (first index into order, count)
+  for (int64_t i = 0; i < p.B;) {
+    const int32_t n = p.prefix_index[order[i]];
+    int64_t count = 1;
+    while (n >= 0 && count < max_group && i + count < p.B && p.prefix_index[order[i + count]] == n) {
+      ++count;
+    }
+    groups.emplace_back(i, count);
+    i += count;
+  }
+  const int64_t max_rows = groups.empty() ? 0 : max_group * positions * G;
+  const int64_t items = static_cast<int64_t>(groups.size()) * p.Hkv * q_blocks;
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    ForwardScratch<acc_t> w(positions * G, D);
+    ForwardScratch<acc_t> w(max_rows, D);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (p.Hkv * q_blocks);
+      const auto [first, count] = groups[item / (p.Hkv * q_blocks)];
       const int64_t hkv = (item / q_blocks) % p.Hkv;
       const int64_t t0 = (item % q_blocks) * positions;
-      const int64_t tn = std::min(positions, p.T - t0);
-      attend(p, b, hkv, t0, tn, true, w);
-      for (int64_t r = 0; r < tn * G; ++r) {
-        const int64_t t = t0 + r / G, hq = hkv * G + r % G;
+      const RowBlock rows{order.data() + first, count, hkv, t0, std::min(positions, p.T - t0)};
+      attend(p, rows, true, w);
+      const int64_t per_batch = rows.tn * G;
+      for (int64_t r = 0; r < count * per_batch; ++r) {
+        const int64_t b = rows.batch[r / per_batch], t = t0 + (r % per_batch) / G, hq = hkv * G + r % G;
         scalar_t* dst = out.at(b, hq, t);
         const acc_t inv = w.l[r] > 0 ? acc_t(1) / w.l[r] : acc_t(0);
         for (int64_t d = 0; d < D; ++d) {
@@ -492,12 +545,7 @@ struct PrefixSlots {
 
 PrefixSlots plan_prefix_slots(const int32_t* prefix_index, int64_t B, int64_t Hkv, int64_t N, int64_t chunks) {
   PrefixSlots plan;
-  std::vector<int64_t> rows(B);
-  for (int64_t b = 0; b < B; ++b) {
-    rows[b] = b;
-  }
-  std::stable_sort(rows.begin(), rows.end(),
-                   [&](int64_t x, int64_t y) { return prefix_index[x] < prefix_index[y]; });
+  const std::vector<int64_t> rows = rows_by_bank_row(prefix_index, B);
   const int64_t items = B * Hkv;
   for (int64_t i = 0; i < items; ++i) {
     plan.order.push_back(rows[i / Hkv] * Hkv + i % Hkv);
@@ -569,7 +617,7 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
         // The float32 lse would cap fp64 gradients at ~1e-7 relative error: recompute it in fp64.
         for (int64_t t0 = 0; t0 < T; t0 += positions) {
           const int64_t tn = std::min(positions, T - t0);
-          attend(p, b, hkv, t0, tn, false, lse_scratch);
+          attend(p, RowBlock{&b, 1, hkv, t0, tn}, false, lse_scratch);
           for (int64_t r = 0; r < tn * G; ++r) {
             lse_rows[t0 * G + r] = log_sum_exp(lse_scratch.m[r], lse_scratch.l[r]);
           }

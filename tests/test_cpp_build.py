@@ -8,6 +8,7 @@ backward matches its dropout forward. The op-level matrix over all backends is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -141,7 +142,23 @@ CASES = {
                           prefix_lens=[9, 4], padded_keys=[0, 0], strided=False, causal=False),
     "no-prefix": dict(B=2, Hq=4, Hkv=1, T=5, S=9, N=1, P=0, D=16, prefix_index=[0, 0],
                       prefix_lens=[0], padded_keys=[2, 0], strided=False, causal=True),
+    # One token per row: rows sharing a bank row are attended together (see _one_thread).
+    "decode-shared-bank": dict(B=12, Hq=4, Hkv=2, T=1, S=6, N=3, P=40, D=32,
+                               prefix_index=[0, 1, 0, 0, -1, 1, 0, 0, 2, 0, 1, 0], prefix_lens=[40, 17, 0],
+                               padded_keys=[0, 2, 0, 0, 6, 0, 1, 0, 0, 0, 0, 3], strided=False, causal=True),
 }
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The forward groups batch rows that share a bank row only while that leaves work for every thread:
+    with one thread the decode cases always take the grouped path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
@@ -151,7 +168,8 @@ def test_matches_float64_oracle(case: str, dtype: torch.dtype) -> None:
     causal = spec.pop("causal")
     x = _inputs(dtype, **spec)
     scale = spec["D"] ** -0.5
-    out, lse = _cpp.forward(*x.values(), causal, scale, 0.0, 0)
+    with _one_thread():
+        out, lse = _cpp.forward(*x.values(), causal, scale, 0.0, 0)
 
     leaves = {name: x[name].detach().double().requires_grad_() for name in ("q", "k", "v", "prefix_k", "prefix_v")}
     ref_out, ref_lse = reference_prefix_attention(
@@ -217,29 +235,39 @@ class _FixedSeedDropout(torch.autograd.Function):
         return (*grads, None)
 
 
-def _dropout_inputs(dtype):
-    spec = dict(B=2, Hq=4, Hkv=2, T=3, S=5, N=2, P=4, D=8, prefix_index=[1, 1], prefix_lens=[2, 3],
-                padded_keys=[0, 1], strided=False)
-    x = _inputs(dtype, **spec)
+DROPOUT_SHAPES = {
+    "prefill": dict(B=2, Hq=4, Hkv=2, T=3, S=5, N=2, P=4, D=8, prefix_index=[1, 1], prefix_lens=[2, 3],
+                    padded_keys=[0, 1], strided=False),
+    "decode": dict(B=4, Hq=2, Hkv=1, T=1, S=3, N=2, P=5, D=4, prefix_index=[1, 0, 1, 1], prefix_lens=[2, 5],
+                   padded_keys=[0, 1, 0, 2], strided=False),
+}
+
+
+def _dropout_inputs(dtype, shape):
+    x = _inputs(dtype, **DROPOUT_SHAPES[shape])
     tensors = [x[n].requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
     return tensors, x
 
 
-def test_dropout_backward_is_the_gradient_of_dropout_forward() -> None:
-    tensors, x = _dropout_inputs(torch.float64)
+@pytest.mark.parametrize("shape", list(DROPOUT_SHAPES))
+def test_dropout_backward_is_the_gradient_of_dropout_forward(shape: str) -> None:
+    tensors, x = _dropout_inputs(torch.float64, shape)
     extras = (x["prefix_index"], x["prefix_lens"], x["key_padding_mask"], True, 0.35, 0.3, 1234)
-    assert torch.autograd.gradcheck(lambda *t: _FixedSeedDropout.apply(*t, extras), tensors)
+    with _one_thread():
+        assert torch.autograd.gradcheck(lambda *t: _FixedSeedDropout.apply(*t, extras), tensors)
 
 
+@pytest.mark.parametrize("shape", list(DROPOUT_SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_dropout_output_is_linear_in_values(dtype: torch.dtype) -> None:
+def test_dropout_output_is_linear_in_values(dtype: torch.dtype, shape: str) -> None:
     """For a fixed seed out = A(q, k) @ [prefix_v; v], so <grad_out, out> = <dv, v> + <dprefix_v, prefix_v>."""
-    tensors, x = _dropout_inputs(dtype)
+    tensors, x = _dropout_inputs(dtype, shape)
     args = (x["prefix_index"], x["prefix_lens"], x["key_padding_mask"], True, 0.35, 0.5, 99)
     q, k, v, prefix_k, prefix_v = (t.detach() for t in tensors)
-    out, lse = _cpp.forward(q, k, v, prefix_k, prefix_v, *args[:3], *args[3:])
-    again, _ = _cpp.forward(q, k, v, prefix_k, prefix_v, *args[:3], *args[3:])
-    other_seed, _ = _cpp.forward(q, k, v, prefix_k, prefix_v, *args[:3], *args[3:6], 100)
+    with _one_thread():
+        out, lse = _cpp.forward(q, k, v, prefix_k, prefix_v, *args)
+        again, _ = _cpp.forward(q, k, v, prefix_k, prefix_v, *args)
+        other_seed, _ = _cpp.forward(q, k, v, prefix_k, prefix_v, *args[:-1], 100)
     assert torch.equal(out, again) and not torch.equal(out, other_seed)
     grad_out = torch.randn_like(out)
     _, _, dv, _, dprefix_v = _cpp.backward(grad_out, q, k, v, prefix_k, prefix_v, *args[:3], out, lse, *args[3:])
