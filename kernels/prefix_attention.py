@@ -540,16 +540,17 @@ def _config(q: torch.Tensor, kernel: str) -> _Config:
     """
     if not q.is_cuda:
         return _Config(16, 16, 4, 1)
-    row_bytes = _block_d(q.shape[-1]) * q.element_size()  # one K/V row in shared memory
+    block_d = _block_d(q.shape[-1])
+    row_bytes = block_d * q.element_size()  # one K/V row in shared memory
     wide = row_bytes > 256  # fp16/bf16 with D > 128, or fp32 with D > 64
     huge = row_bytes > 512  # fp32 with D > 128
-    warps = 8 if _block_d(q.shape[-1]) >= 256 else 4
     stages = 1 if huge else 2
     if kernel in ("fwd", "decode"):
-        return _Config(32 if huge else 64, 32 if wide else 64, warps, stages)
+        return _Config(32 if huge else 64, 32 if wide else 64, 8 if block_d >= 256 else 4, stages)
     if kernel == "dq":
-        return _Config(32 if huge else 64, 16 if huge else 32, warps, stages)
-    return _Config(16 if huge else 32, 32 if wide else 64, 8 if wide else 4, stages)
+        return _Config(32 if huge else 64, 16 if huge else 32, 8 if block_d >= 256 else 4, stages)
+    # dk and dv accumulate in fp32 registers ([BLOCK_N, BLOCK_D] each): 8 warps from D = 128 on.
+    return _Config(16 if huge else 32, 32 if wide else 64, 8 if block_d >= 128 else 4, stages)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -576,6 +577,7 @@ def _common_args(
 ) -> tuple[list, torch.Tensor]:
     """Pointer arguments (Q, K, V, PK, PV, PI, PL) and the key-padding pointer (a dummy if None)."""
     assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), q.dtype
+    assert q.shape[-1] <= 256, "tiles are sized for head dims up to 256"
     assert prefix_index.dtype == torch.int32 and prefix_lens.dtype == torch.int32
     # bool viewed as uint8 (no copy): the same bytes, loaded as plain integers.
     kpm = prefix_index if key_padding_mask is None else key_padding_mask.view(torch.uint8)
