@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from fastprompt.encoders import encode_prompt
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.integration import ATTN_IMPLEMENTATION, PREFIX_KWARG, PrefixCache, PrefixKV
 
@@ -120,19 +121,11 @@ def _check_peft_model(model: Any) -> None:
             )
 
 
-def _encode(encoder: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """The prompt encoder run once, batch 1: [P] token ids -> [P, out_dim]."""
-    return encoder(tokens[None])[0]
-
-
 def _prompt_encoder_output(model: Any) -> torch.Tensor:
     """What PEFT's encoder yields for one batch row, computed once: [P, out_dim]."""
-    peft_config = model.active_peft_config
     encoder = model.prompt_encoder[model.active_adapter]
-    if peft_config.inference_mode:
-        return encoder.embedding.weight
-    tokens = model.prompt_tokens[model.active_adapter][: peft_config.num_virtual_tokens]
-    return _encode(encoder, tokens.to(encoder.embedding.weight.device))
+    tokens = model.prompt_tokens[model.active_adapter][: model.active_peft_config.num_virtual_tokens]
+    return encode_prompt(encoder, tokens.to(encoder.embedding.weight.device))
 
 
 def prefix_from_peft(model: Any) -> PrefixKV:
