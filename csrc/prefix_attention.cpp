@@ -27,6 +27,7 @@ using at::vec::Vectorized;
 
 constexpr int64_t kBlockK = 64;     // keys per block
 constexpr int64_t kBlockRows = 64;  // query rows (positions x heads of a group) per block
+constexpr int64_t kMaxKeySplits = 16;  // backward: most pieces the keys of one (b, kv head) are cut into
 
 template <typename T>
 struct AccType {
@@ -529,13 +530,16 @@ void forward_kernel(const Problem<scalar_t>& p, const Rows<scalar_t>& out, float
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: one item = (b, kv head) owns dq of its group and dk/dv of its sequence keys. Prefix
-// gradients go to partial buffers, one per (chunk of items, bank row): items are ordered by bank
-// row, so each chunk touches a few consecutive bank rows and the final sum runs in a fixed order
-// (deterministic for a given thread count) with memory ~ (bank rows used + threads) x [Hkv, P, D].
+// Backward: one item = (b, kv head, key split) owns dk/dv of its key blocks and accumulates dq of its
+// group. With at least as many (b, kv head) pairs as threads there is one split and an item owns its
+// dq too; otherwise the keys of a pair are split (balanced by attended queries) and the splits' dq are
+// summed afterwards. Prefix gradients go to partial buffers, one per (chunk of items, bank row): items
+// are ordered by bank row, so each chunk touches a few consecutive bank rows and the final sum runs in
+// a fixed order (deterministic for a given thread count) with memory ~ (bank rows used + threads) x
+// [Hkv, P, D].
 
 struct PrefixSlots {
-  std::vector<int64_t> order;       // item order: batch rows sorted by bank row, then kv head
+  std::vector<int64_t> order;       // items (b * Hkv + hkv) * splits + split, batch rows sorted by bank row
   std::vector<int64_t> chunk_start; // first item of each chunk (and the end)
   std::vector<int64_t> item_slot;   // slot of each ordered item (-1: the row has no prefix)
   std::vector<int64_t> first_slot;  // per bank row: its first slot and one past its last
@@ -543,12 +547,13 @@ struct PrefixSlots {
   int64_t slots = 0;
 };
 
-PrefixSlots plan_prefix_slots(const int32_t* prefix_index, int64_t B, int64_t Hkv, int64_t N, int64_t chunks) {
+PrefixSlots plan_prefix_slots(const int32_t* prefix_index, int64_t B, int64_t Hkv, int64_t splits, int64_t N,
+                              int64_t chunks) {
   PrefixSlots plan;
   const std::vector<int64_t> rows = rows_by_bank_row(prefix_index, B);
-  const int64_t items = B * Hkv;
+  const int64_t per_row = Hkv * splits, items = B * per_row;
   for (int64_t i = 0; i < items; ++i) {
-    plan.order.push_back(rows[i / Hkv] * Hkv + i % Hkv);
+    plan.order.push_back(rows[i / per_row] * per_row + i % per_row);
   }
   for (int64_t c = 0; c <= chunks; ++c) {
     plan.chunk_start.push_back(c * items / chunks);
@@ -559,7 +564,7 @@ PrefixSlots plan_prefix_slots(const int32_t* prefix_index, int64_t B, int64_t Hk
   for (int64_t c = 0; c < chunks; ++c) {
     int64_t current = -1;
     for (int64_t i = plan.chunk_start[c]; i < plan.chunk_start[c + 1]; ++i) {
-      const int32_t n = prefix_index[plan.order[i] / Hkv];
+      const int32_t n = prefix_index[plan.order[i] / per_row];
       if (n < 0) {
         continue;
       }
@@ -584,21 +589,41 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t D = p.D, G = p.G, T = p.T;
   const int64_t positions = std::max<int64_t>(1, kBlockRows / G);
-  const int64_t items = p.B * p.Hkv;
-  const int64_t chunks = std::min<int64_t>(items, at::get_num_threads());
-  const PrefixSlots plan = plan_prefix_slots(p.prefix_index, p.B, p.Hkv, N, chunks);
+  const int64_t pairs = p.B * p.Hkv, threads = at::get_num_threads();
+  const int64_t splits = std::min<int64_t>(kMaxKeySplits, (threads + pairs - 1) / pairs);
+  const int64_t items = pairs * splits;
+  const int64_t chunks = std::min<int64_t>(items, threads);
+  const PrefixSlots plan = plan_prefix_slots(p.prefix_index, p.B, p.Hkv, splits, N, chunks);
   const int64_t slot_size = p.Hkv * p.P * D;
   std::vector<acc_t> dk_slots(plan.slots * slot_size, acc_t(0)), dv_slots(plan.slots * slot_size, acc_t(0));
+  const int64_t dq_size = T * G * D;  // one (b, kv head) pair's dq, rows in (position, head) order
+  std::vector<acc_t> dq_parts(splits > 1 ? items * dq_size : 0);
   const acc_t scale = static_cast<acc_t>(p.scale);
+  // Queries before the diagonal of a sequence key block see none of it.
+  const auto first_query = [&](const KeyBlock& blk) {
+    return blk.prefix || !p.causal ? int64_t(0) : std::max<int64_t>(0, blk.start - (p.S - T));
+  };
+  const auto write_dq = [&](int64_t b, int64_t hkv, const acc_t* src) {
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t g = 0; g < G; ++g) {
+        scalar_t* dst = dq.at(b, hkv * G + g, t);
+        const acc_t* row = src + (t * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          dst[d] = static_cast<scalar_t>(row[d]);
+        }
+      }
+    }
+  };
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const int64_t max_rows = positions * G;
     std::vector<acc_t> kp(kBlockK * D), kt(D * kBlockK), vt(D * kBlockK), dk_blk(kBlockK * D),
         dv_blk(kBlockK * D), qp(max_rows * D), dop(max_rows * D), prob(max_rows * kBlockK),
-        dprob(max_rows * kBlockK), drop(max_rows * kBlockK), delta(T * G), lse_rows(T * G), dq_acc(T * G * D);
+        dprob(max_rows * kBlockK), drop(max_rows * kBlockK), delta(T * G), lse_rows(T * G), dq_acc(dq_size);
     ForwardScratch<acc_t> lse_scratch(std::is_same_v<acc_t, double> ? max_rows : 0, D);
     for (int64_t i = plan.chunk_start[chunk_begin]; i < plan.chunk_start[chunk_end]; ++i) {
-      const int64_t b = plan.order[i] / p.Hkv, hkv = plan.order[i] % p.Hkv;
+      const int64_t pair = plan.order[i] / splits, split = plan.order[i] % splits;
+      const int64_t b = pair / p.Hkv, hkv = pair % p.Hkv;
       // delta = rowsum(dO * O) equals sum_j P_ij dP_ij also under dropout.
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t g = 0; g < G; ++g) {
@@ -625,7 +650,19 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
       }
       std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
 
-      for (const KeyBlock& blk : key_blocks(p, b, T - 1)) {
+      const std::vector<KeyBlock> blocks = key_blocks(p, b, T - 1);
+      int64_t total_cost = 0, cost_before = 0;
+      for (const KeyBlock& blk : blocks) {
+        total_cost += T - first_query(blk);
+      }
+      for (const KeyBlock& blk : blocks) {
+        // A block belongs to the split holding the midpoint of its cost (queries attending it).
+        const int64_t cost = T - first_query(blk);
+        const int64_t owner = std::min(splits - 1, (2 * cost_before + cost) * splits / std::max<int64_t>(1, 2 * total_cost));
+        cost_before += cost;
+        if (owner != split) {
+          continue;
+        }
         const scalar_t* krow = key_row(p, p.pk, p.k, b, hkv, blk);
         const scalar_t* vrow = key_row(p, p.pv, p.v, b, hkv, blk);
         const int64_t ldk = key_stride(p.pk, p.k, blk), ldv = key_stride(p.pv, p.v, blk);
@@ -637,10 +674,7 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
         pack_transposed(vrow, ldv, n, D, vt.data());
         std::fill(dk_blk.begin(), dk_blk.end(), acc_t(0));
         std::fill(dv_blk.begin(), dv_blk.end(), acc_t(0));
-        // Queries before the diagonal of this key block see none of it.
-        const int64_t t_first = blk.prefix || !p.causal ? 0 : std::max<int64_t>(0, blk.start - (p.S - T));
-
-        for (int64_t t0 = t_first / positions * positions; t0 < T; t0 += positions) {
+        for (int64_t t0 = first_query(blk) / positions * positions; t0 < T; t0 += positions) {
           const int64_t tn = std::min(positions, T - t0);
           const int64_t M = tn * G;
           pack_queries(p.q, b, hkv, G, t0, tn, D, acc_t(1), qp.data());
@@ -702,17 +736,29 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
         }
       }
 
-      for (int64_t t = 0; t < T; ++t) {
-        for (int64_t g = 0; g < G; ++g) {
-          scalar_t* dst = dq.at(b, hkv * G + g, t);
-          const acc_t* src = dq_acc.data() + (t * G + g) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            dst[d] = static_cast<scalar_t>(src[d]);
-          }
-        }
+      if (splits > 1) {
+        std::copy(dq_acc.begin(), dq_acc.end(), dq_parts.begin() + (pair * splits + split) * dq_size);
+      } else {
+        write_dq(b, hkv, dq_acc.data());
       }
     }
   });
+
+  if (splits > 1) {
+    at::parallel_for(0, pairs, 1, [&](int64_t pair_begin, int64_t pair_end) {
+      std::vector<acc_t> sum(dq_size);
+      for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        for (int64_t split = 0; split < splits; ++split) {
+          const acc_t* part = dq_parts.data() + (pair * splits + split) * dq_size;
+          for (int64_t x = 0; x < dq_size; ++x) {
+            sum[x] += part[x];
+          }
+        }
+        write_dq(pair / p.Hkv, pair % p.Hkv, sum.data());
+      }
+    });
+  }
 
   // Sum each bank row's slots in slot order.
   scalar_t* dpk_data = dpk.data_ptr<scalar_t>();

@@ -142,33 +142,38 @@ CASES = {
                           prefix_lens=[9, 4], padded_keys=[0, 0], strided=False, causal=False),
     "no-prefix": dict(B=2, Hq=4, Hkv=1, T=5, S=9, N=1, P=0, D=16, prefix_index=[0, 0],
                       prefix_lens=[0], padded_keys=[2, 0], strided=False, causal=True),
-    # One token per row: rows sharing a bank row are attended together (see _one_thread).
+    # One token per row: rows sharing a bank row are attended together (see THREADS).
     "decode-shared-bank": dict(B=12, Hq=4, Hkv=2, T=1, S=6, N=3, P=40, D=32,
                                prefix_index=[0, 1, 0, 0, -1, 1, 0, 0, 2, 0, 1, 0], prefix_lens=[40, 17, 0],
                                padded_keys=[0, 2, 0, 0, 6, 0, 1, 0, 0, 0, 0, 3], strided=False, causal=True),
 }
 
 
+# The kernels pick their work split from the thread count. With one thread the forward attends batch
+# rows that share a bank row together; with more threads than (batch row, kv head) pairs the backward
+# cuts each pair's keys into pieces and sums their dq. Both paths run whatever this machine has.
+THREADS = (1, 7)
+
+
 @contextlib.contextmanager
-def _one_thread():
-    """The forward groups batch rows that share a bank row only while that leaves work for every thread:
-    with one thread the decode cases always take the grouped path."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_oracle(case: str, dtype: torch.dtype) -> None:
+def test_matches_float64_oracle(case: str, dtype: torch.dtype, threads: int) -> None:
     spec = dict(CASES[case])
     causal = spec.pop("causal")
     x = _inputs(dtype, **spec)
     scale = spec["D"] ** -0.5
-    with _one_thread():
+    with _threads(threads):
         out, lse = _cpp.forward(*x.values(), causal, scale, 0.0, 0)
 
     leaves = {name: x[name].detach().double().requires_grad_() for name in ("q", "k", "v", "prefix_k", "prefix_v")}
@@ -178,7 +183,8 @@ def test_matches_float64_oracle(case: str, dtype: torch.dtype) -> None:
     )
     grad_out = torch.randn_like(out)
     ref_out.backward(grad_out.double())
-    grads = _cpp.backward(grad_out, *x.values(), out, lse, causal, scale, 0.0, 0)
+    with _threads(threads):
+        grads = _cpp.backward(grad_out, *x.values(), out, lse, causal, scale, 0.0, 0)
 
     atol, rtol = TOLERANCE[dtype]
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -249,11 +255,12 @@ def _dropout_inputs(dtype, shape):
     return tensors, x
 
 
+@pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("shape", list(DROPOUT_SHAPES))
-def test_dropout_backward_is_the_gradient_of_dropout_forward(shape: str) -> None:
+def test_dropout_backward_is_the_gradient_of_dropout_forward(shape: str, threads: int) -> None:
     tensors, x = _dropout_inputs(torch.float64, shape)
     extras = (x["prefix_index"], x["prefix_lens"], x["key_padding_mask"], True, 0.35, 0.3, 1234)
-    with _one_thread():
+    with _threads(threads):
         assert torch.autograd.gradcheck(lambda *t: _FixedSeedDropout.apply(*t, extras), tensors)
 
 
@@ -264,7 +271,7 @@ def test_dropout_output_is_linear_in_values(dtype: torch.dtype, shape: str) -> N
     tensors, x = _dropout_inputs(dtype, shape)
     args = (x["prefix_index"], x["prefix_lens"], x["key_padding_mask"], True, 0.35, 0.5, 99)
     q, k, v, prefix_k, prefix_v = (t.detach() for t in tensors)
-    with _one_thread():
+    with _threads(1):
         out, lse = _cpp.forward(q, k, v, prefix_k, prefix_v, *args)
         again, _ = _cpp.forward(q, k, v, prefix_k, prefix_v, *args)
         other_seed, _ = _cpp.forward(q, k, v, prefix_k, prefix_v, *args[:-1], 100)
