@@ -57,8 +57,9 @@ CASES = {
     "bidir_d80": Case(3, 2, 2, 9, 9, 17, 3, 80, (2, 0, 2), (17, 0, 9), None, False),
     # P = 0; row 1 fully padded and prefix-less, row 0 left-padded: queries with nothing to attend to.
     "empty_rows_p0": Case(2, 4, 2, 5, 5, 0, 1, 32, (0, -1), (0,), ((2, 0), (5, 0)), True),
-    # One query against 30 key columns: the decode path splits them over two programs.
-    "decode_t1": Case(2, 4, 2, 1, 13, 17, 2, 32, (1, 1), (17, 6), ((0, 0), (4, 0)), True),
+    # One query against 30 key columns: the decode path splits them over two programs; row 1 has no
+    # prefix, so its first split sees nothing and the merge must ignore that partial.
+    "decode_t1": Case(2, 4, 2, 1, 13, 17, 2, 32, (1, -1), (17, 6), ((0, 0), (4, 0)), True),
     # T > 16 (the general forward): two query tiles, causal tiles skipped.
     "long_t": Case(1, 2, 1, 17, 20, 5, 1, 32, (0,), (5,), ((0, 2),), True),
 }
@@ -165,6 +166,22 @@ def test_backward_matches_reference(case: Case, dtype: torch.dtype, gen: torch.G
             used[idx, : case.prefix_lens[idx]] = True
     for grad in grads[3:]:
         assert torch.all(grad.transpose(1, 2)[~used.to(DEVICE)] == 0)
+
+
+@pytest.mark.parametrize("D", [96, 256])
+def test_other_head_dims(D: int, gen: torch.Generator) -> None:
+    case = Case(2, 2, 1, 3, 5, 3, 1, D, (0, -1), (2,), ((1, 0), (0, 0)), True)
+    inputs = make_inputs(case, torch.float32, gen)
+    ref_out, ref_lse, leaves = reference(inputs, case.causal, requires_grad=True)
+    for fn in (kernels._forward_general, kernels._forward_decode):
+        out, lse = run_forward(fn, inputs, case.causal)
+        assert_close(out, ref_out.detach(), FWD_TOL[torch.float32], "out")
+        assert_close(lse, ref_lse.detach(), FWD_TOL[torch.float32], "lse")
+    grad_out = _randn(gen, *out.shape)
+    grads = run_backward(grad_out, inputs, out, lse, case.causal)
+    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
+    for name, grad, ref_grad in zip(TENSORS, grads, ref_grads, strict=True):
+        assert_close(grad, ref_grad, GRAD_TOL[torch.float32], f"d{name}")
 
 
 @pytest.mark.parametrize("T, expected", [(16, "_forward_decode"), (17, "_forward_general")])
