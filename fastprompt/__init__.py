@@ -6,6 +6,8 @@ C++ build)::
     fastprompt.prefix_attention(q, k, v, prefix_k, prefix_v, ...)   # the op
     fastprompt.merge_attention_states(out_a, lse_a, out_b, lse_b)   # merge partial attention by LSE
     fastprompt.patch(model) / fastprompt.unpatch(model)              # transformers / PEFT integration
+    fastprompt.encode_prompt(encoder, tokens)                        # fused prompt encoders, once per forward
+    fastprompt.PromptTemplate / PromptTemplateModel                  # P-tuning with prompts anywhere
 """
 
 from __future__ import annotations
@@ -23,13 +25,22 @@ _LAZY = {
     "available_backends": "fastprompt.ops",
     "patch": "fastprompt.patching",
     "unpatch": "fastprompt.patching",
+    "encode_prompt": "fastprompt.encoders",
+    "clear_encoder_cache": "fastprompt.encoders",
+    "fused_mlp": "fastprompt.encoders",
+    "fused_lstm": "fastprompt.encoders",
+    "PromptTemplate": "fastprompt.templates",
+    "PromptTemplateModel": "fastprompt.templates",
+    "scatter_prompts": "fastprompt.templates",
 }
 
 __all__ = ["BackendUnavailableError", "UnsupportedModelError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
+    from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp  # noqa: F401
     from fastprompt.ops import available_backends, merge_attention_states, prefix_attention  # noqa: F401
     from fastprompt.patching import patch, unpatch  # noqa: F401
+    from fastprompt.templates import PromptTemplate, PromptTemplateModel, scatter_prompts  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
