@@ -48,12 +48,16 @@ TASKS = {
 
 
 def tiny_config(arch: str, *, gqa: bool = False, hidden: int = 32, layers: int = 2, heads: int = 4,
-                max_positions: int = 256) -> PretrainedConfig:
-    """A small config of ``arch``; ``gqa`` gives half as many key/value heads as query heads."""
+                max_positions: int = 256, **overrides: Any) -> PretrainedConfig:
+    """A small config of ``arch``; ``gqa`` gives half as many key/value heads as query heads.
+
+    ``overrides`` are further config arguments (they win over the defaults here).
+    """
     kv_heads = heads // 2 if gqa else heads
     common: dict[str, Any] = dict(
         vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=2, eos_token_id=3, num_labels=3, classifier_dropout=0.0
     )
+    common.update(overrides)
     if arch in ("llama", "mistral", "qwen2", "qwen3", "gemma"):
         cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
                "gemma": GemmaConfig}[arch]
@@ -62,11 +66,12 @@ def tiny_config(arch: str, *, gqa: bool = False, hidden: int = 32, layers: int =
             extra["sliding_window"] = None
         if arch in ("qwen2", "qwen3"):
             extra["use_sliding_window"] = False
-        return cls(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=kv_heads, max_position_embeddings=max_positions, attention_dropout=0.0,
-            tie_word_embeddings=False, **extra, **common,
-        )
+        return cls(**{
+            **extra, **common,
+            "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "max_position_embeddings": max_positions, "attention_dropout": 0.0, "tie_word_embeddings": False,
+        })
     if gqa:
         raise ValueError(f"{arch} has no grouped-query attention")
     if arch == "gpt2":

@@ -1,0 +1,271 @@
+"""What fastprompt.patch does and must not do, beyond giving PEFT's numbers (tests/test_patch_equivalence.py):
+
+- the prefix reaches attention as one read-only block: never concatenated onto K/V or into the cache,
+  never copied per batch row, the prompt encoder run once per forward, no 4-D mask anywhere;
+- gradient checkpointing works with prefix tuning and gives the gradients of the run without it;
+- patching twice is harmless, unpatch restores the model exactly;
+- unsupported models and inputs raise UnsupportedModelError saying why;
+- a plain transformers model takes prefixes through the ``fastprompt_prefix`` forward kwarg;
+- concurrent forwards of two patched models do not see each other's prefix.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from models import (
+    PAD,
+    assert_scaled_close,
+    forward_and_grads,
+    peft_config,
+    random_batch,
+    tiny_config,
+    tiny_model,
+    tiny_peft_model,
+)
+from peft import LoraConfig, get_peft_model
+from transformers import AttentionInterface, BloomConfig, BloomForCausalLM, DynamicCache
+
+import fastprompt
+from fastprompt import ops, patching
+from fastprompt.integration import PrefixCache, PrefixKV
+
+P, B, T = 5, 3, 7
+
+
+@pytest.fixture(autouse=True)
+def cpu_backend(monkeypatch):
+    ok = fastprompt.available_backends("cpu")["cpu"][0]
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "cpu" if ok else "torch")
+
+
+def _attention_spy(monkeypatch) -> list[dict]:
+    """Record what every call of the "fastprompt" attention function and of the op receives."""
+    calls: list[dict] = []
+    real_attention = AttentionInterface._global_mapping["fastprompt"]
+    real_op = ops.prefix_attention
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        calls.append({"mask_dim": None if attention_mask is None else attention_mask.dim(), "k_len": key.shape[2]})
+        return real_attention(module, query, key, value, attention_mask, **kwargs)
+
+    def op(q, k, v, prefix_k, prefix_v, **kwargs):
+        mask = kwargs["key_padding_mask"]
+        calls[-1].update(prefix_shape=tuple(prefix_k.shape), prefix_storage=prefix_k.untyped_storage().data_ptr(),
+                         padding_dim=None if mask is None else mask.dim())
+        return real_op(q, k, v, prefix_k, prefix_v, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "fastprompt", attention)
+    monkeypatch.setattr(ops, "prefix_attention", op)
+    return calls
+
+
+@pytest.mark.parametrize(("arch", "task"), [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "seq_cls")])
+def test_prefix_is_one_block_no_concat_no_row_copy_no_4d_mask(arch, task, monkeypatch):
+    torch.manual_seed(0)
+    model = fastprompt.patch(tiny_peft_model(arch, "prefix_projection", task, gqa=arch == "llama",
+                                             num_virtual_tokens=P))
+    calls = _attention_spy(monkeypatch)
+    forward_and_grads(model, random_batch(B, T, padding="left", task=task))
+    _, kv_heads, head_dim = patching._kv_geometry(model.get_base_model().config)
+    assert len(calls) == model.get_base_model().config.num_hidden_layers
+    for call in calls:
+        assert call["k_len"] == T, "the prefix was concatenated onto the keys"
+        assert call["prefix_shape"] == (1, kv_heads, P, head_dim), "the prefix was expanded per batch row"
+        assert call["mask_dim"] == 2 and call["padding_dim"] == 2, "attention received a 4-D mask"
+    assert len({call["prefix_storage"] for call in calls}) == 1, "layers' prefixes are not views of one output"
+
+
+@pytest.mark.parametrize("method", ["prefix_projection", "prefix", "p_tuning_mlp", "p_tuning_lstm", "prompt_tuning"])
+def test_prompt_encoder_runs_once_per_forward_on_one_row(method, monkeypatch):
+    torch.manual_seed(0)
+    model = fastprompt.patch(tiny_peft_model("llama", method, num_virtual_tokens=P))
+    token_shapes = []
+    real_encode = patching.encode_prompt
+
+    def encode(encoder, tokens):
+        token_shapes.append(tuple(tokens.shape))
+        return real_encode(encoder, tokens)
+
+    monkeypatch.setattr(patching, "encode_prompt", encode)
+    forward_and_grads(model, random_batch(B, T))
+    assert token_shapes == [(P,)]
+    if method in ("p_tuning_mlp", "p_tuning_lstm", "prompt_tuning"):
+        prompts = model.get_prompt(B)
+        assert prompts.shape[0] == B and prompts.stride(0) == 0, "virtual tokens were copied per batch row"
+
+
+def test_cache_holds_the_sequence_but_never_the_prefix():
+    torch.manual_seed(0)
+    model = fastprompt.patch(tiny_peft_model("llama", "prefix_projection", gqa=True, num_virtual_tokens=P)).eval()
+    batch = random_batch(B, T, padding="left")
+    layers = model.get_base_model().config.num_hidden_layers
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
+        generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=PAD,
+                                   return_dict_in_generate=True)
+    for cache, stored in ((out.past_key_values, T), (generated.past_key_values, T + 3)):
+        assert isinstance(cache, PrefixCache)
+        assert [DynamicCache.get_seq_length(cache, i) for i in range(layers)] == [stored] * layers
+        assert cache.get_seq_length() == P + stored  # positions still count the prefix, as in PEFT
+
+
+@pytest.mark.parametrize(("arch", "task", "method"), [
+    ("llama", "causal_lm", "prefix_projection"),
+    ("gpt2", "causal_lm", "prefix"),
+    ("bert", "seq_cls", "prefix"),
+])
+def test_gradient_checkpointing_gives_the_same_gradients(arch, task, method):
+    torch.manual_seed(0)
+    model = tiny_peft_model(arch, method, task, gqa=arch == "llama", num_virtual_tokens=P).train()
+    batch = random_batch(B, T, padding="right", task=task)
+    expected = forward_and_grads(model, batch)
+    fastprompt.patch(model)
+    model.gradient_checkpointing_enable()
+    assert model.get_base_model().is_gradient_checkpointing
+    logits, loss, grads = forward_and_grads(model, batch)
+    assert_scaled_close(logits, expected[0], 1e-5, "logits")
+    assert_scaled_close(loss, expected[1], 1e-5, "loss")
+    for name, grad in grads.items():
+        assert_scaled_close(grad, expected[2][name], 1e-5, f"grad of {name}")
+
+
+def test_peft_refuses_checkpointing_that_patch_allows():
+    base = tiny_model("llama")
+    base.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
+        get_peft_model(base, peft_config("prefix", "causal_lm"))
+
+
+def test_reentrant_checkpointing_is_refused_with_the_fix():
+    model = fastprompt.patch(tiny_peft_model("llama", "prefix", num_virtual_tokens=P)).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant': False"):
+        model(**random_batch(B, T))
+
+
+def test_unpatch_restores_exactly_and_patch_twice_is_harmless():
+    torch.manual_seed(0)
+    model = tiny_peft_model("qwen2", "prefix_projection", gqa=True, num_virtual_tokens=P).eval()
+    batch = random_batch(B, T, padding="left")
+    with torch.no_grad():
+        never_patched = model(**batch).logits
+    instance_attrs = dict(model.__dict__)
+    base_attrs = dict(model.get_base_model().__dict__)
+    assert fastprompt.patch(model) is model
+    state = model.__dict__[patching._STATE_ATTR]
+    forward = model.forward
+    assert fastprompt.patch(model) is model
+    assert model.__dict__[patching._STATE_ATTR] is state and model.forward is forward
+    assert model.get_base_model().config._attn_implementation == "fastprompt"
+    with torch.no_grad():
+        patched = model(**batch).logits
+    assert_scaled_close(patched, never_patched, 1e-5, "patched logits")
+    assert fastprompt.unpatch(model) is model
+    assert fastprompt.unpatch(model) is model
+    assert model.__dict__ == instance_attrs
+    assert model.get_base_model().__dict__.keys() == base_attrs.keys()
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, never_patched)
+
+
+def test_plain_model_patch_and_unpatch():
+    torch.manual_seed(0)
+    model = tiny_model("mistral", gqa=True).eval()
+    batch = random_batch(B, T, padding="right")
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        fastprompt.patch(model)
+        assert model.config._attn_implementation == "fastprompt"
+        actual = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        fastprompt.unpatch(model)
+        assert model.config._attn_implementation == "sdpa"
+    real = batch["attention_mask"].bool()
+    assert_scaled_close(actual[real], expected[real], 1e-5, "logits")
+
+
+def test_plain_model_takes_a_prefix_bank_through_the_forward_kwarg():
+    """Rows pick different bank rows; each equals the unpatched model with that prefix in its KV cache."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", gqa=True).eval()
+    config = model.config
+    layers, kv_heads, head_dim = patching._kv_geometry(config)
+    bank = torch.randn(layers, 2, 2, kv_heads, P, head_dim)
+    prefix_index = torch.tensor([1, 0, 1], dtype=torch.int32)
+    batch = random_batch(B, T, padding="left")
+    with torch.no_grad():
+        expected = []
+        for row in range(B):
+            cache = DynamicCache(config=config)
+            for layer in range(layers):
+                block = bank[layer, :, prefix_index[row]]
+                cache.update(block[0][None], block[1][None], layer)
+            mask = torch.cat([torch.ones(1, P, dtype=torch.long), batch["attention_mask"][row : row + 1]], dim=1)
+            expected.append(model(input_ids=batch["input_ids"][row : row + 1], attention_mask=mask,
+                                  past_key_values=cache).logits)
+        fastprompt.patch(model)
+        prefix = PrefixKV(bank, prefix_index=prefix_index)
+        actual = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       past_key_values=PrefixCache(prefix, store=False), fastprompt_prefix=prefix).logits
+    assert_scaled_close(actual, torch.cat(expected), 1e-5, "logits")
+
+
+def test_concurrent_forwards_of_two_models_stay_separate():
+    torch.manual_seed(0)
+    models = [fastprompt.patch(tiny_peft_model("llama", "prefix_projection", seed=s)).eval() for s in (0, 7)]
+    batch = random_batch(B, T, padding="left")
+    with torch.no_grad():
+        expected = [m(**batch).logits for m in models]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(8):
+                results[i].append(models[i](**batch).logits)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in (0, 1):
+        assert len(results[i]) == 8
+        for logits in results[i]:
+            assert torch.equal(logits, expected[i])
+
+
+def test_unsupported_models_raise_with_the_reason():
+    with pytest.raises(fastprompt.UnsupportedModelError, match="PreTrainedModel or a peft PeftModel"):
+        fastprompt.patch(torch.nn.Linear(2, 2))
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=96, hidden_size=32, n_layer=2, n_head=4))
+    with pytest.raises(fastprompt.UnsupportedModelError, match="does not dispatch its attention"):
+        fastprompt.patch(bloom)
+    sliding = tiny_model("mistral", sliding_window=16)
+    with pytest.raises(fastprompt.UnsupportedModelError, match="sliding-window attention"):
+        fastprompt.patch(sliding)
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    with pytest.raises(fastprompt.UnsupportedModelError, match="is LORA"):
+        fastprompt.patch(lora)
+    assert patching._STATE_ATTR not in lora.__dict__
+
+
+def test_inputs_the_op_cannot_express_raise():
+    model = fastprompt.patch(tiny_model("llama")).eval()
+    input_ids = random_batch(1, 6)["input_ids"]
+    packed_positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    with pytest.raises(fastprompt.UnsupportedModelError, match="packed sequences"):
+        model(input_ids=input_ids, position_ids=packed_positions, use_cache=False)
+    mask_4d = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    with pytest.raises(fastprompt.UnsupportedModelError, match="4-D attention mask"):
+        model(input_ids=input_ids, attention_mask=mask_4d)
+
+
+def test_prefix_bank_shape_is_checked():
+    with pytest.raises(ValueError, match=r"bank must be \[layers, 2, N, Hkv, P, D\]"):
+        PrefixKV(torch.randn(2, 3, 1, 2, 5, 8))
+    config = tiny_config("llama")
+    assert patching._kv_geometry(config) == (2, 4, 8)
