@@ -341,7 +341,7 @@ def _generate_fn(
 
 def steps(config: BenchConfig) -> int:
     """How many measurements :func:`run` makes (for a progress bar)."""
-    return 2 * len(config.rows) + 1
+    return 2 * len(config.rows) + 2
 
 
 def run(config: BenchConfig, progress: Callable[[str], None] = lambda stage: None) -> BenchResult:
@@ -355,6 +355,13 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda stage: Non
     )
     batch = random_batch(base.config.vocab_size, config.batch, config.seq_len, device=config.device)
     result = BenchResult(config=config, environment=environment(config.device))
+    # Checking the backends builds the C++ kernels on first use: done here, it never lands in a timing.
+    progress("loading fastprompt backends")
+    from fastprompt.ops import available_backends
+
+    result.environment["backends_available"] = [
+        name for name, (ok, _) in available_backends(config.device).items() if ok
+    ]
     for name in config.rows:
         advance = functools.partial(_progress_of, progress, name)
         if name == GENERATE:
@@ -469,8 +476,10 @@ def format_markdown(result: BenchResult, command: str) -> str:
         f"- model: {_model_description(cfg.model)}, {_dtype_name(cfg.dtype)}",
         f"- batch {cfg.batch} x {cfg.seq_len} tokens (left padding on some rows), "
         f"{cfg.prefix_len} virtual tokens; median of {cfg.iters} calls after {cfg.warmup} warm-up",
-        f"- fastprompt {v['fastprompt']} (commit {env['commit']}, backend {env['backend']}), "
-        f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, triton {v['triton']}",
+        "- generate: greedy; tokens/s counts new tokens, the time includes the prompt's prefill",
+        f"- fastprompt {v['fastprompt']} (commit {env['commit']}, FASTPROMPT_BACKEND={env['backend']}, "
+        f"available here: {', '.join(env.get('backends_available', [])) or 'none'})",
+        f"- torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, triton {v['triton']}",
         "",
         "| case | naive tokens/s | fastprompt tokens/s | speed-up | naive peak MiB "
         "| fastprompt peak MiB | memory (fastprompt / naive) |",

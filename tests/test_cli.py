@@ -1,0 +1,304 @@
+"""The ``fastprompt`` command: bench end to end on a tiny model, its JSON and PNG, info, bad options.
+
+Figures are checked for consistency with each other and with the options, never against speed targets
+(those belong to ``benchmarks/``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastprompt import bench, cli
+from fastprompt.benchutil import Measurement
+
+TINY = {
+    "--hidden": 32,
+    "--layers": 1,
+    "--heads": 4,
+    "--kv-heads": 2,
+    "--vocab": 64,
+    "--batch": 2,
+    "--seq-len": 12,
+    "--prefix-len": 3,
+    "--new-tokens": 3,
+    "--iters": 1,
+    "--warmup": 0,
+}
+TINY_ARGS = [str(part) for option in TINY.items() for part in option]
+TIMEOUT_S = 600  # the first run may compile the C++ kernels
+
+
+def _python_m(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastprompt", *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+
+
+def _table_rows(markdown: str) -> dict[str, list[str]]:
+    """Data rows of the results table, keyed by their first cell."""
+    rows = {}
+    for line in markdown.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in ("case", "---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace(",", "").removesuffix("x"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One ``python -m fastprompt bench`` run on a tiny model, with --json and --plot."""
+    out = tmp_path_factory.mktemp("bench")
+    args = ["bench", *TINY_ARGS, "--json", out / "result.json", "--plot", out / "result.png"]
+    proc = _python_m(*args)
+    assert proc.returncode == 0, proc.stderr
+    return proc, out, "fastprompt " + " ".join(map(str, args))
+
+
+def test_bench_prints_the_table(tiny_run):
+    proc, _, command = tiny_run
+    assert "Traceback" not in proc.stderr
+    assert f"- command: `{command}`" in proc.stdout
+    assert torch.__version__ in proc.stdout
+    assert f"peft {importlib.metadata.version('peft')}" in proc.stdout
+    rows = _table_rows(proc.stdout)
+    assert list(rows) == [
+        "prefix-tuning (train step)",
+        "p-tuning-v2 (train step)",
+        "p-tuning (train step)",
+        f"generate, prefix-tuning ({TINY['--new-tokens']} new tokens)",
+    ]
+    for label, cells in rows.items():
+        naive_tps, fast_tps, speedup, naive_mib, fast_mib, memory = map(_number, cells)
+        assert naive_tps > 0 and fast_tps > 0, label
+        # Printed figures are rounded; their ratio must agree with the printed speed-up to that rounding.
+        assert speedup == pytest.approx(fast_tps / naive_tps, rel=0.05, abs=0.01), label
+        if naive_mib >= 1:
+            assert memory == pytest.approx(fast_mib / naive_mib, rel=0.05, abs=0.01), label
+
+
+def test_bench_json_has_every_figure(tiny_run):
+    proc, out, command = tiny_run
+    data = json.loads((out / "result.json").read_text())
+    assert data["command"] == command
+    assert data["device_type"] == "cpu"
+    assert data["versions"]["torch"] == importlib.metadata.version("torch")
+    assert data["versions"]["transformers"] == importlib.metadata.version("transformers")
+    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown", data["commit"])
+    assert data["config"]["model"] == {
+        "hidden": TINY["--hidden"],
+        "layers": TINY["--layers"],
+        "heads": TINY["--heads"],
+        "kv_heads": TINY["--kv-heads"],
+        "vocab": TINY["--vocab"],
+    }
+    assert data["config"]["dtype"] == "float32"
+    assert [row["name"] for row in data["rows"]] == list(bench.ROWS)
+    for row in data["rows"]:
+        assert row["error"] is None, row["error"]
+        expected_tokens = TINY["--batch"] * (TINY["--new-tokens"] if row["kind"] == "generate" else TINY["--seq-len"])
+        assert row["tokens_per_call"] == expected_tokens
+        naive, fast = row["naive"], row["fastprompt"]
+        for figures in (naive, fast):
+            assert figures["ms"] > 0 and figures["peak_mib"] >= 0
+            assert figures["tokens_per_s"] == pytest.approx(expected_tokens / figures["ms"] * 1e3)
+        assert row["speedup"] == pytest.approx(naive["ms"] / fast["ms"])
+        if naive["peak_mib"] > 0:
+            assert row["memory_ratio"] == pytest.approx(fast["peak_mib"] / naive["peak_mib"])
+        assert f"{naive['tokens_per_s']:,.0f}" in proc.stdout
+
+
+def test_bench_plot_is_a_png(tiny_run):
+    pytest.importorskip("matplotlib", reason="--plot needs the optional 'plot' extra")
+    import matplotlib.image
+
+    path = tiny_run[1] / "result.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] >= 300 and pixels.shape[1] >= 600
+    assert pixels.std() > 0.05, "the chart is blank"
+
+
+def test_bench_local_checkpoint_with_progress_bar(tmp_path, monkeypatch, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=50, max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    args = ["bench", "--model", str(tmp_path), "--methods", "p-tuning-v2,generate", "--batch", "2",
+            "--seq-len", "8", "--prefix-len", "2", "--new-tokens", "2", "--iters", "1", "--warmup", "0"]
+    assert cli.main(args) == 0
+    stdout = capsys.readouterr().out
+    assert f"local checkpoint {tmp_path.resolve()}" in stdout
+    assert list(_table_rows(stdout)) == ["p-tuning-v2 (train step)", "generate, prefix-tuning (2 new tokens)"]
+    assert "p-tuning-v2: fastprompt" in terminal.getvalue()
+    assert "generate: naive" in terminal.getvalue()
+
+
+def test_bench_quiet_writes_nothing_to_stderr(monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.main(["bench", *TINY_ARGS, "--methods", "p-tuning", "--quiet"]) == 0
+    assert list(_table_rows(capsys.readouterr().out)) == ["p-tuning (train step)"]
+    assert terminal.getvalue() == ""
+
+
+def test_refused_case_is_reported_not_hidden():
+    config = bench.BenchConfig(
+        rows=("prefix-tuning",), model=bench.ModelShape(32, 1, 4, 2, 64), batch=2, seq_len=8, prefix_len=2,
+        new_tokens=2, dtype=torch.float32, device=torch.device("cpu"), iters=1, warmup=0,
+    )
+    row = bench.Row(
+        name="prefix-tuning", kind="train", tokens=16, naive=Measurement(ms=4.0, peak_mib=2.0),
+        error="UnsupportedModelError: no attention interface",
+    )
+    result = bench.BenchResult(config=config, environment=bench.environment(config.device), rows=[row])
+    markdown = bench.format_markdown(result, "fastprompt bench")
+    assert _table_rows(markdown)["prefix-tuning (train step)"] == ["4,000", "n/a", "n/a", "2.0", "n/a", "n/a"]
+    assert "- prefix-tuning: fastprompt refused: UnsupportedModelError: no attention interface" in markdown
+    data = bench.to_json(result, "fastprompt bench")["rows"][0]
+    assert data["fastprompt"] is None and data["speedup"] is None and data["error"] == row.error
+
+
+def test_random_batch_is_random_and_left_padded():
+    batch = bench.random_batch(100, 8, 40, device="cpu", seed=3)
+    mask = batch["attention_mask"]
+    assert mask[0].all(), "the first row is full length"
+    assert (mask == 0).any(), "some rows are padded"
+    # Left padding: once a row starts, it does not stop.
+    assert (mask.diff(dim=1) >= 0).all()
+    real = batch["input_ids"][mask.bool()]
+    assert real.min() >= 1 and real.max() < 100 and real.unique().numel() > 50
+    assert (batch["labels"][~mask.bool()] == -100).all()
+    assert torch.equal(batch["labels"][mask.bool()], real)
+    assert not torch.equal(batch["input_ids"], bench.random_batch(100, 8, 40, device="cpu", seed=4)["input_ids"])
+
+
+def test_info_lists_every_backend_with_its_reason():
+    from fastprompt.ops import available_backends
+
+    fastprompt_exe = shutil.which("fastprompt")
+    assert fastprompt_exe is not None, "the fastprompt console script is not installed (pip install -e .)"
+    proc = subprocess.run([fastprompt_exe, "info"], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    assert f"torch {torch.__version__}" in proc.stdout
+    for device in ("cuda", "cpu"):
+        section = proc.stdout.split(f"attention backends for {device} tensors:\n", 1)[1].split("\n\n")[0]
+        for name, (ok, reason) in available_backends(device).items():
+            assert re.search(rf"^  {name} +{'yes' if ok else 'no'} +{re.escape(reason)}$", section, re.M), section
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="without CUDA the cuda section reads 'no CUDA GPU'")
+def test_info_on_cuda_names_the_gpu():
+    proc = _python_m("info")
+    assert torch.cuda.get_device_name() in proc.stdout
+
+
+def test_no_command_is_a_usage_error():
+    proc = _python_m()
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("fastprompt: error:") and "Traceback" not in proc.stderr
+
+
+BAD_OPTIONS = [
+    (["frobnicate"], "invalid choice"),
+    (["bench", "--batch", "0"], "--batch: expected a positive integer, got '0'"),
+    (["bench", "--seq-len", "ten"], "--seq-len: expected a positive integer, got 'ten'"),
+    (["bench", "--iters", "-3"], "--iters: expected a positive integer"),
+    (["bench", "--warmup", "-1"], "--warmup: expected an integer >= 0"),
+    (["bench", "--methods", "lora"], "--methods: expected a comma-separated list of prefix-tuning"),
+    (["bench", "--methods", ","], "--methods: expected a comma-separated list"),
+    (["bench", "--dtype", "float64"], "--dtype: invalid choice: 'float64'"),
+    (["bench", "--device", "tpu"], "--device: invalid choice: 'tpu'"),
+    (["bench", "--hidden", "30", "--heads", "4"], r"hidden \(30\) must be divisible by heads \(4\)"),
+    (["bench", "--heads", "8", "--kv-heads", "3"], r"heads \(8\) must be divisible by kv_heads \(3\)"),
+    (["bench", "--hidden", "24", "--heads", "8"], "hidden / heads = 3 must be even"),
+    (["bench", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["bench", "--json", "/no/such/dir/out.json"], "--json /no/such/dir/out.json: directory /no/such/dir does not"),
+    (["bench", "--plot", "/no/such/dir/out.png"], "--plot /no/such/dir/out.png: directory /no/such/dir does not"),
+]
+
+
+def _assert_one_line_error(capsys, argv: list[str], match: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("fastprompt: error: ")
+    assert re.search(match, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize(("argv", "match"), BAD_OPTIONS, ids=[" ".join(argv) for argv, _ in BAD_OPTIONS])
+def test_bad_option_is_one_line_and_exit_2(capsys, argv, match):
+    _assert_one_line_error(capsys, argv, match)
+
+
+def test_bad_model_paths(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    _assert_one_line_error(capsys, ["bench", "--model", str(missing)], "not a local model directory")
+    (tmp_path / "config.json").write_text("{")
+    _assert_one_line_error(capsys, ["bench", "--model", str(tmp_path)], "no weights there")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    _assert_one_line_error(capsys, ["bench", "--model", str(tmp_path)], "cannot read its config")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    _assert_one_line_error(capsys, ["bench", "--model", str(tmp_path)], "t5 model has no causal language-model")
+    _assert_one_line_error(
+        capsys, ["bench", "--model", str(tmp_path), "--hidden", "64"], "--hidden cannot be combined with --model"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu(capsys):
+    _assert_one_line_error(capsys, ["bench", "--device", "cuda"], "--device cuda: no CUDA GPU is available")
+
+
+def test_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an absent package looks like to find_spec
+    _assert_one_line_error(
+        capsys, ["bench", "--plot", str(tmp_path / "chart.png")], r"--plot needs matplotlib.*fastprompt\[plot\]"
+    )
+
+
+def test_bad_option_in_a_subprocess_has_no_traceback(tmp_path):
+    proc = _python_m("bench", "--model", tmp_path / "missing", "--batch", "1")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fastprompt: error: --model")
+
+
+def test_defaults_follow_the_device():
+    args = cli.build_parser().parse_args(["bench", "--device", "cpu", "--batch", "3"])
+    config = cli.bench_config(cli.build_parser(), args)
+    cpu = bench.DEFAULTS["cpu"]
+    assert config.model == cpu["shape"] and config.dtype == cpu["dtype"] and config.device.type == "cpu"
+    assert config.batch == 3 and config.seq_len == cpu["seq_len"] and config.prefix_len == cpu["prefix_len"]
+    assert config.rows == bench.ROWS
