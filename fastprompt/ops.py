@@ -29,6 +29,7 @@ __all__ = ["available_backends", "merge_attention_states", "prefix_attention"]
 
 BACKENDS = ("triton", "cpu", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_MAX_HEAD_DIM = 256
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,22 +92,27 @@ def _warn_fallback(device_type: str, preferred: str, reason: str) -> None:
     )
 
 
-def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    if requested == "auto":
-        preferred = "triton" if device.type == "cuda" else "cpu"
-        ok, reason = _backend_status(preferred, device)
-        if ok and not (preferred == "triton" and dtype == torch.float64):
-            return preferred
-        if ok:
-            reason = "float64 is not supported by triton kernels"
-        _warn_fallback(device.type, preferred, reason)
-        return "torch"
-    ok, reason = _backend_status(requested, device)
-    if not ok:
-        raise BackendUnavailableError(f"FASTPROMPT_BACKEND={requested} cannot run here: {reason}")
-    if requested == "triton" and dtype == torch.float64:
-        raise BackendUnavailableError("FASTPROMPT_BACKEND=triton does not support float64 tensors")
-    return requested
+def _inputs_unsupported(name: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why backend ``name`` cannot take these inputs although it runs on their device, or ``None``."""
+    if name == "triton" and dtype == torch.float64:
+        return "the triton kernels do not support float64"
+    if name == "triton" and head_dim > _TRITON_MAX_HEAD_DIM:
+        return f"the triton kernels support head dims up to {_TRITON_MAX_HEAD_DIM}, got {head_dim}"
+    return None
+
+
+def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    name = ("triton" if device.type == "cuda" else "cpu") if requested == "auto" else requested
+    ok, reason = _backend_status(name, device)
+    if ok:
+        reason = _inputs_unsupported(name, dtype, head_dim)
+        ok = reason is None
+    if ok:
+        return name
+    if requested != "auto":
+        raise BackendUnavailableError(f"FASTPROMPT_BACKEND={requested} cannot run these tensors here: {reason}")
+    _warn_fallback(device.type, name, reason)
+    return "torch"
 
 
 def _backend_module(name: str) -> ModuleType:
@@ -151,7 +157,7 @@ def _prefix_attention_fwd(
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # return_lse only tells the backward whether the lse reached the caller (and so carries a gradient)
-    name = _resolve_backend(backend, q.device, q.dtype)
+    name = _resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     out, lse = _backend_module(name).forward(
         q,
         k,
@@ -208,7 +214,7 @@ def _prefix_attention_bwd(
     seed: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    name = _resolve_backend(backend, q.device, q.dtype)
+    name = _resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     grads = _backend_module(name).backward(
         grad_out,
         q,

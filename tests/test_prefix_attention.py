@@ -393,8 +393,11 @@ def test_backend_selection_errors(monkeypatch):
             fastprompt.prefix_attention(*case.tensors)
     if _expected_here("triton"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        with pytest.raises(BackendUnavailableError, match="does not support float64"):
+        with pytest.raises(BackendUnavailableError, match="do not support float64"):
             fastprompt.prefix_attention(*[x.double() for x in case.tensors], **case.options)
+        wide = make_case(D=272, T=1, S=1, P=1, B=1)
+        with pytest.raises(BackendUnavailableError, match="head dims up to 256, got 272"):
+            fastprompt.prefix_attention(*wide.tensors, **wide.options)
 
 
 def _bad(**changes):
