@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_attention.py [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                                         [--iters N] [--csv PATH]
+                                         [--iters N] [--threads N] [--csv PATH]
 
 Prints a markdown table (device, date, versions, commit and the command on top, so the output can be
 committed under ``benchmarks/results/``): forward and forward+backward median time and peak memory of
@@ -12,7 +12,7 @@ fastprompt (backend ``auto``, or ``FASTPROMPT_BACKEND``) and of :func:`fastpromp
 then over the prefix length P, plus the decode case (one new token, one prefix shared by the batch).
 On CUDA it adds SDPA's flash kernel without any prefix as a speed-of-light reference in TFLOP/s.
 
-The case builders (:func:`default_cases`, :func:`make_inputs`, :func:`fastprompt_call`,
+The case builders (:func:`default_cases`, :func:`make_step` with :func:`fastprompt_call` or
 :func:`naive_call`) are reused by ``benchmarks/test_bench_attention.py``.
 """
 
@@ -129,6 +129,32 @@ def sdpa_flash_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=case.causal, enable_gqa=True)
 
 
+def make_step(
+    call: Callable[[Case, dict[str, torch.Tensor]], torch.Tensor],
+    case: Case,
+    mode: str,
+    dtype: torch.dtype,
+    device: str,
+) -> Callable[[], object]:
+    """One call of ``call`` on fresh random inputs: the forward under ``no_grad``, or the forward and the
+    gradients of all five inputs (returned, so that their memory counts). Synchronises CUDA at the end."""
+    x = make_inputs(case, dtype, device, requires_grad=mode != "forward")
+    grad_out = torch.randn(case.B, case.Hq, case.T, case.D, dtype=dtype, device=device)
+
+    def step() -> object:
+        if mode == "forward":
+            with torch.no_grad():
+                result = call(case, x)
+        else:
+            out = call(case, x)
+            result = out, torch.autograd.grad(out, list(x.values()), grad_out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return result
+
+    return step
+
+
 def timed(
     call: Callable[[Case, dict[str, torch.Tensor]], torch.Tensor],
     case: Case,
@@ -138,23 +164,8 @@ def timed(
     warmup: int,
     iters: int,
 ) -> Measurement:
-    """Median time and peak memory of ``call`` on fresh inputs, forward only or forward+backward."""
-    x = make_inputs(case, dtype, device, requires_grad=mode != "forward")
-    if mode == "forward":
-
-        def step() -> torch.Tensor:
-            with torch.no_grad():
-                return call(case, x)
-
-    else:
-        grad_out = torch.randn(case.B, case.Hq, case.T, case.D, dtype=dtype, device=device)
-
-        def step() -> torch.Tensor:
-            out = call(case, x)
-            out.backward(grad_out)
-            return out
-
-    return measure(step, device=device, warmup=warmup, iters=iters)
+    """Median time and peak memory of :func:`make_step`."""
+    return measure(make_step(call, case, mode, dtype, device), device=device, warmup=warmup, iters=iters)
 
 
 @dataclass(frozen=True)
@@ -249,8 +260,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 3 cpu, 20 cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--csv", metavar="PATH", help="also write every row to this CSV file")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from bench_attention import Case, decode_case, fastprompt_call, make_inputs, naive_call
+from bench_attention import MODES, Case, decode_case, fastprompt_call, make_step, naive_call
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -21,38 +21,14 @@ CASES = {
     "decode": replace(decode_case(DEVICE), B=8),
 }
 CALLS = {"fastprompt": fastprompt_call, "naive": naive_call}
+PARAMS = [(case, mode) for case, spec in CASES.items() for mode in (MODES if spec.trains else MODES[:1])]
 
 
 @pytest.mark.parametrize("impl", list(CALLS))
-@pytest.mark.parametrize("case", list(CASES))
-def test_forward(benchmark, case: str, impl: str) -> None:
-    spec, call = CASES[case], CALLS[impl]
-    x = make_inputs(spec, DTYPE, DEVICE, requires_grad=False)
-
-    def step() -> torch.Tensor:
-        with torch.no_grad():
-            out = call(spec, x)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    out = benchmark(step)
+@pytest.mark.parametrize(("case", "mode"), PARAMS)
+def test_prefix_attention(benchmark, case: str, mode: str, impl: str) -> None:
+    spec = CASES[case]
+    result = benchmark(make_step(CALLS[impl], spec, mode, DTYPE, DEVICE))
+    out, grads = (result, ()) if mode == "forward" else result
     assert out.shape == (spec.B, spec.Hq, spec.T, spec.D)
-
-
-@pytest.mark.parametrize("impl", list(CALLS))
-@pytest.mark.parametrize("case", [name for name, spec in CASES.items() if spec.trains])
-def test_forward_backward(benchmark, case: str, impl: str) -> None:
-    spec, call = CASES[case], CALLS[impl]
-    x = make_inputs(spec, DTYPE, DEVICE, requires_grad=True)
-    grad_out = torch.randn(spec.B, spec.Hq, spec.T, spec.D, dtype=DTYPE, device=DEVICE)
-
-    def step() -> torch.Tensor:
-        out = call(spec, x)
-        out.backward(grad_out)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    benchmark(step)
-    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in x.values())
+    assert all(g.abs().sum() > 0 for g in grads)
