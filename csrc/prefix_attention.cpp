@@ -809,6 +809,17 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(prefix_lens.scalar_type() == at::kInt && prefix_lens.is_contiguous() &&
                   prefix_lens.numel() == prefix_k.size(0),
               "prefix_attention_cpu: prefix_lens must be contiguous int32 [N]");
+  // Values are checked too: they become memory offsets.
+  const int32_t* index = prefix_index.data_ptr<int32_t>();
+  for (int64_t b = 0; b < prefix_index.numel(); ++b) {
+    TORCH_CHECK(index[b] >= -1 && index[b] < prefix_k.size(0), "prefix_attention_cpu: prefix_index[", b, "] = ",
+                index[b], " is outside [-1, ", prefix_k.size(0), ")");
+  }
+  const int32_t* lens = prefix_lens.data_ptr<int32_t>();
+  for (int64_t n = 0; n < prefix_lens.numel(); ++n) {
+    TORCH_CHECK(lens[n] >= 0 && lens[n] <= prefix_k.size(2), "prefix_attention_cpu: prefix_lens[", n, "] = ", lens[n],
+                " is outside [0, ", prefix_k.size(2), "]");
+  }
   if (key_padding_mask.has_value()) {
     const at::Tensor& m = *key_padding_mask;
     TORCH_CHECK(m.scalar_type() == at::kBool && m.is_contiguous() && m.dim() == 2 && m.size(0) == q.size(0) &&

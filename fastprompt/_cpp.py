@@ -88,7 +88,7 @@ def _build() -> tuple[bool, str]:
     build_dir = _build_dir(name, cflags)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        if not (build_dir / f"{name}.so").exists():
+        if not any((build_dir / f"{name}{suffix}").exists() for suffix in (".so", ".pyd")):
             print("fastprompt: compiling CPU kernels (first use, about a minute)...", file=sys.stderr, flush=True)
         cpp_extension.load(
             name=name,

@@ -290,3 +290,14 @@ def test_kernel_rejects_mismatched_dtypes() -> None:
     x["v"] = x["v"].double()
     with pytest.raises(RuntimeError, match="all five tensors must share q's dtype"):
         _cpp.forward(*x.values(), True, 0.5, 0.0, 0)
+
+
+def test_kernel_rejects_out_of_range_bank_rows() -> None:
+    x = _inputs(torch.float32, B=2, Hq=2, Hkv=1, T=2, S=2, N=2, P=3, D=4, prefix_index=[0, 2], prefix_lens=[1, 3],
+                padded_keys=[0, 0], strided=False)
+    with pytest.raises(RuntimeError, match=r"prefix_index\[1\] = 2 is outside \[-1, 2\)"):
+        _cpp.forward(*x.values(), True, 0.5, 0.0, 0)
+    x["prefix_index"] = torch.tensor([0, 1], dtype=torch.int32)
+    x["prefix_lens"] = torch.tensor([4, 3], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"prefix_lens\[0\] = 4 is outside \[0, 3\]"):
+        _cpp.forward(*x.values(), True, 0.5, 0.0, 0)
