@@ -60,6 +60,18 @@ def _row_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _device_defaults(option: str) -> str:
+    """' (default: X on CPU, Y on CUDA)' for an option whose default depends on the device."""
+    name = option.removeprefix("--").replace("-", "_")
+    values = []
+    for device, defaults in bench.DEFAULTS.items():
+        value = getattr(defaults["shape"], name) if name in _SHAPE_OPTIONS else defaults[name]
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        values.append(f"{value} on {device.upper()}")
+    return f" (default: {', '.join(values)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fastprompt",
@@ -90,21 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a local checkpoint directory (loaded with local_files_only=True) instead of random weights",
     )
-    shape = b.add_argument_group("random-weight model shape (defaults depend on the device)")
-    shape.add_argument("--hidden", type=_positive_int, help="hidden size")
-    shape.add_argument("--layers", type=_positive_int, help="number of decoder layers")
-    shape.add_argument("--heads", type=_positive_int, help="attention heads")
-    shape.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA)")
-    shape.add_argument("--vocab", type=_positive_int, help="vocabulary size")
-    work = b.add_argument_group("work per call (defaults depend on the device)")
-    work.add_argument("--batch", type=_positive_int, help="batch size")
-    work.add_argument("--seq-len", type=_positive_int, help="tokens per row (training) or prompt length")
-    work.add_argument("--prefix-len", type=_positive_int, help="virtual tokens of each adapter")
-    work.add_argument("--new-tokens", type=_positive_int, help="tokens generated per row in the generate row")
-    work.add_argument("--dtype", choices=tuple(_DTYPES), help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    shape = b.add_argument_group("random-weight model shape")
+    for option, text in (
+        ("--hidden", "hidden size"),
+        ("--layers", "number of decoder layers"),
+        ("--heads", "attention heads"),
+        ("--kv-heads", "key/value heads (GQA)"),
+        ("--vocab", "vocabulary size"),
+    ):
+        shape.add_argument(option, type=_positive_int, help=text + _device_defaults(option))
+    work = b.add_argument_group("work per call")
+    for option, kind, text in (
+        ("--batch", _positive_int, "batch size"),
+        ("--seq-len", _positive_int, "tokens per row (training) and prompt length (generate)"),
+        ("--prefix-len", _positive_int, "virtual tokens of each adapter"),
+        ("--new-tokens", _positive_int, "tokens generated per row in the generate row"),
+        ("--iters", _positive_int, "timed calls per measurement (the median is reported)"),
+        ("--warmup", _non_negative_int, "untimed calls before timing"),
+    ):
+        work.add_argument(option, type=kind, help=text + _device_defaults(option))
+    work.add_argument("--dtype", choices=tuple(_DTYPES), help="model dtype" + _device_defaults("--dtype"))
     work.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present")
-    work.add_argument("--iters", type=_positive_int, help="timed calls per measurement (the median is reported)")
-    work.add_argument("--warmup", type=_non_negative_int, help="untimed calls before timing")
     out = b.add_argument_group("output")
     out.add_argument("--json", type=Path, metavar="PATH", help="write every figure, with environment, as JSON")
     out.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG chart (needs matplotlib)")
