@@ -26,11 +26,14 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fastprompt.benchutil import Measurement, measure
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
 
 METHODS = ("prefix-tuning", "p-tuning-v2", "p-tuning")
 """Training rows: prefix-tuning with its projection MLP, P-tuning v2 (deep prompts), P-tuning."""
@@ -39,8 +42,7 @@ ROWS = (*METHODS, GENERATE)
 
 PAD_TOKEN_ID = 0
 
-# Prompt-learning adapters hold no gradient-free state worth a special learning rate; any value times
-# the same optimizer work.
+# The value changes no work an AdamW step does; the benchmark times steps, not convergence.
 _LEARNING_RATE = 1e-4
 
 
@@ -148,7 +150,7 @@ def build_base_model(
     return base.train()
 
 
-def peft_config(method: str, model_config: Any, prefix_len: int):
+def peft_config(method: str, model_config: Any, prefix_len: int) -> PeftConfig:
     """The PEFT config of ``method`` for a model with ``model_config`` and ``prefix_len`` virtual tokens.
 
     prefix-tuning: a projection MLP as wide as the model (Li & Liang); p-tuning-v2: learned per-layer
@@ -177,7 +179,7 @@ def peft_config(method: str, model_config: Any, prefix_len: int):
     raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
-def wrap(method: str, base: torch.nn.Module, prefix_len: int):
+def wrap(method: str, base: torch.nn.Module, prefix_len: int) -> PeftModel:
     """``base`` wrapped in a fresh PEFT adapter of ``method`` (the PeftModel, on base's device and dtype)."""
     from peft import get_peft_model
 
@@ -220,7 +222,7 @@ def build_case(
     seq_len: int,
     prefix_len: int,
     seed: int = 0,
-):
+) -> tuple[PeftModel, dict[str, torch.Tensor]]:
     """``(peft_model, batch)``: a fresh base model wrapped with ``method``'s adapter, and a random batch."""
     base = build_base_model(model, device=device, dtype=dtype, max_positions=seq_len + prefix_len, seed=seed)
     peft_model = wrap(method, base, prefix_len)
@@ -232,7 +234,9 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=_LEARNING_RATE)
 
 
-def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer):
+def train_step(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+) -> torch.Tensor:
     """One optimizer step: forward with labels, backward, AdamW step. Returns the (detached) loss."""
     loss = model(**batch).loss
     loss.backward()
@@ -553,17 +557,18 @@ def plot(result: BenchResult, path: str | os.PathLike) -> None:
 
     rows = [row for row in result.rows if row.fastprompt is not None]
     labels = [row.name for row in rows]
-    panels: Sequence[tuple[str, list[float | None], str]] = (
+    nan = float("nan")
+    panels: Sequence[tuple[str, list[float], str]] = (
         ("speed-up vs naive PEFT (higher is better)", [row.speedup for row in rows], "tab:blue"),
-        ("peak memory / naive PEFT (lower is better)", [row.memory_ratio or 0.0 for row in rows], "tab:orange"),
+        ("peak memory / naive PEFT (lower is better)", [row.memory_ratio or nan for row in rows], "tab:orange"),
     )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (title, values, color) in zip(axes, panels, strict=True):
         bars = ax.bar(labels, values, color=color)
-        ax.bar_label(bars, fmt="%.2fx", padding=2)
+        ax.bar_label(bars, labels=["n/a" if v != v else f"{v:.2f}x" for v in values], padding=2)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_title(title)
-        ax.set_ylim(0, max([1.0, *values]) * 1.2)
+        ax.set_ylim(0, max([1.0, *(v for v in values if v == v)]) * 1.2)
         ax.tick_params(axis="x", labelrotation=15)
     env = result.environment
     fig.suptitle(f"fastprompt bench: {env['device']}, {_dtype_name(result.config.dtype)}, {env['date']}")
