@@ -98,7 +98,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # under three minutes on two CPU cores.
     "cpu": dict(
         shape=ModelShape(hidden=256, layers=4, heads=8, kv_heads=2, vocab=1000),
-        batch=4, seq_len=256, prefix_len=64, new_tokens=32, dtype=torch.float32, iters=5, warmup=1,
+        batch=4, seq_len=128, prefix_len=32, new_tokens=16, dtype=torch.float32, iters=5, warmup=1,
     ),
     # A 1B-class model (Llama 3.2 1B's attention and MLP shapes, a 32k vocabulary) in bf16.
     "cuda": dict(
