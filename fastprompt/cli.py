@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_output_path(parser: argparse.ArgumentParser, option: str, path: Path | None) -> None:
-    if path is not None and not path.parent.is_dir():
+    if path is None:
+        return
+    if path.is_dir():
+        parser.error(f"{option} {path}: is a directory; give a file name")
+    if not path.parent.is_dir():
         parser.error(f"{option} {path}: directory {path.parent} does not exist")
 
 

@@ -242,6 +242,7 @@ BAD_OPTIONS = [
     (["bench", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["bench", "--json", "/no/such/dir/out.json"], "--json /no/such/dir/out.json: directory /no/such/dir does not"),
     (["bench", "--plot", "/no/such/dir/out.png"], "--plot /no/such/dir/out.png: directory /no/such/dir does not"),
+    (["bench", "--json", "/"], "--json /: is a directory"),
 ]
 
 
