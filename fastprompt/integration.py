@@ -200,7 +200,7 @@ def fastprompt_attention(
         key_padding_mask=_key_padding_mask(attention_mask, key.shape[2]),
         causal=causal,
         scale=scaling,
-        dropout_p=dropout if module.training else 0.0,
+        dropout_p=dropout,
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from fastprompt.encoders import encode_prompt
 from fastprompt.errors import UnsupportedModelError
@@ -188,8 +188,31 @@ def _patched_get_prompt(
     return original(batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
 
 
+def _virtual_token_prefix(model: Any) -> PrefixKV:
+    """P-tuning / prompt tuning at serve time: the virtual tokens run once (batch 1) through the frozen
+    model, their per-layer K/V as a bank [L, 2, 1, Hkv, P, D].
+
+    They come first in every row and attend only to each other, so their K/V are the same for all rows
+    of any batch: PEFT recomputes (and caches) them once per row.
+    """
+    base = model.get_base_model()
+    prompts = _prompt_encoder_output(model)[None].to(base.dtype)
+    cache = DynamicCache()
+    base(inputs_embeds=prompts, past_key_values=cache, use_cache=True)
+    return PrefixKV(torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers]))
+
+
 def _patched_prepare_inputs(model: Any, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    model_inputs = original(*args, **kwargs)
+    cache = kwargs.get("past_key_values")
+    starts_cached_generation = cache is not None and (isinstance(cache, PrefixCache) or cache.get_seq_length() == 0)
+    if starts_cached_generation and _peft_type(model.active_peft_config) in _EMBEDDING_TYPES:
+        model_inputs = model.base_model_prepare_inputs_for_generation(*args, **kwargs)
+        if not isinstance(model_inputs["past_key_values"], PrefixCache):
+            model_inputs["past_key_values"] = PrefixCache(_virtual_token_prefix(model), store=True)
+        # PEFT drops position ids for these methods: the model numbers tokens after the virtual ones.
+        model_inputs["position_ids"] = None
+    else:
+        model_inputs = original(*args, **kwargs)
     cache = model_inputs.get("past_key_values")
     if isinstance(cache, PrefixCache):
         model_inputs[PREFIX_KWARG] = cache.prefix

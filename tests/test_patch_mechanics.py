@@ -113,6 +113,25 @@ def test_cache_holds_the_sequence_but_never_the_prefix():
         assert cache.get_seq_length() == P + stored  # positions still count the prefix, as in PEFT
 
 
+@pytest.mark.parametrize("method", ["p_tuning_lstm", "prompt_tuning"])
+def test_generate_runs_virtual_tokens_once_as_a_prefix_block(method, monkeypatch):
+    """P-tuning / prompt tuning at serve time: the virtual tokens' K/V are computed once, batch 1."""
+    torch.manual_seed(0)
+    model = fastprompt.patch(tiny_peft_model("qwen3", method, gqa=True, num_virtual_tokens=P)).eval()
+    calls = _attention_spy(monkeypatch)
+    batch = random_batch(B, T, padding="left")
+    layers = model.get_base_model().config.num_hidden_layers
+    with torch.no_grad():
+        generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=PAD,
+                                   return_dict_in_generate=True)
+    virtual_run, prefill = calls[:layers], calls[layers : 2 * layers]
+    assert all(call["k_len"] == P and call["prefix_shape"][2] == 0 for call in virtual_run)
+    assert all(call["k_len"] == T and call["prefix_shape"][:3] == (1, 2, P) for call in prefill)
+    cache = generated.past_key_values
+    assert isinstance(cache, PrefixCache) and DynamicCache.get_seq_length(cache) == T + 2
+
+
 @pytest.mark.parametrize(("arch", "task", "method"), [
     ("llama", "causal_lm", "prefix_projection"),
     ("gpt2", "causal_lm", "prefix"),
