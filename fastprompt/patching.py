@@ -9,7 +9,9 @@ adapter is prompt learning additionally has three of its methods replaced on the
   per-row cache;
 - ``get_prompt``: returns that cache for prefix tuning, and for P-tuning / prompt tuning the encoder's
   output computed once and expanded to the batch as a view (PEFT runs and copies it per row);
-- ``prepare_inputs_for_generation``: hands the prefix of the generation's cache to every decoding step.
+- ``prepare_inputs_for_generation``: hands the prefix of the generation's cache to every decoding step;
+  for P-tuning / prompt tuning it first runs the virtual tokens once (batch 1) through the frozen model
+  and serves their per-layer K/V as the prefix block, instead of prepending them to every row.
 
 Everything else (masks widened by PEFT, labels, classification heads, position handling) stays PEFT's own
 code, so results are PEFT's. ``unpatch`` puts back exactly what was there.
@@ -198,7 +200,7 @@ def _virtual_token_prefix(model: Any) -> PrefixKV:
     base = model.get_base_model()
     prompts = _prompt_encoder_output(model)[None].to(base.dtype)
     cache = DynamicCache()
-    base(inputs_embeds=prompts, past_key_values=cache, use_cache=True)
+    base.base_model(inputs_embeds=prompts, past_key_values=cache, use_cache=True)  # the backbone, no LM head
     return PrefixKV(torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers]))
 
 
