@@ -32,12 +32,15 @@ _LAZY = {
     "PromptTemplate": "fastprompt.templates",
     "PromptTemplateModel": "fastprompt.templates",
     "scatter_prompts": "fastprompt.templates",
+    "PrefixKV": "fastprompt.integration",
+    "PrefixCache": "fastprompt.integration",
 }
 
 __all__ = ["BackendUnavailableError", "UnsupportedModelError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp  # noqa: F401
+    from fastprompt.integration import PrefixCache, PrefixKV  # noqa: F401
     from fastprompt.ops import available_backends, merge_attention_states, prefix_attention  # noqa: F401
     from fastprompt.patching import patch, unpatch  # noqa: F401
     from fastprompt.templates import PromptTemplate, PromptTemplateModel, scatter_prompts  # noqa: F401
