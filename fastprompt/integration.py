@@ -56,6 +56,8 @@ class PrefixKV:
     def __post_init__(self) -> None:
         if self.bank.dim() != 6 or self.bank.shape[1] != 2:
             raise ValueError(f"bank must be [layers, 2, N, Hkv, P, D], got shape {tuple(self.bank.shape)}")
+        # Checked once here, so that the layers can skip the value checks (each one a device sync).
+        ops.check_index_values(self.prefix_index, self.prefix_lens, self.bank.shape[2], self.bank.shape[4])
 
     @property
     def length(self) -> int:
@@ -189,7 +191,7 @@ def fastprompt_attention(
         if prefix_k.dtype != query.dtype:
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
         prefix_index, prefix_lens = prefix.prefix_index, prefix.prefix_lens
-    out = ops.prefix_attention(
+    out = ops.prefix_attention_checked(
         query,
         key,
         value,

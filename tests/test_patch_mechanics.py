@@ -288,3 +288,11 @@ def test_prefix_bank_shape_is_checked():
         PrefixKV(torch.randn(2, 3, 1, 2, 5, 8))
     config = tiny_config("llama")
     assert patching._kv_geometry(config) == (2, 4, 8)
+
+
+def test_prefix_bank_index_values_are_checked_once_at_construction():
+    bank = torch.randn(2, 2, 3, 2, 5, 8)
+    with pytest.raises(ValueError, match=r"prefix_index values must be in \[-1, N\) with N = 3"):
+        PrefixKV(bank, prefix_index=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"prefix_lens values must be in \[0, P\] with P = 5"):
+        PrefixKV(bank, prefix_index=torch.tensor([0, -1]), prefix_lens=torch.tensor([5, 6, 1]))
