@@ -45,7 +45,7 @@ def _attention_spy(monkeypatch) -> list[dict]:
     """Record what every call of the "fastprompt" attention function and of the op receives."""
     calls: list[dict] = []
     real_attention = AttentionInterface._global_mapping["fastprompt"]
-    real_op = ops.prefix_attention
+    real_op = ops.prefix_attention_checked
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         calls.append({"mask_dim": None if attention_mask is None else attention_mask.dim(), "k_len": key.shape[2]})
@@ -58,7 +58,7 @@ def _attention_spy(monkeypatch) -> list[dict]:
         return real_op(q, k, v, prefix_k, prefix_v, **kwargs)
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "fastprompt", attention)
-    monkeypatch.setattr(ops, "prefix_attention", op)
+    monkeypatch.setattr(ops, "prefix_attention_checked", op)
     return calls
 
 
