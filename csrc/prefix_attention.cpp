@@ -801,7 +801,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0), "prefix_attention_cpu: k, v must be [B, Hkv, S, D]");
   TORCH_CHECK(prefix_k.sizes() == prefix_v.sizes() && prefix_k.size(1) == k.size(1),
               "prefix_attention_cpu: prefix_k, prefix_v must be [N, Hkv, P, D]");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "prefix_attention_cpu: Hq must be a multiple of Hkv");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "prefix_attention_cpu: Hq must be a positive multiple of Hkv");
   TORCH_CHECK(k.size(2) >= q.size(2), "prefix_attention_cpu: S must be >= T");
   TORCH_CHECK(prefix_index.scalar_type() == at::kInt && prefix_index.is_contiguous() &&
                   prefix_index.numel() == q.size(0),

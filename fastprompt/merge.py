@@ -22,6 +22,11 @@ def merge_attention_states(
     """
     if out_a.shape != out_b.shape:
         raise ValueError(f"out_a and out_b must have the same shape, got {tuple(out_a.shape)} and {tuple(out_b.shape)}")
+    if out_a.dtype != out_b.dtype or out_a.device != out_b.device or lse_a.device != out_a.device:
+        raise ValueError(
+            f"out_a and out_b must share dtype and device with each other and with the lse tensors, got "
+            f"{out_a.dtype} on {out_a.device}, {out_b.dtype} on {out_b.device}, lse on {lse_a.device}"
+        )
     if lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]:
         raise ValueError(
             f"lse_a and lse_b must have shape {tuple(out_a.shape[:-1])} (out without its last dim), "

@@ -92,8 +92,12 @@ def _warn_fallback(device_type: str, preferred: str, reason: str) -> None:
     )
 
 
-def _inputs_unsupported(name: str, dtype: torch.dtype, head_dim: int) -> str | None:
+def _inputs_unsupported(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Why backend ``name`` cannot take these inputs although it runs on their device, or ``None``."""
+    if name == "triton" and dtype == torch.bfloat16 and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 0):
+            return f"bfloat16 triton kernels need a GPU of compute capability 8.0 or newer, this one has {capability}"
     if name == "triton" and dtype == torch.float64:
         return "the triton kernels do not support float64"
     if name == "triton" and head_dim > _TRITON_MAX_HEAD_DIM:
@@ -105,7 +109,7 @@ def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, h
     name = ("triton" if device.type == "cuda" else "cpu") if requested == "auto" else requested
     ok, reason = _backend_status(name, device)
     if ok:
-        reason = _inputs_unsupported(name, dtype, head_dim)
+        reason = _inputs_unsupported(name, device, dtype, head_dim)
         ok = reason is None
     if ok:
         return name
@@ -396,13 +400,13 @@ def check_index_values(
     index tensors (every layer of a model) check once and then call :func:`prefix_attention_checked`.
     """
     if prefix_index is not None and prefix_index.numel() > 0:
-        lo, hi = int(prefix_index.min()), int(prefix_index.max())
+        lo, hi = (int(x) for x in torch.aminmax(prefix_index))
         if lo < -1 or hi >= num_prefixes:
             raise ValueError(
                 f"prefix_index values must be in [-1, N) with N = {num_prefixes} bank rows, got values in [{lo}, {hi}]"
             )
     if prefix_lens is not None and prefix_lens.numel() > 0:
-        lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
+        lo, hi = (int(x) for x in torch.aminmax(prefix_lens))
         if lo < 0 or hi > prefix_len:
             raise ValueError(f"prefix_lens values must be in [0, P] with P = {prefix_len}, got values in [{lo}, {hi}]")
 
@@ -448,16 +452,19 @@ def prefix_attention(
         gradient is summed over the rows that used each bank row.
     """
     args = _normalise(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lens,
+        key_padding_mask,
+        causal,
+        scale,
+        dropout_p,
+        check_values=not torch.compiler.is_compiling(),
     )
-    if not torch.compiler.is_compiling():
-        # only what the caller passed: the defaults _normalise fills in are in range by construction
-        check_index_values(
-            None if prefix_index is None else args[5],
-            None if prefix_lens is None else args[6],
-            prefix_k.shape[0],
-            prefix_k.shape[2],
-        )
     return _run(*args, return_lse=return_lse)
 
 
@@ -481,12 +488,25 @@ def prefix_attention_checked(
     Shapes, dtypes and devices are still checked (no sync); the value-range checks are skipped.
     """
     args = _normalise(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lens,
+        key_padding_mask,
+        causal,
+        scale,
+        dropout_p,
+        check_values=False,
     )
     return _run(*args, return_lse=return_lse)
 
 
-def _normalise(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p):
+def _normalise(
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p, *, check_values
+):
     q = _check_tensor("q", q, 4)
     k = _check_tensor("k", k, 4)
     v = _check_tensor("v", v, 4)
@@ -516,22 +536,30 @@ def _normalise(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_paddi
         raise ValueError(f"head dims differ: q has D={D}, k/v have {Dk}, prefix_k/prefix_v have {Dp}")
     if Hkv_p != Hkv:
         raise ValueError(f"prefix_k has {Hkv_p} heads but k has Hkv={Hkv}; the prefix must have the KV heads of k")
-    if Hkv == 0 or Hq % Hkv != 0:
+    if B < 1 or D < 1:
+        raise ValueError(f"q must have a batch size and a head dim of at least 1, got shape {tuple(q.shape)}")
+    if Hkv == 0 or Hq == 0 or Hq % Hkv != 0:
         raise ValueError(f"q has Hq={Hq} heads, which must be a positive multiple of k's Hkv={Hkv} heads")
     if T < 1 or S < T:
         raise ValueError(f"k/v have S={S} keys and q has T={T} queries; need S >= T >= 1")
     if N < 1:
         raise ValueError("prefix_k must hold at least one bank row (N >= 1); use P = 0 for an empty prefix")
+    if prefix_index is not None:
+        prefix_index = _check_index_tensor("prefix_index", prefix_index, B, "B", q.device)
+    if prefix_lens is not None:
+        prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, "N", q.device)
+    if check_values:
+        check_index_values(prefix_index, prefix_lens, N, P)
     if prefix_index is None:
         if N != 1:
             raise ValueError(f"prefix_index is required when the bank holds N={N} > 1 prefixes")
         prefix_index = torch.zeros(B, dtype=torch.int32, device=q.device)
     else:
-        prefix_index = _check_index_tensor("prefix_index", prefix_index, B, "B", q.device).to(torch.int32).contiguous()
+        prefix_index = prefix_index.to(torch.int32).contiguous()
     if prefix_lens is None:
         prefix_lens = torch.full((N,), P, dtype=torch.int32, device=q.device)
     else:
-        prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, "N", q.device).to(torch.int32).contiguous()
+        prefix_lens = prefix_lens.to(torch.int32).contiguous()
     if key_padding_mask is not None:
         key_padding_mask = _check_tensor("key_padding_mask", key_padding_mask, 2)
         if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:

@@ -20,8 +20,8 @@ CUDA = torch.cuda.is_available()
 
 # Max abs error allowed, relative to max(1, max |reference|), per input dtype: (output and lse, gradients).
 TOLERANCE = {
-    # backward recomputes probabilities from the saved lse, which the op's contract keeps in float32
-    torch.float64: (1e-10, 1e-6),
+    # the lse output is float32 by contract, so a gradient arriving through it carries float32 rounding
+    torch.float64: (1e-10, 1e-7),
     torch.float32: (3e-5, 2e-4),
     torch.float16: (3e-3, 2e-2),
     torch.bfloat16: (2e-2, 8e-2),
@@ -242,9 +242,12 @@ def test_half_precision(dtype, backend):
 
 def test_float64(monkeypatch):
     for name in ("torch", "cpu"):
-        if available_backends("cpu")[name][0]:
-            monkeypatch.setenv("FASTPROMPT_BACKEND", name)
-            check_against_reference(make_case(dtype=torch.float64, P=4, T=3, S=5, padding="left"))
+        ok, reason = available_backends("cpu")[name]
+        if not ok:
+            assert not _expected_here(name), reason
+            continue
+        monkeypatch.setenv("FASTPROMPT_BACKEND", name)
+        check_against_reference(make_case(dtype=torch.float64, P=4, T=3, S=5, padding="left"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -449,6 +452,9 @@ BAD_INPUTS = [
     ({"k": torch.randn(2, 2, 5, 32, dtype=torch.float64)}, TypeError, "k has dtype torch.float64"),
     ({"prefix_index": torch.tensor([0, 2])}, ValueError, r"prefix_index values must be in \[-1, N\)"),
     ({"prefix_index": torch.tensor([-2, 0])}, ValueError, r"prefix_index values must be in \[-1, N\)"),
+    ({"prefix_index": torch.tensor([2**32, 0])}, ValueError, r"prefix_index values must be in \[-1, N\)"),
+    ({"prefix_lens": torch.tensor([2**32 + 2, 3])}, ValueError, r"prefix_lens values must be in \[0, P\]"),
+    ({"q": torch.randn(2, 0, 3, 32)}, ValueError, "must be a positive multiple"),
     ({"prefix_index": torch.tensor([0.0, 1.0])}, TypeError, "prefix_index must be an integer tensor"),
     ({"prefix_index": torch.tensor([0, 1, 1])}, ValueError, r"prefix_index must have shape \[B\]"),
     ({"prefix_index": None}, ValueError, "prefix_index is required"),
@@ -472,6 +478,15 @@ def test_bad_input_is_rejected_with_a_clear_error(changes, error, message):
     tensors = [args.pop(name) for name in ["q", "k", "v", "prefix_k", "prefix_v"]]
     with pytest.raises(error, match=message):
         fastprompt.prefix_attention(*tensors, **args)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 2, 5, 32), (2, 4, 3, 2, 5, 0)], ids=["B0", "D0"])
+def test_empty_batch_or_head_dim_is_rejected(shape):
+    B, Hq, T, Hkv, S, D = shape
+    tensors = [torch.randn(B, Hq, T, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)]
+    tensors += [torch.randn(1, Hkv, 4, D), torch.randn(1, Hkv, 4, D)]
+    with pytest.raises(ValueError, match="batch size and a head dim of at least 1"):
+        fastprompt.prefix_attention(*tensors)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device to put tensors on two devices")
