@@ -20,13 +20,14 @@ def _keep_mask(
 
 
 def _softmax_block(
-    logits: torch.Tensor, visible: torch.Tensor, keep: torch.Tensor | None, dropout_p: float
+    logits: torch.Tensor, hidden: list[torch.Tensor], keep: torch.Tensor | None, dropout_p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax over the last dim: ``(probs, lse)``; rows with nothing visible give 0 and -inf.
 
     Written without ``logsumexp`` so that fully masked rows have finite gradients (zero), not NaN.
     """
-    logits = logits.masked_fill(~visible, float("-inf"))
+    for mask in hidden:  # each True where a key is not visible, broadcast against logits
+        logits = logits.masked_fill(mask, float("-inf"))
     row_max = logits.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     weights = torch.exp(logits - row_max)
@@ -69,15 +70,16 @@ def _attend(
         generator = torch.Generator(device=q.device).manual_seed(seed)
 
     logits = scale * qg @ k.to(compute).transpose(-1, -2)
-    visible = torch.ones(B, 1, group * T, S, dtype=torch.bool, device=q.device)
+    # Each mask stays in its own broadcastable shape ([group * T, S] causal, [B, 1, 1, S] padding).
+    hidden = []
     if causal:
-        visible = visible & (torch.arange(S, device=q.device)[None, :] <= (S - T + t_of_row)[:, None])
+        hidden.append(torch.arange(S, device=q.device)[None, :] > (S - T + t_of_row)[:, None])
     if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
+        hidden.append(~key_padding_mask[:, None, None, :])
     keep = None
     if generator is not None:
         keep = _keep_mask(generator, (B, Hq, T, S), dropout_p, q.device).reshape(B, Hkv, group * T, S)
-    probs, seq_lse = _softmax_block(logits, visible, keep, dropout_p)
+    probs, seq_lse = _softmax_block(logits, hidden, keep, dropout_p)
     seq_out = probs @ v.to(compute)
 
     prefix_out = torch.zeros_like(seq_out)
@@ -85,20 +87,19 @@ def _attend(
     prefix_keep = None
     if generator is not None and P > 0:
         prefix_keep = _keep_mask(generator, (B, Hq, T, P), dropout_p, q.device).reshape(B, Hkv, group * T, P)
-    for n in range(N if P > 0 else 0):
+    used = torch.unique(prefix_index[prefix_index >= 0]).tolist() if P > 0 else []
+    for n in used:
         rows = (prefix_index == n).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
         R = rows.numel()
         # The rows become extra query rows of one [Hkv, R * group * T, D] @ [Hkv, D, P] product: a
         # broadcast batch dimension would make matmul materialise the prefix once per row.
         q_rows = qg[rows].transpose(0, 1).reshape(Hkv, R * group * T, D)
         row_logits = scale * q_rows @ prefix_k[n].to(compute).transpose(-1, -2)
-        row_visible = (torch.arange(P, device=q.device) < prefix_lens[n])[None, None, :]
+        row_hidden = [(torch.arange(P, device=q.device) >= prefix_lens[n])[None, None, :]]
         row_keep = None
         if prefix_keep is not None:
             row_keep = prefix_keep[rows].transpose(0, 1).reshape(Hkv, R * group * T, P)
-        row_probs, row_lse = _softmax_block(row_logits, row_visible, row_keep, dropout_p)
+        row_probs, row_lse = _softmax_block(row_logits, row_hidden, row_keep, dropout_p)
         row_out = (row_probs @ prefix_v[n].to(compute)).reshape(Hkv, R, group * T, D).transpose(0, 1)
         prefix_out = prefix_out.index_copy(0, rows, row_out)
         prefix_lse = prefix_lse.index_copy(0, rows, row_lse.reshape(Hkv, R, group * T).transpose(0, 1))
