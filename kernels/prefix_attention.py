@@ -8,16 +8,16 @@ head ``hq // (Hq // Hkv)``.
 
 Kernels (FlashAttention-2 structure, scores in base 2 with ``qk_scale = scale * log2(e)``):
 
-- ``_fwd_kernel``: grid (T / BLOCK_M, B * Hq); one query tile against all visible key tiles. Causal
+- ``_fwd_kernel``: grid (B * Hq, T / BLOCK_M); one query tile against all visible key tiles. Causal
   sequence tiles entirely to the right of the tile's last query are never visited.
 - ``_decode_kernel`` + ``_merge_kernel`` (T <= 16): the M dimension packs the ``Hq / Hkv`` query heads
   of one kv head (GQA rows share every K/V load); the key columns ``[0, P + S)`` are split across
   programs, each writing a normalised partial output and its log-sum-exp, merged by log-sum-exp.
 - ``_bwd_delta_kernel``: ``delta = rowsum(dO * O)``.
 - ``_bwd_dq_kernel``: grid like the forward; accumulates dq over the prefix and sequence tiles.
-- ``_bwd_dkdv_kernel``: grid (S / BLOCK_N, B * Hkv); one sequence key tile, looping over the query
+- ``_bwd_dkdv_kernel``: grid (B * Hkv, S / BLOCK_N); one sequence key tile, looping over the query
   heads of its group and the query tiles that can see it, so dk/dv need no atomics.
-- ``_bwd_dprefix_kernel``: grid (P / BLOCK_N, N * Hkv, splits); one bank key tile, looping over the batch
+- ``_bwd_dprefix_kernel``: grid (N * Hkv, P / BLOCK_N, splits); one bank key tile, looping over the batch
   rows whose ``prefix_index`` is that bank row (see the kernel for how the sum stays deterministic).
 
 Dropout keeps probability (b, hq, t, c) iff a Philox draw keyed by the counters
@@ -187,10 +187,10 @@ def _fwd_kernel(
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // Hq
     hq = bh % Hq
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -224,8 +224,8 @@ def _decode_kernel(
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    bk = tl.program_id(1)
+    bk = tl.program_id(0)
+    split = tl.program_id(1)
     Hkv = Hq // GROUP
     b = bk // Hkv
     hkv = bk % Hkv
@@ -296,10 +296,10 @@ def _merge_kernel(OutPart, LsePart, Out, Lse, n_rows, n_splits, D,
 @triton.jit
 def _bwd_delta_kernel(Out, DOut, Delta, sob, soh, sot, sod, sdb, sdh, sdt, sdd, Hq, T, D,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // Hq
     hq = bh % Hq
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -341,11 +341,11 @@ def _bwd_dq_kernel(
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // Hq
     hq = bh % Hq
     hkv = hq // GROUP
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -372,7 +372,7 @@ def _bwd_dq_kernel(
 
     s_hi = S
     if CAUSAL:
-        s_hi = tl.minimum(S, S - T + (tl.program_id(0) + 1) * BLOCK_M)
+        s_hi = tl.minimum(S, S - T + (tl.program_id(1) + 1) * BLOCK_M)
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
     for start_n in range(0, s_hi, BLOCK_N):
@@ -434,11 +434,11 @@ def _bwd_dkdv_kernel(
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bk = tl.program_id(1)
+    bk = tl.program_id(0)
     Hkv = Hq // GROUP
     b = bk // Hkv
     hkv = bk % Hkv
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = offs_n < S
     if HAS_KPM:
         key_ok = key_ok & (tl.load(KPM + b * S + offs_n, mask=key_ok, other=0) != 0)
@@ -451,7 +451,7 @@ def _bwd_dkdv_kernel(
     m_lo = 0
     if CAUSAL:
         # Query t sees key s iff t >= s - (S - T): earlier query tiles see nothing of this key tile.
-        m_lo = tl.maximum(tl.program_id(0) * BLOCK_N - (S - T), 0) // BLOCK_M * BLOCK_M
+        m_lo = tl.maximum(tl.program_id(1) * BLOCK_N - (S - T), 0) // BLOCK_M * BLOCK_M
     for g in range(0, GROUP):
         hq = hkv * GROUP + g
         dk, dv = _dkdv_from_queries(
@@ -481,13 +481,13 @@ def _bwd_dprefix_kernel(
     s takes rows b = s, s + n_splits, ...) so a bank shared by a large batch still fills the GPU; each
     split writes an fp32 partial [N, Hkv, P, D] and the launcher adds the few partials in a fixed order.
     """
-    nk = tl.program_id(1)
+    nk = tl.program_id(0)
     split = tl.program_id(2)
     Hkv = Hq // GROUP
     n = nk // Hkv
     hkv = nk % Hkv
     plen = tl.load(PL + n)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = offs_n < plen
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -498,7 +498,7 @@ def _bwd_dprefix_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # A tile wholly past prefix_lens[n] gets no gradient: skip the rows instead of masking them.
-    b_end = tl.where(tl.program_id(0) * BLOCK_N < plen, B, 0)
+    b_end = tl.where(tl.program_id(1) * BLOCK_N < plen, B, 0)
     for b in range(split, b_end, n_splits):
         if tl.load(PI + b) == n:
             for g in range(0, GROUP):
@@ -567,6 +567,18 @@ def _target_programs(device: torch.device) -> int:
     return 8
 
 
+def _grid(heads: int, *tiles: int) -> tuple[int, ...]:
+    """Launch grid ``(heads, *tiles)``: the batch (or bank) x heads product, which grows with the batch,
+    on axis 0 (up to 2**31 - 1 programs); tile and split counts on axes 1 and 2, which CUDA caps at 65535."""
+    assert heads < 2**31, f"{heads} (batch or bank) x head programs exceed the CUDA grid's axis 0"
+    for axis, n in enumerate(tiles, start=1):
+        assert n <= 65535, (
+            f"{n} tiles on grid axis {axis} exceed CUDA's 65535: the sequence or prefix is too long for "
+            "this tile size"
+        )
+    return (heads, *tiles)
+
+
 def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()]
 
@@ -596,8 +608,7 @@ def _forward_general(
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     cfg = _config(q, "fwd")
-    grid = (triton.cdiv(T, cfg.block_m), B * Hq)
-    _fwd_kernel[grid](
+    _fwd_kernel[_grid(B * Hq, triton.cdiv(T, cfg.block_m))](
         *ptrs, kpm, out, lse, *_strides(q, k, v, prefix_k, prefix_v),
         Hq, T, S, P, D, scale * 1.4426950408889634, seed, dropout_p,
         GROUP=Hq // Hkv, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
@@ -628,7 +639,7 @@ def _forward_decode(
     n_rows = B * Hq * T
     out_part = torch.empty(n_splits, n_rows, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(n_splits, n_rows, dtype=torch.float32, device=q.device)
-    _decode_kernel[(n_splits, B * Hkv, row_blocks)](
+    _decode_kernel[_grid(B * Hkv, n_splits, row_blocks)](
         *ptrs, kpm, out_part, lse_part, *_strides(q, k, v, prefix_k, prefix_v),
         Hq, T, S, P, D, n_rows, cols_per_split, scale * 1.4426950408889634, seed, dropout_p,
         GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
@@ -687,13 +698,13 @@ def backward(
 
     delta = torch.empty(B, Hq, T, dtype=torch.float32, device=device)
     block_t = 16
-    _bwd_delta_kernel[(triton.cdiv(T, block_t), B * Hq)](
+    _bwd_delta_kernel[_grid(B * Hq, triton.cdiv(T, block_t))](
         out, grad_out, delta, *_strides(out, grad_out), Hq, T, D, BLOCK_M=block_t, BLOCK_D=block_d,
     )
 
     dq = torch.empty(B, Hq, T, D, dtype=q.dtype, device=device)
     cfg = _config(q, "dq")
-    _bwd_dq_kernel[(triton.cdiv(T, cfg.block_m), B * Hq)](
+    _bwd_dq_kernel[_grid(B * Hq, triton.cdiv(T, cfg.block_m))](
         *ptrs[:5], grad_out, lse, delta, prefix_index, prefix_lens, kpm, dq,
         *_strides(q, k, v, prefix_k, prefix_v, grad_out),
         Hq, T, S, P, D, scale, qk_scale, seed, dropout_p,
@@ -705,7 +716,7 @@ def backward(
     dk = torch.empty(B, Hkv, S, D, dtype=k.dtype, device=device)
     dv = torch.empty(B, Hkv, S, D, dtype=v.dtype, device=device)
     cfg = _config(q, "dkdv")
-    _bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * Hkv)](
+    _bwd_dkdv_kernel[_grid(B * Hkv, triton.cdiv(S, cfg.block_n))](
         q, k, v, grad_out, lse, delta, kpm, dk, dv, *_strides(q, k, v, grad_out),
         Hq, T, S, P, D, scale, qk_scale, seed, dropout_p,
         GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout,
@@ -719,7 +730,7 @@ def backward(
     n_splits = max(1, min(triton.cdiv(_target_programs(device), p_blocks * N * Hkv), B))
     dpk_part = torch.empty(n_splits, N, Hkv, P, D, dtype=torch.float32, device=device)
     dpv_part = torch.empty(n_splits, N, Hkv, P, D, dtype=torch.float32, device=device)
-    _bwd_dprefix_kernel[(p_blocks, N * Hkv, n_splits)](
+    _bwd_dprefix_kernel[_grid(N * Hkv, p_blocks, n_splits)](
         q, prefix_k, prefix_v, grad_out, lse, delta, prefix_index, prefix_lens, dpk_part, dpv_part,
         *_strides(q, prefix_k, prefix_v, grad_out),
         B, Hq, T, P, D, N, n_splits, scale, qk_scale, seed, dropout_p,

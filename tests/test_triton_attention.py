@@ -168,15 +168,44 @@ def test_backward_matches_reference(case: Case, dtype: torch.dtype, gen: torch.G
         assert torch.all(grad.transpose(1, 2)[~used.to(DEVICE)] == 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [96, 256])
-def test_other_head_dims(D: int, gen: torch.Generator) -> None:
+def test_other_head_dims(D: int, dtype: torch.dtype, gen: torch.Generator) -> None:
+    # On CUDA, fp16/bf16 with D > 128 and fp32 with D > 64 take the wide-row tile configs of _config.
     case = Case(2, 2, 1, 3, 5, 3, 1, D, (0, -1), (2,), ((1, 0), (0, 0)), True)
-    inputs = make_inputs(case, torch.float32, gen)
+    inputs = make_inputs(case, dtype, gen)
     ref_out, ref_lse, leaves = reference(inputs, case.causal, requires_grad=True)
     for fn in (kernels._forward_general, kernels._forward_decode):
         out, lse = run_forward(fn, inputs, case.causal)
-        assert_close(out, ref_out.detach(), FWD_TOL[torch.float32], "out")
+        assert out.dtype == dtype
+        assert_close(out, ref_out.detach(), FWD_TOL[dtype], "out")
         assert_close(lse, ref_lse.detach(), FWD_TOL[torch.float32], "lse")
+    grad_out = _randn(gen, *out.shape, dtype=dtype)
+    grads = run_backward(grad_out, inputs, out, lse, case.causal)
+    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
+    for name, grad, ref_grad in zip(TENSORS, grads, ref_grads, strict=True):
+        assert grad.dtype == dtype, name
+        assert_close(grad, ref_grad, GRAD_TOL[dtype], f"d{name}")
+
+
+def test_grid_rejects_more_than_65535_tiles_on_axes_1_and_2() -> None:
+    assert kernels._grid(2**31 - 1, 65535, 64) == (2**31 - 1, 65535, 64)
+    with pytest.raises(AssertionError, match="65536 tiles on grid axis 2 exceed CUDA's 65535"):
+        kernels._grid(4, 1, 65536)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the 65535 grid-axis cap is CUDA's")
+@pytest.mark.parametrize("T", [1, 17], ids=["decode", "general"])
+def test_batch_times_heads_beyond_65535_programs(T: int, gen: torch.Generator) -> None:
+    # B * Hq = B * Hkv = N * Hkv = 65544 programs on the batch-heads axis of every kernel, one past what
+    # grid axes 1 and 2 can take; each row has its own bank row so dprefix sees N * Hkv of them too.
+    B, H = 5462, 12
+    case = Case(B, H, H, T, T, 2, B, 16, tuple(range(B)), (2,) * B, None, True)
+    inputs = make_inputs(case, torch.float32, gen)
+    out, lse = run_forward(kernels.forward, inputs, case.causal)
+    ref_out, ref_lse, leaves = reference(inputs, case.causal, requires_grad=True)
+    assert_close(out, ref_out.detach(), FWD_TOL[torch.float32], "out")
+    assert_close(lse, ref_lse.detach(), FWD_TOL[torch.float32], "lse")
     grad_out = _randn(gen, *out.shape)
     grads = run_backward(grad_out, inputs, out, lse, case.causal)
     ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
