@@ -20,6 +20,8 @@ input tokens; peak memory is :func:`fastprompt.benchutil.measure`'s (CUDA alloca
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import shlex
 import sys
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 
 from fastprompt import bench
-from fastprompt.benchutil import Measurement, measure
+from fastprompt.benchutil import Measurement, measure_alternating
 
 CASES = ("prefix-tuning", "p-tuning-v2", "p-tuning-lstm", "bert-p-tuning-v2")
 train_step = bench.train_step
@@ -154,20 +156,16 @@ def measure_run(run: Run, *, device: torch.device, dtype: torch.dtype, iters: in
     The two sides alternate for ``rounds`` rounds and each keeps its fastest median, so that load from
     other processes on a shared machine (which comes and goes) does not land on one side only.
     """
-    import fastprompt
 
     model, batch = build_train_case(run.case, batch=run.batch, seq_len=run.seq_len, prefix_len=run.prefix_len,
                                     device=device, dtype=dtype, decoder=decoder, encoder=encoder)
     optimizer = bench.make_optimizer(model)
-    best: list[Measurement | None] = [None, None]
-    for _ in range(rounds):
-        for side in (0, 1):
-            if side:
-                fastprompt.patch(model)
-            m = measure(lambda: train_step(model, batch, optimizer), device=device, warmup=warmup, iters=iters)
-            fastprompt.unpatch(model)
-            best[side] = m if best[side] is None or m.ms < best[side].ms else best[side]
-    return best[0], best[1]
+    peft, fast = measure_alternating(
+        lambda: train_step(model, batch, optimizer),
+        [contextlib.nullcontext, functools.partial(bench.patched, model)],
+        rounds=rounds, device=device, warmup=warmup, iters=iters,
+    )
+    return peft, fast
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -8,8 +8,8 @@ The pieces are reusable on their own (``benchmarks/`` builds its cases with them
 - :func:`random_batch`: random token ids with realistic left padding;
 - :func:`build_case`: the three above in one call, ``(peft_model, batch)``;
 - :func:`train_step` and :func:`generate_step`: the work that is timed;
-- :func:`run`: every requested row, naive then patched on the same model object, timed with
-  :func:`fastprompt.benchutil.measure`;
+- :func:`run`: every requested row, naive and patched on the same model object, alternating for
+  :data:`ROUNDS` rounds (:func:`fastprompt.benchutil.measure_alternating`), each side's fastest kept;
 - :func:`format_markdown`, :func:`to_json`, :func:`plot`: the report, with device, versions, commit and
   the command line, so that a table can be committed verbatim under ``benchmarks/results/``.
 """
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastprompt.benchutil import Measurement, measure
+from fastprompt.benchutil import Measurement, measure, measure_alternating
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -41,6 +41,14 @@ GENERATE = "generate"
 ROWS = (*METHODS, GENERATE)
 
 PAD_TOKEN_ID = 0
+
+
+class CheckpointError(ValueError):
+    """A local checkpoint given with ``--model`` that cannot be loaded."""
+
+
+ROUNDS = 3
+"""Naive and patched alternate this many times per row; each keeps its fastest median (load comes and goes)."""
 
 # The value changes no work an AdamW step does; the benchmark times steps, not convergence.
 _LEARNING_RATE = 1e-4
@@ -61,6 +69,8 @@ class ModelShape:
         for name, value in asdict(self).items():
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
+        if self.vocab < 2:
+            raise ValueError(f"vocab must be at least 2 (token 0 is padding), got {self.vocab}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if self.heads % self.kv_heads:
@@ -98,12 +108,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # under three minutes on two CPU cores.
     "cpu": dict(
         shape=ModelShape(hidden=256, layers=4, heads=8, kv_heads=2, vocab=1000),
-        batch=4, seq_len=128, prefix_len=32, new_tokens=16, dtype=torch.float32, iters=5, warmup=1,
+        batch=4,
+        seq_len=128,
+        prefix_len=32,
+        new_tokens=16,
+        dtype=torch.float32,
+        iters=5,
+        warmup=1,
     ),
     # A 1B-class model (Llama 3.2 1B's attention and MLP shapes, a 32k vocabulary) in bf16.
     "cuda": dict(
         shape=ModelShape(hidden=2048, layers=16, heads=32, kv_heads=8, vocab=32000),
-        batch=4, seq_len=1024, prefix_len=64, new_tokens=128, dtype=torch.bfloat16, iters=10, warmup=3,
+        batch=4,
+        seq_len=1024,
+        prefix_len=64,
+        new_tokens=128,
+        dtype=torch.bfloat16,
+        iters=10,
+        warmup=3,
     ),
 }
 
@@ -146,7 +168,12 @@ def build_base_model(
             base = LlamaForCausalLM(config)
         base.to(dtype)
     else:
-        base = AutoModelForCausalLM.from_pretrained(model, local_files_only=True, dtype=dtype).to(device)
+        try:
+            base = AutoModelForCausalLM.from_pretrained(model, local_files_only=True, dtype=dtype).to(device)
+        except Exception as exc:  # safetensors, torch and OS errors alike: the checkpoint cannot be read
+            raise CheckpointError(
+                f"cannot load {model}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            ) from exc
     return base.train()
 
 
@@ -297,7 +324,8 @@ class BenchResult:
 
 
 @contextlib.contextmanager
-def _patched(model: torch.nn.Module) -> Iterator[None]:
+def patched(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` patched by fastprompt inside the block, restored after it."""
     import fastprompt
 
     fastprompt.patch(model)
@@ -313,18 +341,18 @@ def _measure_both(
     config: BenchConfig,
     advance: Callable[[str], None],
 ) -> tuple[Measurement, Measurement | None, str | None]:
-    """Time ``make_fn()`` unpatched, then patched; the patched side reports why fastprompt refused."""
+    """Time ``make_fn()`` unpatched and patched, alternating; the patched side reports why fastprompt refused."""
     from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
 
     kwargs = dict(device=config.device, warmup=config.warmup, iters=config.iters)
-    advance("naive")
-    naive = measure(make_fn(), **kwargs)
-    advance("fastprompt")
+    advance("naive and fastprompt, alternating")
     try:
-        with _patched(model):
-            return naive, measure(make_fn(), **kwargs), None
+        naive, fast = measure_alternating(
+            make_fn(), [contextlib.nullcontext, functools.partial(patched, model)], rounds=ROUNDS, **kwargs
+        )
+        return naive, fast, None
     except (UnsupportedModelError, BackendUnavailableError) as exc:
-        return naive, None, f"{type(exc).__name__}: {exc}"
+        return measure(make_fn(), **kwargs), None, f"{type(exc).__name__}: {exc}"
 
 
 def _progress_of(progress: Callable[[str], None], name: str, variant: str) -> None:
@@ -345,7 +373,7 @@ def _generate_fn(
 
 def steps(config: BenchConfig) -> int:
     """How many measurements :func:`run` makes (for a progress bar)."""
-    return 2 * len(config.rows) + 2
+    return len(config.rows) + 2
 
 
 def run(config: BenchConfig, progress: Callable[[str], None] = lambda stage: None) -> BenchResult:
@@ -479,7 +507,8 @@ def format_markdown(result: BenchResult, command: str) -> str:
         f"- command: `{command}`",
         f"- model: {_model_description(cfg.model)}, {_dtype_name(cfg.dtype)}",
         f"- batch {cfg.batch} x {cfg.seq_len} tokens (left padding on some rows), "
-        f"{cfg.prefix_len} virtual tokens; median of {cfg.iters} calls after {cfg.warmup} warm-up",
+        f"{cfg.prefix_len} virtual tokens; median of {cfg.iters} calls after {cfg.warmup} warm-up, "
+        f"naive and fastprompt alternating for {ROUNDS} rounds, the fastest median of each",
         "- generate: greedy; tokens/s counts new tokens, the time includes the prompt's prefill",
         f"- fastprompt {v['fastprompt']} (commit {env['commit']}, FASTPROMPT_BACKEND={env['backend']}, "
         f"available here: {', '.join(env.get('backends_available', [])) or 'none'})",

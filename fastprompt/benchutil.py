@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +98,29 @@ def measure(
         times.append(time.perf_counter() - start)
     peak = _cuda_peak_bytes(fn, device) if device.type == "cuda" else _cpu_peak_bytes(fn)
     return Measurement(ms=1e3 * statistics.median(times), peak_mib=peak / 2**20)
+
+
+def measure_alternating(
+    fn: Callable[[], object],
+    sides: Sequence[Callable[[], contextlib.AbstractContextManager]],
+    *,
+    rounds: int = 3,
+    device: torch.device | str = "cpu",
+    warmup: int = 2,
+    iters: int = 5,
+) -> list[Measurement]:
+    """Time ``fn()`` under each of ``sides`` (context-manager factories, e.g. unpatched and patched) in turn.
+
+    The sides alternate for ``rounds`` rounds and each keeps its fastest measurement, so that load from
+    other processes, which comes and goes, does not land on one side only. Returns one per side.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    best: list[Measurement | None] = [None] * len(sides)
+    for _ in range(rounds):
+        for i, side in enumerate(sides):
+            with side():
+                m = measure(fn, device=device, warmup=warmup, iters=iters)
+            if best[i] is None or m.ms < best[i].ms:
+                best[i] = m
+    return best

@@ -53,9 +53,7 @@ def _row_list(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     unknown = [name for name in names if name not in bench.ROWS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma-separated list of {', '.join(bench.ROWS)}; got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(bench.ROWS)}; got {text!r}")
     return names
 
 
@@ -142,6 +140,13 @@ def _check_output_path(parser: argparse.ArgumentParser, option: str, path: Path 
         parser.error(f"{option} {path}: is a directory; give a file name")
     if not path.parent.is_dir():
         parser.error(f"{option} {path}: directory {path.parent} does not exist")
+    existed = path.exists()
+    try:  # opened now, so that a path that cannot be written fails before the run, not after it
+        path.open("a").close()
+    except OSError as exc:
+        parser.error(f"{option} {path}: cannot write there: {exc.strerror}")
+    if not existed:
+        path.unlink()
 
 
 def _check_model_path(parser: argparse.ArgumentParser, path: Path) -> Path:
@@ -188,7 +193,7 @@ def bench_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> b
     _check_output_path(parser, "--json", args.json)
     _check_output_path(parser, "--plot", args.plot)
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        parser.error("--plot needs matplotlib, which is not installed: pip install 'fastprompt[plot]'")
+        parser.error("--plot needs matplotlib, which is not installed: pip install matplotlib")
 
     def pick(name: str):
         value = getattr(args, name)
@@ -231,7 +236,10 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace, comman
     with bar, warnings.catch_warnings():
         # Deprecation notices that transformers and peft raise at each other are not ours to show.
         warnings.simplefilter("ignore", FutureWarning)
-        result = bench.run(config, progress)
+        try:
+            result = bench.run(config, progress)
+        except bench.CheckpointError as exc:
+            parser.error(f"--model: {exc}")
         bar.update(1)
 
     print(bench.format_markdown(result, command), end="")
@@ -271,4 +279,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         return _run_bench(parser, args, shlex.join(["fastprompt", *argv]))
     return _run_info()
-

@@ -140,8 +140,13 @@ def test_bench_local_checkpoint_with_progress_bar(tmp_path, monkeypatch, capsys)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=50, max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=64,
     )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
 
@@ -151,13 +156,30 @@ def test_bench_local_checkpoint_with_progress_bar(tmp_path, monkeypatch, capsys)
 
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    args = ["bench", "--model", str(tmp_path), "--methods", "p-tuning-v2,generate", "--batch", "2",
-            "--seq-len", "8", "--prefix-len", "2", "--new-tokens", "2", "--iters", "1", "--warmup", "0"]
+    args = [
+        "bench",
+        "--model",
+        str(tmp_path),
+        "--methods",
+        "p-tuning-v2,generate",
+        "--batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--prefix-len",
+        "2",
+        "--new-tokens",
+        "2",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+    ]
     assert cli.main(args) == 0
     stdout = capsys.readouterr().out
     assert f"local checkpoint {tmp_path.resolve()}" in stdout
     assert list(_table_rows(stdout)) == ["p-tuning-v2 (train step)", "generate, prefix-tuning (2 new tokens)"]
-    assert "p-tuning-v2: fastprompt" in terminal.getvalue()
+    assert "p-tuning-v2: naive and fastprompt, alternating" in terminal.getvalue()
     assert "generate: naive" in terminal.getvalue()
 
 
@@ -175,11 +197,22 @@ def test_bench_quiet_writes_nothing_to_stderr(monkeypatch, capsys):
 
 def test_refused_case_is_reported_not_hidden():
     config = bench.BenchConfig(
-        rows=("prefix-tuning",), model=bench.ModelShape(32, 1, 4, 2, 64), batch=2, seq_len=8, prefix_len=2,
-        new_tokens=2, dtype=torch.float32, device=torch.device("cpu"), iters=1, warmup=0,
+        rows=("prefix-tuning",),
+        model=bench.ModelShape(32, 1, 4, 2, 64),
+        batch=2,
+        seq_len=8,
+        prefix_len=2,
+        new_tokens=2,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        iters=1,
+        warmup=0,
     )
     row = bench.Row(
-        name="prefix-tuning", kind="train", tokens=16, naive=Measurement(ms=4.0, peak_mib=2.0),
+        name="prefix-tuning",
+        kind="train",
+        tokens=16,
+        naive=Measurement(ms=4.0, peak_mib=2.0),
         error="UnsupportedModelError: no attention interface",
     )
     result = bench.BenchResult(config=config, environment=bench.environment(config.device), rows=[row])
@@ -247,6 +280,8 @@ BAD_OPTIONS = [
     (["bench", "--json", "/no/such/dir/out.json"], "--json /no/such/dir/out.json: directory /no/such/dir does not"),
     (["bench", "--plot", "/no/such/dir/out.png"], "--plot /no/such/dir/out.png: directory /no/such/dir does not"),
     (["bench", "--json", "/"], "--json /: is a directory"),
+    (["bench", "--json", "/proc/out.json"], "--json /proc/out.json: cannot write there"),
+    (["bench", "--vocab", "1"], "vocab must be at least 2"),
 ]
 
 
@@ -281,6 +316,17 @@ def test_bad_model_paths(tmp_path, capsys):
     )
 
 
+def test_model_whose_weights_cannot_be_loaded(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50
+    ).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    argv = ["bench", "--model", str(tmp_path), "--methods", "p-tuning-v2", "--iters", "1", "--warmup", "0", "--quiet"]
+    _assert_one_line_error(capsys, argv, f"--model: cannot load {tmp_path}")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_gpu(capsys):
     _assert_one_line_error(capsys, ["bench", "--device", "cuda"], "--device cuda: no CUDA GPU is available")
@@ -289,7 +335,7 @@ def test_cuda_without_gpu(capsys):
 def test_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an absent package looks like to find_spec
     _assert_one_line_error(
-        capsys, ["bench", "--plot", str(tmp_path / "chart.png")], r"--plot needs matplotlib.*fastprompt\[plot\]"
+        capsys, ["bench", "--plot", str(tmp_path / "chart.png")], r"--plot needs matplotlib.*pip install matplotlib"
     )
 
 
