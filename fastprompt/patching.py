@@ -160,13 +160,31 @@ def _check_checkpointing(model: torch.nn.Module) -> None:
             )
 
 
+def _refuse_mixed_adapters(kwargs: dict[str, Any]) -> None:
+    if kwargs.get("adapter_names") is not None:
+        raise UnsupportedModelError(
+            "mixed-adapter batches (adapter_names=...) are not supported by fastprompt.patch yet: the batch would "
+            "silently run the active adapter on every row; run one adapter per batch (or fastprompt.unpatch)"
+        )
+
+
+def _stores_cache(model: Any, use_cache: bool | None) -> bool:
+    """Whether the base model would fill a KV cache in this forward, as transformers decides it."""
+    if use_cache is not None:
+        return use_cache
+    base = model.get_base_model()
+    # A training forward's cache is never read; not storing it saves a copy of every layer's K and V.
+    return bool(getattr(base.config, "use_cache", False)) and not base.training
+
+
 def _patched_forward(model: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
+    _refuse_mixed_adapters(kwargs)
     if _peft_type(model.active_peft_config) not in _PREFIX_TYPES:
         return original(*args, **kwargs)
     if model.training and torch.is_grad_enabled():
         _check_checkpointing(model)
     prefix = prefix_from_peft(model)
-    token = _FORWARD_CACHE.set(PrefixCache(prefix, store=kwargs.get("use_cache") is True))
+    token = _FORWARD_CACHE.set(PrefixCache(prefix, store=_stores_cache(model, kwargs.get("use_cache"))))
     try:
         return original(*args, **kwargs, **{PREFIX_KWARG: prefix})
     finally:

@@ -162,8 +162,12 @@ def forward_and_grads(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 
 def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    """``max |actual - expected| <= tol * max(1, max |expected|)``: an absolute bound relative to the scale."""
+    """``max |actual - expected| <= tol * max |expected|``: an absolute bound relative to the tensor's own scale.
+
+    No floor: a gradient of size 1e-6 is held to 1e-6 * tol, so a wrong small gradient cannot pass.
+    """
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(1.0, expected.abs().max().item())
+    scale = expected.abs().max().item()
+    assert scale > 0, f"{what}: the reference is all zeros, so the comparison could not fail"
     err = (actual.double() - expected.double()).abs().max().item()
     assert err <= tol * scale, f"{what}: max abs diff {err:.3e} > {tol:.0e} * {scale:.3g}"

