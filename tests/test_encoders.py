@@ -5,6 +5,7 @@ the PyTorch path and the triton kernels (interpreted on CPU, hence tiny sizes).
 """
 
 import copy
+import zlib
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def _reference(encoder, tokens, grad_out):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(ENCODERS))
 def test_encode_prompt_matches_peft(name, dtype, backend):
-    torch.manual_seed(hash((name, str(dtype), backend)) % 2**31)
+    torch.manual_seed(zlib.crc32(f"{name}-{dtype}-{backend}".encode()))  # stable across runs, unlike hash()
     encoder = ENCODERS[name]()
     _randomize(encoder)
     encoder = encoder.to(DEVICE, dtype).eval()
