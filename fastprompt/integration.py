@@ -59,6 +59,12 @@ class PrefixKV:
         # Checked once here, so that the layers can skip the value checks (each one a device sync).
         ops.check_index_values(self.prefix_index, self.prefix_lens, self.bank.shape[2], self.bank.shape[4])
 
+    def every_row_has_full_length(self) -> bool:
+        """Whether every batch row sees a prefix of the full bank width ``P`` (reads values: a sync)."""
+        full_index = self.prefix_index is None or bool((self.prefix_index >= 0).all())
+        full_lens = self.prefix_lens is None or bool((self.prefix_lens == self.length).all())
+        return full_index and full_lens
+
     @property
     def length(self) -> int:
         """``P``, the number of positions the prefix occupies in front of the sequence."""
@@ -81,6 +87,12 @@ class PrefixCache(DynamicCache):
     """
 
     def __init__(self, prefix: PrefixKV, *, store: bool) -> None:
+        if not prefix.every_row_has_full_length():
+            raise ValueError(
+                "PrefixCache numbers every row's tokens from the bank width P, but this bank has rows with no "
+                "prefix (-1) or a prefix_lens below P; number each row from its own prefix length by passing "
+                "position_ids to the forward (and no PrefixCache)"
+            )
         super().__init__()
         self.prefix = prefix
         self.store = store

@@ -317,3 +317,14 @@ def test_eval_forward_returns_the_cache_peft_returns():
         cache = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).past_key_values
     assert cache.get_seq_length() == expected.get_seq_length() == P + T
     assert cache.layers[0].keys.shape[2] == T, "the sequence is stored, the prefix is not"
+
+
+@pytest.mark.parametrize(
+    ("prefix_index", "prefix_lens"), [([0, -1], None), ([0, 1], [5, 3])], ids=["row-without-prefix", "short-prefix"]
+)
+def test_prefix_cache_refuses_banks_whose_rows_need_their_own_positions(prefix_index, prefix_lens):
+    bank = torch.randn(2, 2, 2, 2, 5, 8)
+    lens = None if prefix_lens is None else torch.tensor(prefix_lens)
+    prefix = PrefixKV(bank, prefix_index=torch.tensor(prefix_index), prefix_lens=lens)
+    with pytest.raises(ValueError, match="passing position_ids"):
+        PrefixCache(prefix, store=False)

@@ -102,6 +102,8 @@ def test_readme_has_code_blocks_with_languages_and_setup_markers():
         marked = [block for block in BLOCKS if block.marker == marker]
         assert len(marked) == 1, f"README.md needs exactly one block under <!-- {marker} -->"
         assert marked[0].language in SHELLS, f"the {marker} block must be a shell block"
+        # .ci/run runs the first line of each marked block: a second line would be silently dropped there
+        assert len(marked[0].code.strip().splitlines()) == 1, f"the {marker} block must be one line"
 
 
 @pytest.mark.parametrize(
