@@ -161,20 +161,8 @@ def _forward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # return_lse only tells the backward whether the lse reached the caller (and so carries a gradient)
     name = _resolve_backend(backend, q.device, q.dtype, q.shape[-1])
-    out, lse = _backend_module(name).forward(
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        prefix_index,
-        prefix_lens,
-        key_padding_mask,
-        causal,
-        scale,
-        dropout_p,
-        _seed_value(seed),
-    )
+    inputs = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask)
+    out, lse = _backend_module(name).forward(*inputs, causal, scale, dropout_p, _seed_value(seed))
     return out.contiguous(), lse.contiguous()
 
 
@@ -184,22 +172,7 @@ _prefix_attention_fwd = torch.library.custom_op("fastprompt::prefix_attention_fw
 
 
 @_prefix_attention_fwd.register_fake
-def _(
-    q,
-    k,
-    v,
-    prefix_k,
-    prefix_v,
-    prefix_index,
-    prefix_lens,
-    key_padding_mask,
-    causal,
-    scale,
-    dropout_p,
-    seed,
-    backend,
-    return_lse,
-):
+def _(q, *rest):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -223,145 +196,57 @@ def _prefix_attention_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     name = _resolve_backend(backend, q.device, q.dtype, q.shape[-1])
-    grads = _backend_module(name).backward(
-        grad_out,
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        prefix_index,
-        prefix_lens,
-        key_padding_mask,
-        out,
-        lse,
-        causal,
-        scale,
-        dropout_p,
-        _seed_value(seed),
-    )
+    inputs = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask)
+    grads = _backend_module(name).backward(grad_out, *inputs, out, lse, causal, scale, dropout_p, _seed_value(seed))
     return tuple(g.contiguous() for g in grads)
 
 
 @_prefix_attention_bwd.register_fake
-def _(
-    grad_out,
-    q,
-    k,
-    v,
-    prefix_k,
-    prefix_v,
-    prefix_index,
-    prefix_lens,
-    key_padding_mask,
-    out,
-    lse,
-    causal,
-    scale,
-    dropout_p,
-    seed,
-    backend,
-):
+def _(grad_out, q, k, v, prefix_k, prefix_v, *index_mask_state_and_options):
     return tuple(x.new_empty(x.shape) for x in (q, k, v, prefix_k, prefix_v))
 
 
+_N_ATTENTION_INPUTS = 8  # q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    (
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        prefix_index,
-        prefix_lens,
-        key_padding_mask,
-        causal,
-        scale,
-        dropout_p,
-        seed,
-        backend,
-        return_lse,
-    ) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse, seed)
+    causal, scale, dropout_p, seed, backend, return_lse = inputs[_N_ATTENTION_INPUTS:]
+    ctx.save_for_backward(*inputs[:_N_ATTENTION_INPUTS], *output, seed)
     ctx.options = (causal, scale, dropout_p, backend, return_lse)
 
 
-def _lse_gradients(ctx, grad_lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _lse_gradients(attention_inputs: tuple, options: tuple, grad_lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Gradients reaching q, k, prefix_k through the log-sum-exp output.
 
     d lse_i / d q_i = scale * sum_j p_ij key_j: attention with the keys as values.
     d lse_i / d key_j = scale * p_ij q_i: the value-gradient of attention with keys as values and
     ``scale * grad_lse * q`` as output gradient. Dropout never touches the lse, so both run without it.
     """
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse, seed = ctx.saved_tensors
-    causal, scale, _, backend, _ = ctx.options
-    keys_out, keys_lse = _prefix_attention_fwd(
-        q,
-        k,
-        k,
-        prefix_k,
-        prefix_k,
-        prefix_index,
-        prefix_lens,
-        key_padding_mask,
-        causal,
-        scale,
-        0.0,
-        None,
-        backend,
-        False,
-    )
+    q, k, _, prefix_k, _, *index_and_mask = attention_inputs
+    causal, scale, _, backend, _ = options
+    keys_as_values = (q, k, k, prefix_k, prefix_k, *index_and_mask)
+    keys_out, keys_lse = _prefix_attention_fwd(*keys_as_values, causal, scale, 0.0, None, backend, False)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     g = (scale * grad_lse.to(compute))[..., None]
     dq = (g * keys_out.to(compute)).to(q.dtype)
     pseudo_grad_out = (g * q.to(compute)).to(q.dtype)
     _, _, dk, _, dprefix_k = _prefix_attention_bwd(
-        pseudo_grad_out,
-        q,
-        k,
-        k,
-        prefix_k,
-        prefix_k,
-        prefix_index,
-        prefix_lens,
-        key_padding_mask,
-        keys_out,
-        keys_lse,
-        causal,
-        scale,
-        0.0,
-        None,
-        backend,
+        pseudo_grad_out, *keys_as_values, keys_out, keys_lse, causal, scale, 0.0, None, backend
     )
     return dq, dk, dprefix_k
 
 
 def _backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse, seed = ctx.saved_tensors
+    attention_inputs = ctx.saved_tensors[:_N_ATTENTION_INPUTS]
+    out, lse, seed = ctx.saved_tensors[_N_ATTENTION_INPUTS:]
     causal, scale, dropout_p, backend, return_lse = ctx.options
     dq, dk, dv, dprefix_k, dprefix_v = _prefix_attention_bwd(
-        grad_out,
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        prefix_index,
-        prefix_lens,
-        key_padding_mask,
-        out,
-        lse,
-        causal,
-        scale,
-        dropout_p,
-        seed,
-        backend,
+        grad_out, *attention_inputs, out, lse, causal, scale, dropout_p, seed, backend
     )
     if return_lse:
-        lse_dq, lse_dk, lse_dprefix_k = _lse_gradients(ctx, grad_lse)
+        lse_dq, lse_dk, lse_dprefix_k = _lse_gradients(attention_inputs, ctx.options, grad_lse)
         dq, dk, dprefix_k = dq + lse_dq, dk + lse_dk, dprefix_k + lse_dprefix_k
-    return dq, dk, dv, dprefix_k, dprefix_v, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dprefix_k, dprefix_v, *[None] * 9
 
 
 _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -465,7 +350,7 @@ def prefix_attention(
         dropout_p,
         check_values=not torch.compiler.is_compiling(),
     )
-    return _run(*args, return_lse=return_lse)
+    return _run(args, return_lse=return_lse)
 
 
 def prefix_attention_checked(
@@ -501,7 +386,7 @@ def prefix_attention_checked(
         dropout_p,
         check_values=False,
     )
-    return _run(*args, return_lse=return_lse)
+    return _run(args, return_lse=return_lse)
 
 
 def _normalise(
@@ -594,40 +479,11 @@ def _normalise(
     )
 
 
-def _run(
-    q,
-    k,
-    v,
-    prefix_k,
-    prefix_v,
-    prefix_index,
-    prefix_lens,
-    key_padding_mask,
-    causal,
-    scale,
-    dropout_p,
-    *,
-    return_lse: bool,
-):
+def _run(args: tuple, *, return_lse: bool):
+    """Call the op on ``_normalise``'s arguments: through the custom op when autograd or tracing needs it."""
+    tensors, dropout_p = args[:5], args[-1]
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
-    needs_graph = torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, prefix_k, prefix_v))
-    )
+    needs_graph = torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
     forward = _prefix_attention_fwd if needs_graph else _forward_impl
-    out, lse = forward(
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        prefix_index,
-        prefix_lens,
-        key_padding_mask,
-        causal,
-        scale,
-        dropout_p,
-        seed,
-        _requested_backend(),
-        return_lse,
-    )
+    out, lse = forward(*args, seed, _requested_backend(), return_lse)
     return (out, lse) if return_lse else out
