@@ -20,7 +20,7 @@ bottom-right, which also covers decoding with a KV cache (``S > T``). No 4-D mas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,8 @@ class PrefixKV:
     bank: torch.Tensor
     prefix_index: torch.Tensor | None = None
     prefix_lens: torch.Tensor | None = None
+    # Layers that fetched their block: lets a caller see that the prefix reached every attention layer.
+    layers_used: set[int] = field(default_factory=set, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.bank.dim() != 6 or self.bank.shape[1] != 2:
@@ -74,6 +76,7 @@ class PrefixKV:
         """Keys and values of layer ``layer_idx``, each [N, Hkv, P, D]."""
         if not 0 <= layer_idx < self.bank.shape[0]:
             raise ValueError(f"layer_idx {layer_idx} is outside the prefix bank's {self.bank.shape[0]} layers")
+        self.layers_used.add(layer_idx)
         return self.bank[layer_idx, 0], self.bank[layer_idx, 1]
 
 

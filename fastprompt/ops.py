@@ -237,8 +237,8 @@ def _lse_gradients(attention_inputs: tuple, options: tuple, grad_lse: torch.Tens
 
 
 def _backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
-    attention_inputs = ctx.saved_tensors[:_N_ATTENTION_INPUTS]
-    out, lse, seed = ctx.saved_tensors[_N_ATTENTION_INPUTS:]
+    saved = ctx.saved_tensors  # read once: checkpointing allows a single unpack
+    attention_inputs, (out, lse, seed) = saved[:_N_ATTENTION_INPUTS], saved[_N_ATTENTION_INPUTS:]
     causal, scale, dropout_p, backend, return_lse = ctx.options
     dq, dk, dv, dprefix_k, dprefix_v = _prefix_attention_bwd(
         grad_out, *attention_inputs, out, lse, causal, scale, dropout_p, seed, backend

@@ -186,9 +186,17 @@ def _patched_forward(model: Any, original: Any, *args: Any, **kwargs: Any) -> An
     prefix = prefix_from_peft(model)
     token = _FORWARD_CACHE.set(PrefixCache(prefix, store=_stores_cache(model, kwargs.get("use_cache"))))
     try:
-        return original(*args, **kwargs, **{PREFIX_KWARG: prefix})
+        output = original(*args, **kwargs, **{PREFIX_KWARG: prefix})
     finally:
         _FORWARD_CACHE.reset(token)
+    missing = set(range(prefix.bank.shape[0])) - prefix.layers_used
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(model.get_base_model()).__name__} did not hand the prefix to the attention of layers "
+            f"{sorted(missing)} (its layers do not pass forward keyword arguments down to attention), so this "
+            "forward would have run without the prefix there"
+        )
+    return output
 
 
 def _patched_get_prompt(

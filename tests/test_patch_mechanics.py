@@ -53,8 +53,11 @@ def _attention_spy(monkeypatch) -> list[dict]:
 
     def op(q, k, v, prefix_k, prefix_v, **kwargs):
         mask = kwargs["key_padding_mask"]
-        calls[-1].update(prefix_shape=tuple(prefix_k.shape), prefix_storage=prefix_k.untyped_storage().data_ptr(),
-                         padding_dim=None if mask is None else mask.dim())
+        calls[-1].update(
+            prefix_shape=tuple(prefix_k.shape),
+            prefix_storage=prefix_k.untyped_storage().data_ptr(),
+            padding_dim=None if mask is None else mask.dim(),
+        )
         return real_op(q, k, v, prefix_k, prefix_v, **kwargs)
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "fastprompt", attention)
@@ -65,8 +68,9 @@ def _attention_spy(monkeypatch) -> list[dict]:
 @pytest.mark.parametrize(("arch", "task"), [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "seq_cls")])
 def test_prefix_is_one_block_no_concat_no_row_copy_no_4d_mask(arch, task, monkeypatch):
     torch.manual_seed(0)
-    model = fastprompt.patch(tiny_peft_model(arch, "prefix_projection", task, gqa=arch == "llama",
-                                             num_virtual_tokens=P))
+    model = fastprompt.patch(
+        tiny_peft_model(arch, "prefix_projection", task, gqa=arch == "llama", num_virtual_tokens=P)
+    )
     calls = _attention_spy(monkeypatch)
     forward_and_grads(model, random_batch(B, T, padding="left", task=task))
     _, kv_heads, head_dim = patching._kv_geometry(model.get_base_model().config)
@@ -104,9 +108,15 @@ def test_cache_holds_the_sequence_but_never_the_prefix():
     layers = model.get_base_model().config.num_hidden_layers
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
-        generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=PAD,
-                                   return_dict_in_generate=True)
+        generated = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            pad_token_id=PAD,
+            return_dict_in_generate=True,
+        )
     for cache, stored in ((out.past_key_values, T), (generated.past_key_values, T + 3)):
         assert isinstance(cache, PrefixCache)
         assert [DynamicCache.get_seq_length(cache, i) for i in range(layers)] == [stored] * layers
@@ -122,9 +132,15 @@ def test_generate_runs_virtual_tokens_once_as_a_prefix_block(method, monkeypatch
     batch = random_batch(B, T, padding="left")
     layers = model.get_base_model().config.num_hidden_layers
     with torch.no_grad():
-        generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=PAD,
-                                   return_dict_in_generate=True)
+        generated = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            pad_token_id=PAD,
+            return_dict_in_generate=True,
+        )
     virtual_run, prefill = calls[:layers], calls[layers : 2 * layers]
     assert all(call["k_len"] == P and call["prefix_shape"][2] == 0 for call in virtual_run)
     assert all(call["k_len"] == T and call["prefix_shape"][:3] == (1, 2, P) for call in prefill)
@@ -132,11 +148,14 @@ def test_generate_runs_virtual_tokens_once_as_a_prefix_block(method, monkeypatch
     assert isinstance(cache, PrefixCache) and DynamicCache.get_seq_length(cache) == T + 2
 
 
-@pytest.mark.parametrize(("arch", "task", "method"), [
-    ("llama", "causal_lm", "prefix_projection"),
-    ("gpt2", "causal_lm", "prefix"),
-    ("bert", "seq_cls", "prefix"),
-])
+@pytest.mark.parametrize(
+    ("arch", "task", "method"),
+    [
+        ("llama", "causal_lm", "prefix_projection"),
+        ("gpt2", "causal_lm", "prefix"),
+        ("bert", "seq_cls", "prefix"),
+    ],
+)
 def test_gradient_checkpointing_gives_the_same_gradients(arch, task, method):
     torch.manual_seed(0)
     model = tiny_peft_model(arch, method, task, gqa=arch == "llama", num_virtual_tokens=P).train()
@@ -224,12 +243,17 @@ def test_plain_model_takes_a_prefix_bank_through_the_forward_kwarg():
                 block = bank[layer, :, prefix_index[row]]
                 cache.update(block[0][None], block[1][None], layer)
             mask = torch.cat([torch.ones(1, P, dtype=torch.long), batch["attention_mask"][row : row + 1]], dim=1)
-            expected.append(model(input_ids=batch["input_ids"][row : row + 1], attention_mask=mask,
-                                  past_key_values=cache).logits)
+            expected.append(
+                model(input_ids=batch["input_ids"][row : row + 1], attention_mask=mask, past_key_values=cache).logits
+            )
         fastprompt.patch(model)
         prefix = PrefixKV(bank, prefix_index=prefix_index)
-        actual = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       past_key_values=PrefixCache(prefix, store=False), fastprompt_prefix=prefix).logits
+        actual = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            past_key_values=PrefixCache(prefix, store=False),
+            fastprompt_prefix=prefix,
+        ).logits
     assert_scaled_close(actual, torch.cat(expected), 1e-5, "logits")
 
 
@@ -328,3 +352,23 @@ def test_prefix_cache_refuses_banks_whose_rows_need_their_own_positions(prefix_i
     prefix = PrefixKV(bank, prefix_index=torch.tensor(prefix_index), prefix_lens=lens)
     with pytest.raises(ValueError, match="passing position_ids"):
         PrefixCache(prefix, store=False)
+
+
+def test_layers_that_drop_the_prefix_kwarg_are_refused(monkeypatch):
+    """A model whose layers do not pass keyword arguments down would silently run without the prefix."""
+    from fastprompt.integration import PREFIX_KWARG
+
+    torch.manual_seed(0)
+    model = fastprompt.patch(tiny_peft_model("llama", "prefix", num_virtual_tokens=P))
+    real_attention = AttentionInterface._global_mapping["fastprompt"]
+
+    def attention_of_layer_one_loses_kwargs(module, *args, **kwargs):
+        if module.layer_idx == 1:
+            kwargs.pop(PREFIX_KWARG)
+        return real_attention(module, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "fastprompt", attention_of_layer_one_loses_kwargs)
+    with pytest.raises(
+        fastprompt.UnsupportedModelError, match=r"did not hand the prefix to the attention of layers \[1\]"
+    ):
+        model(**random_batch(B, T))
