@@ -584,8 +584,8 @@ PrefixSlots plan_prefix_slots(const int32_t* prefix_index, int64_t B, int64_t Hk
 
 template <typename scalar_t>
 void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& grad_out, const Rows<const scalar_t>& out,
-                     const float* lse, const Rows<scalar_t>& dq, const Rows<scalar_t>& dk, const Rows<scalar_t>& dv,
-                     at::Tensor& dpk, at::Tensor& dpv, int64_t N) {
+                     const float* lse, const float* grad_lse, const Rows<scalar_t>& dq, const Rows<scalar_t>& dk,
+                     const Rows<scalar_t>& dv, at::Tensor& dpk, at::Tensor& dpv, int64_t N) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t D = p.D, G = p.G, T = p.T;
   const int64_t positions = std::max<int64_t>(1, kBlockRows / G);
@@ -624,7 +624,8 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
     for (int64_t i = plan.chunk_start[chunk_begin]; i < plan.chunk_start[chunk_end]; ++i) {
       const int64_t pair = plan.order[i] / splits, split = plan.order[i] % splits;
       const int64_t b = pair / p.Hkv, hkv = pair % p.Hkv;
-      // delta = rowsum(dO * O) equals sum_j P_ij dP_ij also under dropout.
+      // delta = rowsum(dO * O) equals sum_j P_ij dP_ij also under dropout. A gradient reaching the lse adds
+      // grad_lse_i * P_ij to dS_ij, which is the same as lowering delta_i by grad_lse_i.
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t hq = hkv * G + g;
@@ -634,7 +635,7 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
           for (int64_t d = 0; d < D; ++d) {
             sum += static_cast<acc_t>(o[d]) * static_cast<acc_t>(go[d]);
           }
-          delta[t * G + g] = sum;
+          delta[t * G + g] = sum - (grad_lse ? static_cast<acc_t>(grad_lse[(b * p.Hq + hq) * T + t]) : acc_t(0));
           lse_rows[t * G + g] = static_cast<acc_t>(lse[(b * p.Hq + hq) * T + t]);
         }
       }
@@ -869,8 +870,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& pk_in, const at::Tensor& pv_in, const at::Tensor& prefix_index, const at::Tensor& prefix_lens,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out_in, const at::Tensor& lse_in,
-    bool causal, double scale, double dropout_p, int64_t seed) {
+    const std::optional<at::Tensor>& grad_lse_in, bool causal, double scale, double dropout_p, int64_t seed) {
   check_inputs(q_in, k_in, v_in, pk_in, pv_in, prefix_index, prefix_lens, key_padding_mask);
+  TORCH_CHECK(!grad_lse_in.has_value() || grad_lse_in->sizes() == lse_in.sizes(),
+              "prefix_attention_cpu: grad_lse must have lse's shape [B, Hq, T]");
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "prefix_attention_cpu: dropout_p must be in [0, 1)");
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "prefix_attention_cpu: grad_out and out must have q's shape");
@@ -882,6 +885,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   const at::Tensor pk = unit_last_stride(pk_in), pv = unit_last_stride(pv_in);
   const at::Tensor grad_out = unit_last_stride(grad_out_in), out = unit_last_stride(out_in);
   const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor grad_lse = grad_lse_in.has_value() ? grad_lse_in->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor dq = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
@@ -894,7 +898,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const auto p = make_problem<scalar_t>(q, k, v, pk, pv, prefix_index, prefix_lens, key_padding_mask, causal,
                                           scale, dropout_p, seed);
     backward_kernel<scalar_t>(p, rows_of<const scalar_t>(grad_out), rows_of<const scalar_t>(out),
-                              lse.data_ptr<float>(), rows_of<scalar_t>(dq), rows_of<scalar_t>(dk),
+                              lse.data_ptr<float>(), grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr,
+                              rows_of<scalar_t>(dq), rows_of<scalar_t>(dk),
                               rows_of<scalar_t>(dv), dpk, dpv, pk.size(0));
   });
   return {dq, dk, dv, dpk, dpv};
@@ -911,7 +916,7 @@ TORCH_LIBRARY(fastprompt, m) {
   m.def(
       "prefix_attention_bwd_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
       "Tensor prefix_v, Tensor prefix_index, Tensor prefix_lens, Tensor? key_padding_mask, Tensor out, "
-      "Tensor lse, bool causal, float scale, float dropout_p, int seed) "
+      "Tensor lse, Tensor? grad_lse, bool causal, float scale, float dropout_p, int seed) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -168,11 +168,12 @@ def backward(
     scale: float,
     dropout_p: float,
     seed: int,
+    grad_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix gradients [N, Hkv, P, D] are summed
-    over the batch rows that used each bank row."""
+    over the batch rows that used each bank row. ``grad_lse`` [B, Hq, T]: a gradient reaching the lse."""
     load()
     return torch.ops.fastprompt.prefix_attention_bwd_cpu(
-        grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse,
+        grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse, grad_lse,
         bool(causal), float(scale), float(dropout_p), _int64_seed(seed),
     )

@@ -156,14 +156,17 @@ def backward(
     scale: float,
     dropout_p: float,
     seed: int,
+    grad_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # A custom op's implementation runs below autograd, so the recompute is differentiated with
     # torch.func.vjp, which brings its own grad transform.
-    def attend(*tensors: torch.Tensor) -> torch.Tensor:
-        out, _ = _attend(*tensors, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p, seed)
-        return out
+    def attend(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _attend(*tensors, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p, seed)
 
     inputs = (q, k, v, prefix_k, prefix_v)
-    recomputed, vjp = torch.func.vjp(attend, *inputs)
-    grads = vjp(grad_out.to(recomputed.dtype))
+    (recomputed, recomputed_lse), vjp = torch.func.vjp(attend, *inputs)
+    # -inf lse entries (queries that see nothing) take no gradient
+    lse_cotangent = torch.zeros_like(recomputed_lse) if grad_lse is None else grad_lse.to(recomputed_lse.dtype)
+    lse_cotangent = torch.where(torch.isinf(recomputed_lse), 0, lse_cotangent)
+    grads = vjp((grad_out.to(recomputed.dtype), lse_cotangent))
     return tuple(g.to(x.dtype) for g, x in zip(grads, inputs, strict=True))

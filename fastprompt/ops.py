@@ -189,6 +189,7 @@ def _prefix_attention_bwd(
     key_padding_mask: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     causal: bool,
     scale: float,
     dropout_p: float,
@@ -197,7 +198,9 @@ def _prefix_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     name = _resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     inputs = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask)
-    grads = _backend_module(name).backward(grad_out, *inputs, out, lse, causal, scale, dropout_p, _seed_value(seed))
+    grads = _backend_module(name).backward(
+        grad_out, *inputs, out, lse, causal, scale, dropout_p, _seed_value(seed), grad_lse=grad_lse
+    )
     return tuple(g.contiguous() for g in grads)
 
 
@@ -215,37 +218,23 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.options = (causal, scale, dropout_p, backend, return_lse)
 
 
-def _lse_gradients(attention_inputs: tuple, options: tuple, grad_lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Gradients reaching q, k, prefix_k through the log-sum-exp output.
-
-    d lse_i / d q_i = scale * sum_j p_ij key_j: attention with the keys as values.
-    d lse_i / d key_j = scale * p_ij q_i: the value-gradient of attention with keys as values and
-    ``scale * grad_lse * q`` as output gradient. Dropout never touches the lse, so both run without it.
-    """
-    q, k, _, prefix_k, _, *index_and_mask = attention_inputs
-    causal, scale, _, backend, _ = options
-    keys_as_values = (q, k, k, prefix_k, prefix_k, *index_and_mask)
-    keys_out, keys_lse = _prefix_attention_fwd(*keys_as_values, causal, scale, 0.0, None, backend, False)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    g = (scale * grad_lse.to(compute))[..., None]
-    dq = (g * keys_out.to(compute)).to(q.dtype)
-    pseudo_grad_out = (g * q.to(compute)).to(q.dtype)
-    _, _, dk, _, dprefix_k = _prefix_attention_bwd(
-        pseudo_grad_out, *keys_as_values, keys_out, keys_lse, causal, scale, 0.0, None, backend
-    )
-    return dq, dk, dprefix_k
-
-
 def _backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
     saved = ctx.saved_tensors  # read once: checkpointing allows a single unpack
     attention_inputs, (out, lse, seed) = saved[:_N_ATTENTION_INPUTS], saved[_N_ATTENTION_INPUTS:]
     causal, scale, dropout_p, backend, return_lse = ctx.options
+    # return_lse: the lse reached the caller, so its gradient flows back too (folded into delta by the backends)
     dq, dk, dv, dprefix_k, dprefix_v = _prefix_attention_bwd(
-        grad_out, *attention_inputs, out, lse, causal, scale, dropout_p, seed, backend
+        grad_out,
+        *attention_inputs,
+        out,
+        lse,
+        grad_lse if return_lse else None,
+        causal,
+        scale,
+        dropout_p,
+        seed,
+        backend,
     )
-    if return_lse:
-        lse_dq, lse_dk, lse_dprefix_k = _lse_gradients(attention_inputs, ctx.options, grad_lse)
-        dq, dk, dprefix_k = dq + lse_dq, dk + lse_dk, dprefix_k + lse_dprefix_k
     return dq, dk, dv, dprefix_k, dprefix_v, *[None] * 9
 
 

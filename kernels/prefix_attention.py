@@ -675,9 +675,12 @@ def backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_index: torch.Tensor, prefix_lens: torch.Tensor,
     key_padding_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
-    causal: bool, scale: float, dropout_p: float, seed: int,
+    causal: bool, scale: float, dropout_p: float, seed: int, grad_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend backward: ``(dq, dk, dv, dprefix_k, dprefix_v)`` in the shapes and dtypes of the inputs.
+
+    ``grad_lse`` [B, Hq, T]: a gradient reaching the lse; it adds ``grad_lse_i * P_ij`` to ``dS_ij``, which
+    is lowering ``delta_i`` by ``grad_lse_i``.
 
     grad_out, out [B, Hq, T, D] (any strides); lse [B, Hq, T] float32 from :func:`forward`. dprefix_k,
     dprefix_v [N, Hkv, P, D] are summed over the rows using each bank row, zero past ``prefix_lens``
@@ -701,6 +704,8 @@ def backward(
     _bwd_delta_kernel[_grid(B * Hq, triton.cdiv(T, block_t))](
         out, grad_out, delta, *_strides(out, grad_out), Hq, T, D, BLOCK_M=block_t, BLOCK_D=block_d,
     )
+    if grad_lse is not None:
+        delta -= grad_lse.float()
 
     dq = torch.empty(B, Hq, T, D, dtype=q.dtype, device=device)
     cfg = _config(q, "dq")

@@ -51,7 +51,7 @@ def test_ops_are_registered_with_the_contract_schema() -> None:
     bwd = str(torch.ops.fastprompt.prefix_attention_bwd_cpu.default._schema)
     assert "Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed" in fwd
     assert fwd.endswith("-> (Tensor, Tensor)")
-    assert "Tensor out, Tensor lse, bool causal" in bwd
+    assert "Tensor out, Tensor lse, Tensor? grad_lse, bool causal" in bwd
     assert bwd.endswith("-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
