@@ -242,7 +242,7 @@ def format_tflops(case: Case, dtype: torch.dtype, device: str, warmup: int, iter
 
 
 def header(device: str, dtype: torch.dtype, argv: list[str]) -> str:
-    env = environment(torch.device(device))
+    env = environment(torch.device(device), dtype)
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     return "\n".join(
         [
@@ -252,7 +252,8 @@ def header(device: str, dtype: torch.dtype, argv: list[str]) -> str:
             f"- date: {env['date']}",
             f"- versions: {versions}",
             f"- commit: {env['commit']}",
-            f"- backend: {env['backend']}, dtype: {str(dtype).removeprefix('torch.')}",
+            f"- backend: {env['backend']} (FASTPROMPT_BACKEND={env['backend_requested']}), "
+            f"dtype: {str(dtype).removeprefix('torch.')}",
             f"- command: `{shlex.join(['python', *argv])}`",
             "",
             "Median wall time per call; MiB = peak memory allocated during one call (fastprompt.benchutil).",

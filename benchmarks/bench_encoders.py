@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(torch.device(args.device))
     print(f"# Prompt encoders, forward+backward ({args.dtype})\n")
     print(f"- device: {env['device']}\n- date: {env['date']}\n- commit: {env['commit']}")
-    print(f"- backend: {env['backend']}\n- command: `python {shlex.join(sys.argv)}`\n")
+    print(f"- FASTPROMPT_BACKEND: {env['backend_requested']}\n- command: `python {shlex.join(sys.argv)}`\n")
     print("| case | fastprompt ms | PEFT ms | PEFT / fastprompt | fastprompt peak MiB | PEFT peak MiB |")
     print("|---|---|---|---|---|---|")
     run(args.device, getattr(torch, args.dtype), args.iters, args.small)

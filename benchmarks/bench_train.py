@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> str:
     iters = args.iters or preset["iters"]
     warmup = preset["warmup"] if args.warmup is None else args.warmup
     rounds = args.rounds or preset["rounds"]
-    env = bench.environment(device)
-    v = env["versions"]
     dtype = preset["dtype"]
+    env = bench.environment(device, dtype)
+    v = env["versions"]
     lines = [
         f"## bench_train: {device.type.upper()} {env['device']}, {env['date']}",
         "",
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> str:
         f"{str(dtype).removeprefix('torch.')}",
         f"- one AdamW step (forward, backward, step); median of {iters} after {warmup} warm-up, best of {rounds} "
         "alternating rounds; "
-        f"commit {env['commit']}, FASTPROMPT_BACKEND={env['backend']}",
+        f"commit {env['commit']}, attention backend {env['backend']} (FASTPROMPT_BACKEND={env['backend_requested']})",
         f"- torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}",
         "",
         "| case | B x T, P | PEFT tokens/s | fastprompt tokens/s | speed-up | PEFT peak MiB "

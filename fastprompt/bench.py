@@ -386,7 +386,7 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda stage: Non
         max_positions=config.seq_len + config.prefix_len + config.new_tokens,
     )
     batch = random_batch(base.config.vocab_size, config.batch, config.seq_len, device=config.device)
-    result = BenchResult(config=config, environment=environment(config.device))
+    result = BenchResult(config=config, environment=environment(config.device, config.dtype))
     # Checking the backends builds the C++ kernels on first use: done here, it never lands in a timing.
     progress("loading fastprompt backends")
     from fastprompt.ops import available_backends
@@ -463,14 +463,23 @@ def git_commit() -> str:
     return f"{commit}-dirty" if dirty else commit
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Device, date, versions, commit, and the attention backend asked for and the one that runs."""
+    from fastprompt.errors import BackendUnavailableError
+    from fastprompt.ops import resolve_backend
+
+    try:
+        backend = resolve_backend(device, dtype)
+    except BackendUnavailableError as exc:
+        backend = f"unavailable ({exc})"
     return {
         "device": device_name(device),
         "device_type": device.type,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": versions(),
         "commit": git_commit(),
-        "backend": os.environ.get("FASTPROMPT_BACKEND", "auto") or "auto",
+        "backend_requested": os.environ.get("FASTPROMPT_BACKEND", "auto") or "auto",
+        "backend": backend,
     }
 
 
@@ -510,7 +519,8 @@ def format_markdown(result: BenchResult, command: str) -> str:
         f"{cfg.prefix_len} virtual tokens; median of {cfg.iters} calls after {cfg.warmup} warm-up, "
         f"naive and fastprompt alternating for {ROUNDS} rounds, the fastest median of each",
         "- generate: greedy; tokens/s counts new tokens, the time includes the prompt's prefill",
-        f"- fastprompt {v['fastprompt']} (commit {env['commit']}, FASTPROMPT_BACKEND={env['backend']}, "
+        f"- fastprompt {v['fastprompt']} (commit {env['commit']}, attention backend {env['backend']} "
+        f"from FASTPROMPT_BACKEND={env['backend_requested']}, "
         f"available here: {', '.join(env.get('backends_available', [])) or 'none'})",
         f"- torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, triton {v['triton']}",
         "",

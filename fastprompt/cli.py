@@ -259,7 +259,7 @@ def _run_info() -> int:
         f"versions: {versions}",
         f"commit: {env['commit']}",
         f"device: {env['device_type']} ({env['device']})",
-        f"FASTPROMPT_BACKEND: {env['backend']}",
+        f"FASTPROMPT_BACKEND: {env['backend_requested']} (attention backend for float32 here: {env['backend']})",
     ]
     if sys.stderr.isatty():
         print("checking backends (the first check compiles the C++ kernels)...", file=sys.stderr)

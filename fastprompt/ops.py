@@ -25,7 +25,7 @@ import torch
 from fastprompt.errors import BackendUnavailableError
 from fastprompt.merge import merge_attention_states
 
-__all__ = ["available_backends", "merge_attention_states", "prefix_attention"]
+__all__ = ["available_backends", "merge_attention_states", "prefix_attention", "resolve_backend"]
 
 BACKENDS = ("triton", "cpu", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -117,6 +117,15 @@ def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, h
         raise BackendUnavailableError(f"FASTPROMPT_BACKEND={requested} cannot run these tensors here: {reason}")
     _warn_fallback(device.type, name, reason)
     return "torch"
+
+
+def resolve_backend(device: torch.device | str, dtype: torch.dtype = torch.float32, head_dim: int = 128) -> str:
+    """The backend the op runs for tensors of this device, dtype and head dim: ``FASTPROMPT_BACKEND``'s
+    choice, or what ``auto`` picks (warning once if it has to fall back to ``torch``).
+
+    Raises :class:`~fastprompt.errors.BackendUnavailableError` if a forced backend cannot run them.
+    """
+    return _resolve_backend(_requested_backend(), torch.device(device), dtype, head_dim)
 
 
 def _backend_module(name: str) -> ModuleType:
