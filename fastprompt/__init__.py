@@ -23,6 +23,7 @@ _LAZY = {
     "prefix_attention": "fastprompt.ops",
     "merge_attention_states": "fastprompt.ops",
     "available_backends": "fastprompt.ops",
+    "resolve_backend": "fastprompt.ops",
     "patch": "fastprompt.patching",
     "unpatch": "fastprompt.patching",
     "encode_prompt": "fastprompt.encoders",
@@ -41,7 +42,12 @@ __all__ = ["BackendUnavailableError", "UnsupportedModelError", "__version__", *_
 if TYPE_CHECKING:
     from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp  # noqa: F401
     from fastprompt.integration import PrefixCache, PrefixKV  # noqa: F401
-    from fastprompt.ops import available_backends, merge_attention_states, prefix_attention  # noqa: F401
+    from fastprompt.ops import (  # noqa: F401
+        available_backends,
+        merge_attention_states,
+        prefix_attention,
+        resolve_backend,
+    )
     from fastprompt.patching import patch, unpatch  # noqa: F401
     from fastprompt.templates import PromptTemplate, PromptTemplateModel, scatter_prompts  # noqa: F401
 
