@@ -136,6 +136,19 @@ def test_bench_plot_is_a_png(tiny_run):
     assert pixels.std() > 0.05, "the chart is blank"
 
 
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so the progress bar shows."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _terminal_stderr(monkeypatch) -> _Terminal:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    return terminal
+
+
 def test_bench_local_checkpoint_with_progress_bar(tmp_path, monkeypatch, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -150,12 +163,7 @@ def test_bench_local_checkpoint_with_progress_bar(tmp_path, monkeypatch, capsys)
     )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
+    terminal = _terminal_stderr(monkeypatch)
     args = [
         "bench",
         "--model",
@@ -184,12 +192,7 @@ def test_bench_local_checkpoint_with_progress_bar(tmp_path, monkeypatch, capsys)
 
 
 def test_bench_quiet_writes_nothing_to_stderr(monkeypatch, capsys):
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
+    terminal = _terminal_stderr(monkeypatch)
     assert cli.main(["bench", *TINY_ARGS, "--methods", "p-tuning", "--quiet"]) == 0
     assert list(_table_rows(capsys.readouterr().out)) == ["p-tuning (train step)"]
     assert terminal.getvalue() == ""
