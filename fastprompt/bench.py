@@ -336,39 +336,19 @@ def patched(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _measure_both(
-    model: torch.nn.Module,
-    make_fn: Callable[[], Callable[[], object]],
-    config: BenchConfig,
-    advance: Callable[[str], None],
+    model: torch.nn.Module, fn: Callable[[], object], config: BenchConfig
 ) -> tuple[Measurement, Measurement | None, str | None]:
-    """Time ``make_fn()`` unpatched and patched, alternating; the patched side reports why fastprompt refused."""
+    """Time ``fn()`` unpatched and patched, alternating; the patched side reports why fastprompt refused."""
     from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
 
     kwargs = dict(device=config.device, warmup=config.warmup, iters=config.iters)
-    advance("naive and fastprompt, alternating")
     try:
         naive, fast = measure_alternating(
-            make_fn(), [contextlib.nullcontext, functools.partial(patched, model)], rounds=ROUNDS, **kwargs
+            fn, [contextlib.nullcontext, functools.partial(patched, model)], rounds=ROUNDS, **kwargs
         )
         return naive, fast, None
     except (UnsupportedModelError, BackendUnavailableError) as exc:
-        return measure(make_fn(), **kwargs), None, f"{type(exc).__name__}: {exc}"
-
-
-def _progress_of(progress: Callable[[str], None], name: str, variant: str) -> None:
-    progress(f"{name}: {variant}")
-
-
-def _train_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """A train-step closure with its own optimizer, so the naive and patched runs start alike."""
-    optimizer = make_optimizer(model)
-    return lambda: train_step(model, batch, optimizer)
-
-
-def _generate_fn(
-    model: torch.nn.Module, prompt: dict[str, torch.Tensor], new_tokens: int
-) -> Callable[[], torch.Tensor]:
-    return lambda: generate_step(model, prompt, new_tokens)
+        return measure(fn, **kwargs), None, f"{type(exc).__name__}: {exc}"
 
 
 def steps(config: BenchConfig) -> int:
@@ -395,17 +375,18 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda stage: Non
         name for name, (ok, _) in available_backends(config.device).items() if ok
     ]
     for name in config.rows:
-        advance = functools.partial(_progress_of, progress, name)
+        progress(f"{name}: naive and fastprompt, alternating")
         if name == GENERATE:
             peft_model = wrap("prefix-tuning", base, config.prefix_len).eval()
             prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
-            make_fn = functools.partial(_generate_fn, peft_model, prompt, config.new_tokens)
+            fn = functools.partial(generate_step, peft_model, prompt, config.new_tokens)
             kind, tokens = "generate", config.batch * config.new_tokens
         else:
             peft_model = wrap(name, base, config.prefix_len).train()
-            make_fn = functools.partial(_train_fn, peft_model, batch)
+            # one optimizer for both sides: the rounds alternate on the same model and state
+            fn = functools.partial(train_step, peft_model, batch, make_optimizer(peft_model))
             kind, tokens = "train", config.batch * config.seq_len
-        naive, fast, error = _measure_both(peft_model, make_fn, config, advance)
+        naive, fast, error = _measure_both(peft_model, fn, config)
         result.rows.append(Row(name=name, kind=kind, tokens=tokens, naive=naive, fastprompt=fast, error=error))
         del peft_model
     return result
