@@ -9,15 +9,25 @@ Two kernels carry everything:
   sums of ``A`` (a bias gradient, fused into the weight-gradient GEMM). Every MLP layer, forward and
   backward, and every LSTM input/weight GEMM is one launch of it; hidden pre-activations never reach
   memory, only the post-activations the backward needs.
-* ``_lstm_fwd_kernel`` / ``_lstm_bwd_kernel``: the recurrence of one bidirectional LSTM layer in ONE
-  launch for all time steps and both directions: program 0 runs forward in time, program 1 backward.
-  Triton has no grid-wide barrier, so a time step cannot be split across programs; each program is a
-  persistent loop over time steps and over tiles of hidden units, streaming ``W_hh`` (from L2 once it is
-  resident) for the per-step mat-vec. ``h`` and ``c`` of the previous step are exchanged through global
-  memory (they are outputs saved for the backward anyway) and made visible to the whole program by
-  ``tl.debug_barrier()``. The input projections ``x @ W_ih^T + b_ih + b_hh`` of all steps are one GEMM
-  before the recurrence, and the weight gradients are GEMMs over all steps after it, so the sequential
-  part only does the mat-vec with ``W_hh`` plus the gate math.
+* ``_lstm_fwd_kernel`` / ``_lstm_bwd_kernel``: the recurrence of one bidirectional LSTM layer. Program
+  ``(d, p)`` of a ``(2, n_progs)`` grid runs direction ``d`` (0 forward in time, 1 backward) for the
+  time steps ``[S_BEGIN, S_END)`` and owns the hidden-unit tiles ``p, p + n_progs, ...``. A step needs
+  the previous step's ``h`` of ALL units (the mat-vec with ``W_hh``), and Triton has no grid-wide
+  barrier (a spin barrier deadlocks under the interpreter, which runs programs one after another, and
+  on a GPU whenever not all programs are resident), so the launchers order steps in one of two ways:
+
+  - mode A, ``n_progs = 1``: one launch runs all steps; each program is a persistent loop over steps
+    and tiles, and ``tl.debug_barrier()`` makes a step's stores visible to the next step. Best while
+    ``W_hh`` is small enough that one SM per direction streams it quickly (and always on CPU).
+  - mode B, ``n_progs`` = number of tiles: one launch per step, so the kernel boundary orders the steps
+    and every step's mat-vec is spread over many SMs instead of streaming all of ``W_hh`` through one.
+
+  ``h`` and ``c`` of the previous step are exchanged through global memory (they are outputs saved for
+  the backward anyway). The backward's mat-vec ``dh_{t'} = W_hh^T dgates_t`` needs the gate gradients of
+  all units, so it runs at the START of the next step, each tile reducing over all 4H gate rows for its
+  own units; then both modes run the same code. The input projections ``x @ W_ih^T + b_ih + b_hh`` of
+  all steps are one GEMM before the recurrence, and the weight gradients are GEMMs over all steps after
+  it, so the sequential part only does the mat-vec with ``W_hh`` plus the gate math.
 
 Launchers take and return torch tensors; intermediates are float32. Kernels know nothing of PEFT.
 """
@@ -101,23 +111,27 @@ def _linear_kernel(
         tl.store(rowsum_ptr + offs_m, row_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
 
 
-@triton.jit
+# the step range changes every launch in mode B: one compiled kernel for all of them
+@triton.jit(do_not_specialize=["S_BEGIN", "S_END"])
 def _lstm_fwd_kernel(
     gx_ptr, w_fwd_ptr, w_rev_ptr, y_ptr, c_ptr, gates_ptr,
-    P, H,
+    P, H, S_BEGIN, S_END,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """gx [2, P, 4H] input projections (+ both biases); y [P, 2H]; c [2, P, H]; gates [2, P, 4H] (i, f, g, o)."""
+    """Steps [S_BEGIN, S_END) of both directions. gx [2, P, 4H] input projections (+ both biases); y [P, 2H];
+    c [2, P, H]; gates [2, P, 4H] (i, f, g, o). Program (d, p) owns unit tiles p, p + n_progs, ..."""
     d = tl.program_id(0)
+    p = tl.program_id(1)
+    n_progs = tl.num_programs(1)
     w_ptr = w_fwd_ptr if d == 0 else w_rev_ptr
     gx_ptr += d * P * 4 * H
     gates_ptr += d * P * 4 * H
     c_ptr += d * P * H
     y_ptr += d * H
-    for s in range(0, P):
+    for s in range(S_BEGIN, S_END):
         t = s + d * (P - 1 - 2 * s)
         t_prev = t - 1 + 2 * d
-        for j0 in range(0, H, BLOCK_H):
+        for j0 in range(p * BLOCK_H, H, n_progs * BLOCK_H):
             offs_j = j0 + tl.arange(0, BLOCK_H)
             mask_j = offs_j < H
             row = gx_ptr + t * 4 * H + offs_j
@@ -127,7 +141,8 @@ def _lstm_fwd_kernel(
             pre_o = tl.load(row + 3 * H, mask=mask_j, other=0.0)
             c_prev = tl.zeros((BLOCK_H,), dtype=tl.float32)
             if s > 0:
-                # the recurrent mat-vec: batch is 1, so broadcast-multiply + reduce instead of tl.dot
+                # the recurrent mat-vec over all H units of h_{t_prev}: batch is 1, so broadcast-multiply +
+                # reduce instead of tl.dot; BLOCK_K runs along the contiguous rows of W_hh
                 acc_i = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
                 acc_f = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
                 acc_g = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
@@ -159,35 +174,54 @@ def _lstm_fwd_kernel(
             tl.store(out + H, gate_f, mask=mask_j)
             tl.store(out + 2 * H, gate_g, mask=mask_j)
             tl.store(out + 3 * H, gate_o, mask=mask_j)
-        # h_t and c_t of every tile must be visible before any tile of step s + 1 reads them
+        # mode A: h_t and c_t of every tile must be visible before any tile of step s + 1 reads them
         tl.debug_barrier()
 
 
-@triton.jit
+# as the forward: one compiled kernel for every step range
+@triton.jit(do_not_specialize=["S_BEGIN", "S_END"])
 def _lstm_bwd_kernel(
-    dy_ptr, w_fwd_ptr, w_rev_ptr, c_ptr, gates_ptr, dgates_ptr, dh_ptr, dc_ptr,
-    P, H,
-    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+    dy_ptr, w_fwd_ptr, w_rev_ptr, c_ptr, gates_ptr, dgates_ptr, dc_ptr,
+    P, H, S_BEGIN, S_END,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Backpropagation through time for both directions. dy [P, 2H]; c, gates as saved by the forward;
-    dgates [2, P, 4H] receives the gate pre-activation gradients; dh, dc [2, H] zero-initialised scratch."""
+    """Steps [S_BEGIN, S_END) of backpropagation through time for both directions. dy [P, 2H]; c, gates as
+    saved by the forward; dgates [2, P, 4H] receives the gate pre-activation gradients; dc [2, H]
+    zero-initialised carry of the cell gradient. Program (d, p) owns unit tiles p, p + n_progs, ..."""
     d = tl.program_id(0)
+    p = tl.program_id(1)
+    n_progs = tl.num_programs(1)
     w_ptr = w_fwd_ptr if d == 0 else w_rev_ptr
     gates_ptr += d * P * 4 * H
     dgates_ptr += d * P * 4 * H
     c_ptr += d * P * H
     dy_ptr += d * H
-    dh_ptr += d * H
     dc_ptr += d * H
-    for s in range(0, P):
-        # walk the direction's own time order backwards
+    for s in range(S_BEGIN, S_END):
+        # walk the direction's own time order backwards: t_prev precedes t in the forward pass,
+        # t_next was processed by the step before this one
         t = P - 1 - s - d * (P - 1 - 2 * s)
         t_prev = t - 1 + 2 * d
-        for j0 in range(0, H, BLOCK_H):
+        t_next = t + 1 - 2 * d
+        for j0 in range(p * BLOCK_H, H, n_progs * BLOCK_H):
             offs_j = j0 + tl.arange(0, BLOCK_H)
             mask_j = offs_j < H
             dh = tl.load(dy_ptr + t * 2 * H + offs_j, mask=mask_j, other=0.0).to(tl.float32)
-            dh += tl.load(dh_ptr + offs_j, mask=mask_j, other=0.0)
+            if s > 0:
+                # dh_t += W_hh[:, tile]^T @ dgates_{t_next}, reduced over all 4H gate rows: the previous step
+                # (or launch) finished dgates_{t_next} of every unit. The tile's columns are the contiguous
+                # axis of W_hh, so they are the inner, vectorised one.
+                acc = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
+                for r0 in range(0, 4 * H, BLOCK_K):
+                    offs_r = r0 + tl.arange(0, BLOCK_K)
+                    mask_r = offs_r < 4 * H
+                    dg = tl.load(dgates_ptr + t_next * 4 * H + offs_r, mask=mask_r, other=0.0)
+                    w = tl.load(
+                        w_ptr + offs_r[:, None] * H + offs_j[None, :],
+                        mask=mask_r[:, None] & mask_j[None, :], other=0.0,
+                    )
+                    acc += w.to(tl.float32) * dg[:, None]
+                dh += tl.sum(acc, axis=0)
             row = gates_ptr + t * 4 * H + offs_j
             gate_i = tl.load(row, mask=mask_j, other=0.0)
             gate_f = tl.load(row + H, mask=mask_j, other=0.0)
@@ -204,23 +238,9 @@ def _lstm_bwd_kernel(
             tl.store(out + H, dc * c_prev * gate_f * (1.0 - gate_f), mask=mask_j)
             tl.store(out + 2 * H, dc * gate_i * (1.0 - gate_g * gate_g), mask=mask_j)
             tl.store(out + 3 * H, dh * tanh_c * gate_o * (1.0 - gate_o), mask=mask_j)
+            # each unit belongs to one program, so its cell-gradient carry needs no synchronisation
             tl.store(dc_ptr + offs_j, dc * gate_f, mask=mask_j)
-        tl.debug_barrier()
-        # dh_{t_prev} = W_hh^T @ dgates_t, reduced over the 4H gate rows
-        for k0 in range(0, H, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            mask_k = offs_k < H
-            acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
-            for r0 in range(0, 4 * H, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < 4 * H
-                dg = tl.load(dgates_ptr + t * 4 * H + offs_r, mask=mask_r, other=0.0)
-                w = tl.load(
-                    w_ptr + offs_r[:, None] * H + offs_k[None, :],
-                    mask=mask_r[:, None] & mask_k[None, :], other=0.0,
-                )
-                acc += w.to(tl.float32) * dg[:, None]
-            tl.store(dh_ptr + offs_k, tl.sum(acc, axis=0), mask=mask_k)
+        # mode A: dgates_t of every tile must be visible before any tile of step s + 1 reduces over them
         tl.debug_barrier()
 
 
@@ -330,6 +350,43 @@ def mlp_backward(
     return g, dws, dbs
 
 
+# Mode B (one launch per step, the mat-vec spread over the SMs) from this hidden size on: one direction's
+# W_hh is then 4H x H x 4 B = 1 MiB in fp32, which one SM streams from L2 (~100 GB/s) in ~10 us per step,
+# already above the ~5 us a kernel launch per step costs; at H = 128 (256 KiB, ~2.5 us) mode A's single
+# launch wins. bf16 halves the bytes, which moves the break-even only to H ~ 360.
+_LSTM_WIDE_MIN_H = 256
+# Mode B tiles: 16 units per program gives 128 programs per direction at H = 2048 (about two per H100 SM
+# for both directions), each streaming 4 x 16 rows of W_hh per step. The forward's reduction chunk of 128
+# lets one warp read 512 contiguous bytes of a W_hh row; the backward reads W_hh[:, tile] as 64-byte row
+# pieces (16 fp32, whole 32-byte sectors) and reduces 256 gate rows per chunk to keep as many bytes in flight.
+_LSTM_WIDE_BLOCK_H = 16
+_LSTM_WIDE_BLOCK_K_FWD = 128
+_LSTM_WIDE_BLOCK_K_BWD = 256
+
+
+def _lstm_programs(H: int, block_h: int, device: torch.device) -> int:
+    """Programs per direction for the recurrence: 1 is mode A (all steps in one launch), more is mode B
+    (one launch per step, hidden units split into tiles of ``block_h``). The interpreter runs programs one
+    by one, so on CPU mode A is the only sensible one; tests force mode B by patching this function. Any
+    other device counts as a GPU (``meta`` tensors stand for one when kernels are compiled without it)."""
+    if _INTERPRETED or device.type == "cpu" or H < _LSTM_WIDE_MIN_H:
+        return 1
+    return triton.cdiv(H, block_h)
+
+
+def _lstm_recurrence(kernel, args: tuple, P: int, H: int, device: torch.device, wide_block_k: int) -> None:
+    """Runs ``kernel`` over all P steps of both directions in mode A, or in mode B with ``wide_block_k``."""
+    n_progs = _lstm_programs(H, _LSTM_WIDE_BLOCK_H, device)
+    if n_progs == 1:
+        block = max(16, min(64, triton.next_power_of_2(H)))
+        # one program per direction streams all of W_hh: 8 warps keep more loads in flight from its SM, and
+        # the forward's four 64 x 64 fp32 accumulators then fit in registers (4 warps spill them)
+        kernel[(2, 1)](*args, P, H, 0, P, BLOCK_H=block, BLOCK_K=block, num_warps=8)
+        return
+    for s in range(P):
+        kernel[(2, n_progs)](*args, P, H, s, s + 1, BLOCK_H=_LSTM_WIDE_BLOCK_H, BLOCK_K=wide_block_k, num_warps=4)
+
+
 def lstm_forward(
     x: torch.Tensor, idx: torch.Tensor | None, params: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -346,11 +403,8 @@ def lstm_forward(
         linear(x, w_ih.t(), gates[d], idx=idx, bias=b_ih, bias2=b_hh, compute_dtype=cdtype)
     y = torch.empty(rows, 2 * H, device=x.device, dtype=torch.float32)
     c = torch.empty(2, rows, H, device=x.device, dtype=torch.float32)
-    block = min(64, triton.next_power_of_2(H))
-    _lstm_fwd_kernel[(2,)](
-        gates, params[1].contiguous(), params[5].contiguous(), y, c, gates, rows, H,
-        BLOCK_H=block, BLOCK_K=block,
-    )
+    args = (gates, params[1].contiguous(), params[5].contiguous(), y, c, gates)
+    _lstm_recurrence(_lstm_fwd_kernel, args, rows, H, x.device, _LSTM_WIDE_BLOCK_K_FWD)
     return y, c, gates
 
 
@@ -369,12 +423,9 @@ def lstm_backward(
     cdtype = params[0].dtype
     w_fwd, w_rev = params[1].contiguous(), params[5].contiguous()
     dgates = torch.empty_like(gates)
-    scratch = torch.zeros(2, 2, H, device=y.device, dtype=torch.float32)
-    block = min(64, triton.next_power_of_2(H))
-    _lstm_bwd_kernel[(2,)](
-        dy.contiguous(), w_fwd, w_rev, c, gates, dgates, scratch[0], scratch[1], P, H,
-        BLOCK_H=block, BLOCK_R=block,
-    )
+    dc = torch.zeros(2, H, device=y.device, dtype=torch.float32)
+    args = (dy.contiguous(), w_fwd, w_rev, c, gates, dgates, dc)
+    _lstm_recurrence(_lstm_bwd_kernel, args, P, H, y.device, _LSTM_WIDE_BLOCK_K_BWD)
     x_rows = x if idx is None else x.index_select(0, idx)
     dx = torch.empty(P, x_rows.shape[1], device=y.device, dtype=torch.float32)
     grads: list[torch.Tensor] = []

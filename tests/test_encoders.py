@@ -9,6 +9,7 @@ import zlib
 
 import pytest
 import torch
+from fastprompt.kernels import prompt_encoders
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peft.tuners.p_tuning.model import PromptEncoder
 from peft.tuners.prefix_tuning.model import PrefixEncoder
@@ -278,3 +279,66 @@ def test_forced_triton_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
     with pytest.raises(BackendUnavailableError, match="backend triton cannot run"):
         encode_prompt(_prefix_mlp(), torch.arange(6))
+
+
+# ---------------------------------------------------------------------------------------------------
+# LSTM recurrence modes: one launch for all steps (n_progs 1), or hidden units split over several programs
+# with one launch per step (the large-H CUDA path, forced here by patching the launcher's choice)
+# ---------------------------------------------------------------------------------------------------
+
+
+class _GridRecorder:
+    """Stands in for a triton kernel: records each launch grid, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("n_progs", [1, 2, 3])
+def test_lstm_recurrence_split_across_programs(monkeypatch, n_progs, num_layers):
+    torch.manual_seed(10 * n_progs + num_layers)
+    # H = 40 is three 16-unit tiles: with 2 programs one of them owns tiles 0 and 2
+    P, D, H = 5, 6, 40
+    monkeypatch.setattr(prompt_encoders, "_lstm_programs", lambda hidden, block_h, device: n_progs)
+    fwd = _GridRecorder(prompt_encoders._lstm_fwd_kernel)
+    bwd = _GridRecorder(prompt_encoders._lstm_bwd_kernel)
+    monkeypatch.setattr(prompt_encoders, "_lstm_fwd_kernel", fwd)
+    monkeypatch.setattr(prompt_encoders, "_lstm_bwd_kernel", bwd)
+    lstm = torch.nn.LSTM(D, H, num_layers=num_layers, bidirectional=True, batch_first=True).to(DEVICE)
+    x = torch.randn(P, D, device=DEVICE, requires_grad=True)
+    names = [f"{k}_l{i}{s}" for i in range(num_layers) for s in ("", "_reverse")
+             for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    params = [getattr(lstm, n) for n in names]
+    layers = [params[8 * i : 8 * i + 8] for i in range(num_layers)]
+    out = fused_lstm(x, layers, backend="triton")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *params], g)
+
+    launches = [(2, 1)] * num_layers if n_progs == 1 else [(2, n_progs)] * (P * num_layers)
+    assert fwd.grids == launches and bwd.grids == launches
+    ref = copy.deepcopy(lstm).double()
+    ref_params = [getattr(ref, n) for n in names]
+    x64 = x.detach().double().requires_grad_()
+    ref_out = ref(x64[None])[0][0]
+    ref_grads = torch.autograd.grad(ref_out, [x64, *ref_params], g.double())
+    atol, rtol = FP32_TOL
+    for name, got, want in zip(["output", "x", *names], [out, *grads], [ref_out, *ref_grads], strict=True):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_lstm_programs_by_hidden_size(monkeypatch):
+    # what the launcher would pick on a GPU: one program per direction below _LSTM_WIDE_MIN_H, else one per tile
+    monkeypatch.setattr(prompt_encoders, "_INTERPRETED", False)
+    cuda, wide = torch.device("cuda"), prompt_encoders._LSTM_WIDE_MIN_H
+    assert prompt_encoders._lstm_programs(wide - 1, 16, cuda) == 1
+    assert prompt_encoders._lstm_programs(wide, 16, cuda) == wide // 16
+    assert prompt_encoders._lstm_programs(2048, 16, cuda) == 128
+    assert prompt_encoders._lstm_programs(2048 + 1, 16, cuda) == 129
+    assert prompt_encoders._lstm_programs(2048, 16, torch.device("meta")) == 128  # compiling without a GPU
+    assert prompt_encoders._lstm_programs(2048, 16, torch.device("cpu")) == 1
