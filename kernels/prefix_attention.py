@@ -535,22 +535,26 @@ def _block_d(head_dim: int) -> int:
 def _config(q: torch.Tensor, kernel: str) -> _Config:
     """Tile sizes and launch options for ``kernel`` in {"fwd", "decode", "dq", "dkdv"}.
 
-    A fixed table rather than autotuning: the tiles are chosen so shared memory stays well under an
-    H100's 228 KiB for every supported (dtype, head dim), and the interpreter gets one small tile.
+    A fixed table rather than autotuning: for every supported (dtype, head dim) the tiles fit an A100's
+    163 KiB of shared memory and fp16/bf16 kernels do not spill registers (beyond a few bytes with
+    dropout). CPU tensors (the interpreter) get one small tile; any other device gets the GPU table, so
+    ``tests/gpu_compile.py`` can compile it from meta tensors.
     """
-    if not q.is_cuda:
+    if q.device.type == "cpu":
         return _Config(16, 16, 4, 1)
     block_d = _block_d(q.shape[-1])
-    row_bytes = block_d * q.element_size()  # one K/V row in shared memory
-    wide = row_bytes > 256  # fp16/bf16 with D > 128, or fp32 with D > 64
-    huge = row_bytes > 512  # fp32 with D > 128
-    stages = 1 if huge else 2
+    if q.dtype == torch.float32:
+        # fp32 products run as FMAs with both operands in registers, not on tensor cores: small tiles over
+        # 8 warps keep every kernel free of register spills (``tests/gpu_compile.py`` reports them).
+        return _Config(32 if block_d <= 64 else 16, 32, 8, 2 if block_d <= 128 else 1)
+    wide = block_d > 128  # 512-byte K/V rows in shared memory
+    warps = 8 if wide else 4
     if kernel in ("fwd", "decode"):
-        return _Config(32 if huge else 64, 32 if wide else 64, 8 if block_d >= 256 else 4, stages)
+        return _Config(64, 32 if wide else 64, warps, 2)
     if kernel == "dq":
-        return _Config(32 if huge else 64, 16 if huge else 32, 8 if block_d >= 256 else 4, stages)
+        return _Config(64, 32, warps, 2)
     # dk and dv accumulate in fp32 registers ([BLOCK_N, BLOCK_D] each): 8 warps from D = 128 on.
-    return _Config(16 if huge else 32, 32 if wide else 64, 8 if block_d >= 128 else 4, stages)
+    return _Config(32, 32 if wide else 64, 8 if block_d >= 128 else 4, 2)
 
 
 def _precision(dtype: torch.dtype) -> str:
