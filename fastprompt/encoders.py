@@ -303,7 +303,9 @@ def fused_lstm(
     backend: str | None = None,
 ) -> torch.Tensor:
     """A bidirectional LSTM (``torch.nn.LSTM(bidirectional=True, batch_first=True)``, zero initial state)
-    over the P tokens of one sequence, each layer's recurrence (both directions) in one kernel.
+    over the P tokens of one sequence. On Triton each layer's recurrence (both directions) is one kernel
+    launch while one SM can stream ``W_hh`` (H < 256), and one launch per time step spread over the SMs
+    beyond that (see ``fastprompt.kernels.prompt_encoders``).
 
     Args:
         x: [P, D] inputs, or with ``idx`` a table [V, D] whose rows ``idx`` are the inputs.
