@@ -387,6 +387,24 @@ def prefix_attention_checked(
     return _run(args, return_lse=return_lse)
 
 
+def _filled(n: int, value: int, device: torch.device) -> torch.Tensor:
+    """A read-only int32 [n] tensor of ``value``: the default ``prefix_index`` or ``prefix_lens``.
+
+    Every layer of every decoding step needs one; the cache saves an allocation and a fill launch per
+    call. Tensors made while tracing are fake and never cached.
+    """
+    if torch.compiler.is_compiling():
+        return torch.full((n,), value, dtype=torch.int32, device=device)
+    return _filled_cached(n, value, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _filled_cached(n: int, value: int, device: torch.device) -> torch.Tensor:
+    # made outside inference mode: the op saves it for backward, which an inference tensor refuses
+    with torch.inference_mode(False):
+        return torch.full((n,), value, dtype=torch.int32, device=device)
+
+
 def _normalise(
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p, *, check_values
 ):
@@ -436,13 +454,10 @@ def _normalise(
     if prefix_index is None:
         if N != 1:
             raise ValueError(f"prefix_index is required when the bank holds N={N} > 1 prefixes")
-        prefix_index = torch.zeros(B, dtype=torch.int32, device=q.device)
+        prefix_index = _filled(B, 0, q.device)
     else:
         prefix_index = prefix_index.to(torch.int32).contiguous()
-    if prefix_lens is None:
-        prefix_lens = torch.full((N,), P, dtype=torch.int32, device=q.device)
-    else:
-        prefix_lens = prefix_lens.to(torch.int32).contiguous()
+    prefix_lens = _filled(N, P, q.device) if prefix_lens is None else prefix_lens.to(torch.int32).contiguous()
     if key_padding_mask is not None:
         key_padding_mask = _check_tensor("key_padding_mask", key_padding_mask, 2)
         if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:

@@ -306,6 +306,17 @@ def test_non_contiguous_inputs(backend):
     check_against_reference(case)
 
 
+def test_default_index_tensors_made_in_inference_mode_serve_training_calls(backend):
+    """The default prefix_index / prefix_lens are cached across calls: one made under inference_mode (a
+    serving call) must still work when a later training call saves it for backward."""
+    device = _device_for(backend)
+    case = make_case(B=3, T=4, P=5, device=device)
+    with torch.inference_mode():
+        served = fastprompt.prefix_attention(*[x.detach() for x in case.tensors], **case.options)
+    check_against_reference(case)
+    assert torch.equal(served, fastprompt.prefix_attention(*case.tensors, **case.options).detach())
+
+
 def test_dropout(backend):
     device = _device_for(backend)
     case = make_case(B=2, T=8, S=8, P=8, N=1, device=device)
