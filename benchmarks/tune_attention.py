@@ -1,0 +1,107 @@
+"""Sweep the Triton attention tile table on a GPU: which (BLOCK_M, BLOCK_N, warps, stages) is fastest for
+each kernel of ``fastprompt.kernels.prefix_attention`` at issue 2's GPU shape.
+
+Usage (CUDA only; about 5 minutes on an H100)::
+
+    python benchmarks/tune_attention.py [--dtype bfloat16] [--head-dims 64 128] [--T 2048]
+
+The shipped table (``prefix_attention._config``) is fixed, not autotuned, so results stay deterministic and
+the first call pays no tuning; this script is how that table is chosen. For each head dim it times the
+forward alone for every forward candidate, then the backward for every dq candidate (dk/dv on the shipped
+tiles) and every dk/dv candidate (dq on the shipped tiles), with ``triton.testing.do_bench`` (median of
+CUDA-event timings, fresh random inputs per head dim). Candidates that do not fit the GPU's shared memory
+are reported as such. Useful TFLOP/s count attended (query, key) pairs only, as ``bench_attention.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+import torch
+from bench_attention import base_case, make_inputs
+from fastprompt.kernels import prefix_attention as pa
+
+import fastprompt
+from fastprompt.bench import environment
+
+CANDIDATES = {
+    "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3),
+            (64, 128, 4, 2)],
+    "dq": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    "dkdv": [(32, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 3)],
+}
+
+
+def _time(fn) -> float | None:
+    import triton
+
+    try:
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - a candidate that does not fit is a result, not a failure
+        if "OutOfResources" in type(e).__name__ or "out of resource" in str(e).lower():
+            return None
+        raise
+
+
+def sweep(dtype: torch.dtype, D: int, T: int) -> list[str]:
+    case = replace(base_case("cuda"), T=T, S=T, D=D)
+    x = make_inputs(case, dtype, "cuda", requires_grad=True)
+    shipped = pa._config
+    flops = case.flops()
+    rows = []
+
+    def with_tiles(kernel: str, tiles: tuple[int, int, int, int]):
+        def config(q: torch.Tensor, name: str) -> pa._Config:
+            return pa._Config(*tiles) if name == kernel else shipped(q, name)
+
+        return config
+
+    def forward() -> None:
+        with torch.no_grad():
+            fastprompt.prefix_attention(**x, causal=True)
+
+    out = fastprompt.prefix_attention(**x, causal=True)
+    grad = torch.randn_like(out)
+
+    def backward() -> None:
+        torch.autograd.grad(out, list(x.values()), grad, retain_graph=True)
+
+    try:
+        for kernel, fn, work in (("fwd", forward, flops), ("dq", backward, 2.5 * flops),
+                                 ("dkdv", backward, 2.5 * flops)):
+            ship = shipped(x["q"], kernel)
+            for tiles in CANDIDATES[kernel]:
+                pa._config = with_tiles(kernel, tiles)
+                ms = _time(fn)
+                mark = " (shipped)" if tuple(ship) == tiles else ""
+                timing = "does not fit" if ms is None else f"{ms:.3f} | {work / ms / 1e9:.0f}"
+                rows.append(f"| D={D} | {kernel} | {tiles}{mark} | {timing} |")
+    finally:
+        pa._config = shipped
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--T", type=int, default=2048)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_attention.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    env = environment(torch.device("cuda"), dtype)
+    print(f"device: {env.get('device')}  torch {torch.__version__}  commit {env.get('commit')}")
+    print(f"command: python benchmarks/tune_attention.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    print("| head dim | kernel | (BLOCK_M, BLOCK_N, warps, stages) | ms | useful TFLOP/s |\n|---|---|---|---|---|")
+    for D in args.head_dims:
+        for row in sweep(dtype, D, args.T):
+            print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
