@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_attention.py [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                                         [--iters N] [--threads N] [--csv PATH]
+                                         [--iters N] [--rounds N] [--threads N] [--csv PATH]
 
 Prints a markdown table (device, date, versions, commit and the command on top, so the output can be
 committed under ``benchmarks/results/``): forward and forward+backward median time and peak memory of
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import shlex
 import sys
 from collections.abc import Callable
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 import fastprompt
 from fastprompt.bench import environment
-from fastprompt.benchutil import Measurement, measure
+from fastprompt.benchutil import Measurement, best_of_rounds, measure
 from fastprompt.naive import naive_prefix_attention
 
 MODES = ("forward", "forward+backward")
@@ -196,12 +197,16 @@ class Row:
         }
 
 
-def run(cases: list[Case], dtype: torch.dtype, device: str, warmup: int, iters: int) -> list[Row]:
+def run(cases: list[Case], dtype: torch.dtype, device: str, warmup: int, iters: int, rounds: int) -> list[Row]:
+    """Each row: fastprompt and the naive path measured in turn for ``rounds`` rounds, the best of each kept."""
     rows = []
     for case in cases:
         for mode in MODES if case.trains else MODES[:1]:
-            fast = timed(fastprompt_call, case, mode, dtype, device, warmup, iters)
-            naive = timed(naive_call, case, mode, dtype, device, warmup, iters)
+            fast, naive = best_of_rounds(
+                [functools.partial(timed, call, case, mode, dtype, device, warmup, iters)
+                 for call in (fastprompt_call, naive_call)],
+                rounds=rounds,
+            )
             rows.append(Row(case, mode, fast, naive))
             print(f"  measured {case.label} {mode}", file=sys.stderr, flush=True)
     return rows
@@ -256,7 +261,8 @@ def header(device: str, dtype: torch.dtype, argv: list[str]) -> str:
             f"dtype: {str(dtype).removeprefix('torch.')}",
             f"- command: `{shlex.join(['python', *argv])}`",
             "",
-            "Median wall time per call; MiB = peak memory allocated during one call (fastprompt.benchutil).",
+            "Median wall time per call, the better of alternating rounds for each side; MiB = peak memory "
+            "allocated during one call (fastprompt.benchutil).",
         ]
     )
 
@@ -269,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 3 cpu, 20 cuda)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating fastprompt/naive rounds; best of each kept")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--csv", metavar="PATH", help="also write every row to this CSV file")
     args = parser.parse_args(argv)
@@ -280,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     iters = args.iters or (20 if args.device == "cuda" else 3)
 
     cases = default_cases(args.device)
-    rows = run(cases, dtype, args.device, args.warmup, iters)
+    rows = run(cases, dtype, args.device, args.warmup, iters, args.rounds)
     print(header(args.device, dtype, ["benchmarks/bench_attention.py", *argv]))
     print()
     print(format_table(rows))

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/bench_encoders.py [--device cpu|cuda] [--dtype float32|bfloat16] [--iters N] [--small]
+    python benchmarks/bench_encoders.py [--device cpu|cuda] [--dtype float32|bfloat16] [--iters N] [--rounds N]
+                                        [--small]
 
 Cases: Prefix-Tuning's MLP for a 2048-hidden, 16-layer model with 8 KV heads of 128 (kv_dim 1024,
 ``Linear(1024→1024) → Tanh → Linear(1024→16·2·1024)``), P=128, where PEFT runs the MLP on every batch row
@@ -29,8 +30,8 @@ from peft.tuners.p_tuning.model import PromptEncoder
 from peft.tuners.prefix_tuning.model import PrefixEncoder
 
 from fastprompt.bench import environment
-from fastprompt.benchutil import measure
-from fastprompt.encoders import encode_prompt
+from fastprompt.benchutil import Measurement, best_of_rounds, measure
+from fastprompt.encoders import _resolve_backend, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -98,18 +99,26 @@ def peft_step(module: torch.nn.Module, case: Case, grad: torch.Tensor) -> torch.
     return out
 
 
-def run(device: str, dtype: torch.dtype, iters: int, small: bool) -> list[dict]:
+def _measure(step, module: torch.nn.Module, case: Case, grad: torch.Tensor, device: str, iters: int) -> Measurement:
+    m = measure(functools.partial(step, module, case, grad), device=device, warmup=1, iters=iters)
+    module.zero_grad(set_to_none=True)
+    return m
+
+
+def run(device: str, dtype: torch.dtype, iters: int, small: bool, rounds: int = 3) -> list[dict]:
+    """Each row: fastprompt and PEFT measured in turn for ``rounds`` rounds, the best of each kept."""
     rows = []
     for case in cases(small):
         module = build(case, dtype, device)
         with torch.no_grad():
             width = module(torch.arange(case.P, device=device)[None]).shape[-1]
         grad = torch.randn(case.P, width, device=device, dtype=dtype)
-        result = {"case": case.label}
-        for name, step in (("fastprompt", fastprompt_step), ("peft", peft_step)):
-            m = measure(functools.partial(step, module, case, grad), device=device, warmup=1, iters=iters)
-            module.zero_grad(set_to_none=True)
-            result[name] = m
+        fast, peft = best_of_rounds(
+            [functools.partial(_measure, step, module, case, grad, device, iters)
+             for step in (fastprompt_step, peft_step)],
+            rounds=rounds,
+        )
+        result = {"case": case.label, "fastprompt": fast, "peft": peft}
         rows.append(result)
         print(_row(result), flush=True)
     return rows
@@ -126,15 +135,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating fastprompt/PEFT rounds; best of each kept")
     parser.add_argument("--small", action="store_true")
     args = parser.parse_args(argv)
-    env = environment(torch.device(args.device))
+    dtype = getattr(torch, args.dtype)
+    env = environment(torch.device(args.device), dtype)
     print(f"# Prompt encoders, forward+backward ({args.dtype})\n")
     print(f"- device: {env['device']}\n- date: {env['date']}\n- commit: {env['commit']}")
-    print(f"- FASTPROMPT_BACKEND: {env['backend_requested']}\n- command: `python {shlex.join(sys.argv)}`\n")
+    backend = _resolve_backend(None, torch.device(args.device), dtype)
+    print(f"- encoder backend: {backend} (FASTPROMPT_BACKEND={env['backend_requested']})")
+    print(f"- command: `python {shlex.join(sys.argv)}`\n")
+    print("Median time per call, the better of alternating rounds for each side.\n")
     print("| case | fastprompt ms | PEFT ms | PEFT / fastprompt | fastprompt peak MiB | PEFT peak MiB |")
     print("|---|---|---|---|---|---|")
-    run(args.device, getattr(torch, args.dtype), args.iters, args.small)
+    run(args.device, dtype, args.iters, args.small, args.rounds)
 
 
 if __name__ == "__main__":

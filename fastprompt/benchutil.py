@@ -10,6 +10,7 @@ overhead never reaches the timings.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -100,6 +101,21 @@ def measure(
     return Measurement(ms=1e3 * statistics.median(times), peak_mib=peak / 2**20)
 
 
+def best_of_rounds(measurers: Sequence[Callable[[], Measurement]], *, rounds: int = 3) -> list[Measurement]:
+    """Call each of ``measurers`` (each one measurement of one side, e.g. fastprompt and the naive path) in
+    turn for ``rounds`` rounds; each side keeps its fastest measurement, so that load from other processes,
+    which comes and goes, does not land on one side only. Returns one per side, in order."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    best: list[Measurement | None] = [None] * len(measurers)
+    for _ in range(rounds):
+        for i, measurer in enumerate(measurers):
+            m = measurer()
+            if best[i] is None or m.ms < best[i].ms:
+                best[i] = m
+    return best
+
+
 def measure_alternating(
     fn: Callable[[], object],
     sides: Sequence[Callable[[], contextlib.AbstractContextManager]],
@@ -109,18 +125,11 @@ def measure_alternating(
     warmup: int = 2,
     iters: int = 5,
 ) -> list[Measurement]:
-    """Time ``fn()`` under each of ``sides`` (context-manager factories, e.g. unpatched and patched) in turn.
+    """Time ``fn()`` under each of ``sides`` (context-manager factories, e.g. unpatched and patched) in turn,
+    as :func:`best_of_rounds` does; entering and leaving a side is not timed. Returns one per side."""
 
-    The sides alternate for ``rounds`` rounds and each keeps its fastest measurement, so that load from
-    other processes, which comes and goes, does not land on one side only. Returns one per side.
-    """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    best: list[Measurement | None] = [None] * len(sides)
-    for _ in range(rounds):
-        for i, side in enumerate(sides):
-            with side():
-                m = measure(fn, device=device, warmup=warmup, iters=iters)
-            if best[i] is None or m.ms < best[i].ms:
-                best[i] = m
-    return best
+    def under(side: Callable[[], contextlib.AbstractContextManager]) -> Measurement:
+        with side():
+            return measure(fn, device=device, warmup=warmup, iters=iters)
+
+    return best_of_rounds([functools.partial(under, side) for side in sides], rounds=rounds)
