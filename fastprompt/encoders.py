@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
+from fastprompt.errors import UnsupportedModelError
 
 __all__ = ["clear_encoder_cache", "encode_prompt", "fused_lstm", "fused_mlp"]
 
@@ -148,27 +148,17 @@ class _TorchBackend:
 
 
 def _resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention op's choice (``fastprompt.ops``), with one difference: the encoders have no C++
+    kernels, so where the op would run ``cpu`` (asked for, or ``auto`` on a CPU tensor) they run PyTorch."""
     from fastprompt import ops
 
     requested = ops._requested_backend() if backend is None else backend
     if requested not in ("auto", *ops.BACKENDS):
         raise ValueError(f"backend must be one of auto, {', '.join(ops.BACKENDS)}; got {requested!r}")
-    if requested == "auto":
-        if device.type != "cuda" or dtype == torch.float64:
-            return "torch"
-        ok, reason = ops._backend_status("triton", device)
-        if not ok:
-            ops._warn_fallback(device.type, "triton", reason)
-            return "torch"
-        return "triton"
-    if requested == "triton":
-        ok, reason = ops._backend_status("triton", device)
-        if not ok:
-            raise BackendUnavailableError(f"backend triton cannot run the prompt encoder here: {reason}")
-        if dtype == torch.float64:
-            raise BackendUnavailableError("backend triton does not support float64 encoder weights")
-        return "triton"
-    return "torch"
+    if requested == "cpu" or (requested == "auto" and device.type != "cuda"):
+        return "torch"
+    # head_dim 0: the encoder kernels have no head-dim limit
+    return ops._resolve_backend(requested, device, dtype, head_dim=0)
 
 
 def _backend(name: str) -> ModuleType | type[_TorchBackend]:

@@ -114,7 +114,7 @@ def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, h
     if ok:
         return name
     if requested != "auto":
-        raise BackendUnavailableError(f"FASTPROMPT_BACKEND={requested} cannot run these tensors here: {reason}")
+        raise BackendUnavailableError(f"backend {requested} cannot run these tensors here: {reason}")
     _warn_fallback(device.type, name, reason)
     return "torch"
 
