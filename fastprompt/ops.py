@@ -21,6 +21,7 @@ import warnings
 from types import ModuleType
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastprompt.errors import BackendUnavailableError
 from fastprompt.merge import merge_attention_states
@@ -391,18 +392,28 @@ def _filled(n: int, value: int, device: torch.device) -> torch.Tensor:
     """A read-only int32 [n] tensor of ``value``: the default ``prefix_index`` or ``prefix_lens``.
 
     Every layer of every decoding step needs one; the cache saves an allocation and a fill launch per
-    call. Tensors made while tracing are fake and never cached.
+    call. Not cached, and not taken from the cache, while tracing (fake tensors: torch.compile, make_fx,
+    any dispatch mode) or during CUDA graph capture (the fill would only be recorded, and the memory would
+    belong to the graph's pool). The cache is never evicted, so a captured graph that read an entry keeps
+    a live tensor; it holds one small tensor per (n, value, device) seen.
     """
-    if torch.compiler.is_compiling():
+    tracing = torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+    if tracing or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.full((n,), value, dtype=torch.int32, device=device)
-    return _filled_cached(n, value, device)
+    key = (n, value, device)
+    filled = _FILLED.get(key)
+    if filled is None:
+        # made outside inference mode: the op saves it for backward, which an inference tensor refuses
+        with torch.inference_mode(False):
+            filled = torch.full((n,), value, dtype=torch.int32, device=device)
+        if device.type == "cuda":
+            # filled on this stream; after the sync any stream may read it
+            torch.cuda.current_stream(device).synchronize()
+        _FILLED[key] = filled
+    return filled
 
 
-@functools.lru_cache(maxsize=256)
-def _filled_cached(n: int, value: int, device: torch.device) -> torch.Tensor:
-    # made outside inference mode: the op saves it for backward, which an inference tensor refuses
-    with torch.inference_mode(False):
-        return torch.full((n,), value, dtype=torch.int32, device=device)
+_FILLED: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
 def _normalise(

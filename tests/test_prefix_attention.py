@@ -306,15 +306,29 @@ def test_non_contiguous_inputs(backend):
     check_against_reference(case)
 
 
-def test_default_index_tensors_made_in_inference_mode_serve_training_calls(backend):
+def test_default_index_tensors_made_in_inference_mode_serve_training_calls(backend, monkeypatch):
     """The default prefix_index / prefix_lens are cached across calls: one made under inference_mode (a
     serving call) must still work when a later training call saves it for backward."""
+    monkeypatch.setattr(fastprompt.ops, "_FILLED", {})  # so the inference-mode call makes the entries
     device = _device_for(backend)
     case = make_case(B=3, T=4, P=5, device=device)
     with torch.inference_mode():
         served = fastprompt.prefix_attention(*[x.detach() for x in case.tensors], **case.options)
     check_against_reference(case)
     assert torch.equal(served, fastprompt.prefix_attention(*case.tensors, **case.options).detach())
+
+
+def test_default_index_tensors_made_while_tracing_are_not_cached(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    monkeypatch.setattr(fastprompt.ops, "_FILLED", {})
+    with FakeTensorMode():
+        assert isinstance(fastprompt.ops._filled(3, 0, torch.device("cpu")), FakeTensor)
+    assert not fastprompt.ops._FILLED
+    real = fastprompt.ops._filled(3, 0, torch.device("cpu"))
+    assert type(real) is torch.Tensor and real.tolist() == [0, 0, 0]
+    with FakeTensorMode():  # a cached real tensor must not leak into a fake trace either
+        assert isinstance(fastprompt.ops._filled(3, 0, torch.device("cpu")), FakeTensor)
 
 
 def test_dropout(backend):
