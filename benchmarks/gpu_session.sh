@@ -18,22 +18,30 @@ mkdir -p "$out"
 log="$out/$stage.txt"
 export TRITON_DEFAULT_FP_FUSION=1
 # the device machine has torch, triton, transformers and peft already; no network, so no dependency resolution
+# and no build isolation: the installed setuptools builds the editable install
+python -c "import setuptools" 2>/dev/null || { echo "gpu_session.sh: setuptools is not installed here" >&2; exit 1; }
 pip install --no-deps --no-build-isolation -e . -q >"$out/pip.txt" 2>&1 || { cat "$out/pip.txt"; exit 1; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
     echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)  $(date -u +%F)"
     python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 } >"$log" 2>&1
+rc=0
 case "$stage" in
-    tests) python -m pytest -q -x --durations=15 -p no:cacheprovider >>"$log" 2>&1 ;;
-    attention) for dtype in bfloat16 float16; do python benchmarks/bench_attention.py --device cuda --dtype "$dtype"; done >>"$log" 2>&1 ;;
-    train) python benchmarks/bench_train.py --preset cuda >>"$log" 2>&1 ;;
-    encoders) for dtype in float32 bfloat16; do python benchmarks/bench_encoders.py --device cuda --dtype "$dtype" --iters 20; done >>"$log" 2>&1 ;;
-    bench) fastprompt bench --quiet --json "$out/bench.json" >>"$log" 2>&1 ;;
-    tune) python benchmarks/tune_attention.py >>"$log" 2>&1 ;;
+    tests) python -m pytest -q -x --durations=15 -p no:cacheprovider >>"$log" 2>&1 || rc=$? ;;
+    attention)
+        for dtype in bfloat16 float16; do
+            python benchmarks/bench_attention.py --device cuda --dtype "$dtype" >>"$log" 2>&1 || rc=$?
+        done ;;
+    train) python benchmarks/bench_train.py --preset cuda >>"$log" 2>&1 || rc=$? ;;
+    encoders)
+        for dtype in float32 bfloat16; do
+            python benchmarks/bench_encoders.py --device cuda --dtype "$dtype" --iters 20 >>"$log" 2>&1 || rc=$?
+        done ;;
+    bench) fastprompt bench --quiet --json "$out/bench.json" >>"$log" 2>&1 || rc=$? ;;
+    tune) python benchmarks/tune_attention.py >>"$log" 2>&1 || rc=$? ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
-rc=$?
 tail -n 60 "$log"
 echo "stage $stage exit $rc; full output in $log"
 exit $rc

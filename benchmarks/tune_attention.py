@@ -8,7 +8,8 @@ Usage (CUDA only; about 5 minutes on an H100)::
 The shipped table (``prefix_attention._config``) is fixed, not autotuned, so results stay deterministic and
 the first call pays no tuning; this script is how that table is chosen. For each head dim it times the
 forward alone for every forward candidate, then the backward for every dq candidate (dk/dv on the shipped
-tiles) and every dk/dv candidate (dq on the shipped tiles), with ``triton.testing.do_bench`` (median of
+tiles) and every dk/dv candidate (dq on the shipped tiles; the prefix-gradient kernel shares the dk/dv
+tiles, so those rows move it too), with ``triton.testing.do_bench`` (median of
 CUDA-event timings, fresh random inputs per head dim). Candidates that do not fit the GPU's shared memory
 are reported as such. Useful TFLOP/s count attended (query, key) pairs only, as ``bench_attention.py``.
 """

@@ -86,13 +86,19 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 @contextlib.contextmanager
 def compile_only(arch: int, record: Callable) -> Iterator[None]:
     """Within the block every Triton launch compiles for ``sm_<arch>`` and hands its CompiledKernel to
-    ``record`` instead of running."""
+    ``record`` instead of running. Each kernel's per-device caches (which pin the target and hold the
+    compiled kernels) are swapped for empty ones on first use and restored after, so neither a real
+    launch before nor another architecture after sees this block's kernels."""
     from triton.runtime import jit
     from triton.runtime.driver import driver
 
     run = jit.JITFunction.run
+    saved: dict[jit.JITFunction, object] = {}
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
+        if self not in saved:
+            saved[self] = self.device_caches
+            self.device_caches = type(self.device_caches)(self.create_binder)
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         record(kernel, grid)
         return kernel
@@ -105,6 +111,8 @@ def compile_only(arch: int, record: Callable) -> Iterator[None]:
     finally:
         jit.JITFunction.run = run
         driver._active = previous
+        for fn, caches in saved.items():
+            fn.device_caches = caches
 
 
 def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

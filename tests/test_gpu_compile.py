@@ -24,10 +24,13 @@ def test_kernels_compile_for_gpu(arch: int) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--arch", str(arch), "--quick"],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| attention") or
-            line.startswith("| encoder")]
-    kernels = {row.split("|")[2].strip() for row in rows}
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]) for line in proc.stdout.splitlines()
+            if line.startswith(("| attention", "| encoder"))}
+    kernels = {kernel for _, kernel in rows}
     # every kernel the package launches was compiled (a launcher that stopped launching would pass silently)
     assert kernels >= {"_fwd_kernel", "_decode_kernel", "_merge_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel",
-                       "_bwd_dkdv_kernel", "_bwd_dprefix_kernel", "_linear_kernel", "_lstm_fwd_kernel",
-                       "_lstm_bwd_kernel"}, proc.stdout
+                       "_bwd_dkdv_kernel", "_bwd_dprefix_kernel", "_linear_kernel"}, proc.stdout
+    # both LSTM launch modes: one launch for all steps (H = 64) and one launch per step (H = 2048)
+    for H in (64, 2048):
+        for kernel in ("_lstm_fwd_kernel", "_lstm_bwd_kernel"):
+            assert (f"encoder LSTM H={H} float32", kernel) in rows, proc.stdout
