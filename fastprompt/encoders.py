@@ -219,16 +219,42 @@ class _LSTMLayerFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_idx(idx: torch.Tensor | None, table: torch.Tensor, name: str) -> torch.Tensor | None:
+def _check_idx(
+    idx: torch.Tensor | None, table: torch.Tensor, name: str, *, host_ok: bool = False
+) -> torch.Tensor | None:
+    """Checks ``idx`` [P] against ``table`` [V, D] (on the table's device, or on the CPU if ``host_ok``)
+    and returns it as contiguous int64. The range check reads the values: one sync for device tensors."""
     if idx is None:
         return None
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be a 1-D int32/int64 tensor [P], got {_describe(idx)}")
-    if idx.device != table.device:
+    if idx.device != table.device and not (host_ok and idx.device.type == "cpu"):
         raise ValueError(f"{name} is on {idx.device} but the encoder weights are on {table.device}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[0]):
-        raise ValueError(f"{name} values must lie in [0, {table.shape[0]}), got [{int(idx.min())}, {int(idx.max())}]")
+    if idx.numel():
+        low, high = (int(x) for x in torch.aminmax(idx))
+        if low < 0 or high >= table.shape[0]:
+            raise ValueError(f"{name} values must lie in [0, {table.shape[0]}), got [{low}, {high}]")
     return idx.to(torch.int64).contiguous()
+
+
+# Device copies of host token vectors, by (device, values): a steady-state forward neither copies nor syncs.
+_DEVICE_TOKENS: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+
+
+def _on_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if tokens.device == device:
+        return tokens
+    key = (device, tuple(tokens.tolist()))
+    if key not in _DEVICE_TOKENS:
+        _DEVICE_TOKENS[key] = tokens.to(device)
+    return _DEVICE_TOKENS[key]
+
+
+def _as_table(x: Any) -> torch.Tensor:
+    """``x``, checked to be the 2-D table [V, D] that an ``idx`` indexes."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [P, D], got {_describe(x)}")
+    return x
 
 
 def _describe(t: Any) -> str:
@@ -259,6 +285,14 @@ def fused_mlp(
     Returns:
         [P, O] in the weights' dtype; differentiable w.r.t. x, weights and biases.
     """
+    return _fused_mlp(x, weights, biases, act, _check_idx(idx, _as_table(x), "idx"), backend)
+
+
+def _fused_mlp(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], act: str,
+    idx: torch.Tensor | None, backend: str | None,
+) -> torch.Tensor:
+    """:func:`fused_mlp` for an ``idx`` that :func:`_check_idx` already returned (no second value check)."""
     if act not in _ACTS:
         raise ValueError(f"act must be one of {_ACTS}, got {act!r}")
     if len(weights) not in (2, 3) or len(biases) != len(weights):
@@ -277,7 +311,6 @@ def fused_mlp(
         if w.dtype != x.dtype or b.dtype != x.dtype or w.device != x.device or b.device != x.device:
             raise ValueError(f"layer {i}: weights and biases must match x's dtype {x.dtype} and device {x.device}")
         width = w.shape[0]
-    idx = _check_idx(idx, x, "idx")
     name = _resolve_backend(backend, x.device, x.dtype)
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
     return _MLPFunction.apply(x, idx, act, _backend(name), *params)
@@ -309,6 +342,14 @@ def fused_lstm(
     Returns:
         [P, 2H], the forward direction's hidden states then the reverse direction's, in the weights' dtype.
     """
+    return _fused_lstm(x, layers, _check_idx(idx, _as_table(x), "idx"), dropout, training, backend)
+
+
+def _fused_lstm(
+    x: torch.Tensor, layers: list[list[torch.Tensor]], idx: torch.Tensor | None, dropout: float, training: bool,
+    backend: str | None,
+) -> torch.Tensor:
+    """:func:`fused_lstm` for an ``idx`` that :func:`_check_idx` already returned (no second value check)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [P, D], got {_describe(x)}")
     if not layers or any(len(layer) != 8 for layer in layers):
@@ -325,7 +366,6 @@ def fused_lstm(
         if any(t.dtype != x.dtype or t.device != x.device for t in layer):
             raise ValueError(f"layer {i}: parameters must match x's dtype {x.dtype} and device {x.device}")
         width = 2 * hidden
-    idx = _check_idx(idx, x, "idx")
     be = _backend(_resolve_backend(backend, x.device, x.dtype))
     h = x
     for i, layer in enumerate(layers):
@@ -369,6 +409,7 @@ def _lstm_layers(lstm: torch.nn.LSTM) -> list[list[torch.Tensor]]:
 
 
 def _run_encoder(encoder: torch.nn.Module, tokens: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """``encoder`` on ``tokens`` [P], which :func:`encode_prompt` checked and put on the weights' device."""
     from peft.tuners.p_tuning.model import PromptEncoder, PromptEncoderReparameterizationType
     from peft.tuners.prefix_tuning.model import PrefixEncoder
     from peft.tuners.prompt_tuning.model import PromptEmbedding
@@ -379,7 +420,7 @@ def _run_encoder(encoder: torch.nn.Module, tokens: torch.Tensor, backend: str | 
             linears = _linear_stack(
                 encoder.transform, (torch.nn.Linear, torch.nn.Tanh, torch.nn.Linear), "PrefixEncoder.transform"
             )
-            return fused_mlp(table, *_mlp_of(linears), act="tanh", idx=tokens, backend=backend)
+            return _fused_mlp(table, *_mlp_of(linears), "tanh", tokens, backend)
         # without projection (or in inference mode) the learned table *is* the output, as in get_prompt()
         return F.embedding(tokens, table)
     if isinstance(encoder, PromptEncoder):
@@ -388,14 +429,12 @@ def _run_encoder(encoder: torch.nn.Module, tokens: torch.Tensor, backend: str | 
         relu_mlp = (torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear)
         if encoder.encoder_type == PromptEncoderReparameterizationType.MLP:
             linears = _linear_stack(encoder.mlp_head, (*relu_mlp, torch.nn.ReLU, torch.nn.Linear), "mlp_head")
-            return fused_mlp(table, *_mlp_of(linears), act="relu", idx=tokens, backend=backend)
+            return _fused_mlp(table, *_mlp_of(linears), "relu", tokens, backend)
         if encoder.encoder_type == PromptEncoderReparameterizationType.LSTM:
             lstm = encoder.lstm_head
-            hidden = fused_lstm(
-                table, _lstm_layers(lstm), idx=tokens, dropout=lstm.dropout, training=lstm.training, backend=backend
-            )
+            hidden = _fused_lstm(table, _lstm_layers(lstm), tokens, lstm.dropout, lstm.training, backend)
             linears = _linear_stack(encoder.mlp_head, relu_mlp, "mlp_head")
-            return fused_mlp(hidden, *_mlp_of(linears), act="relu", backend=backend)
+            return _fused_mlp(hidden, *_mlp_of(linears), "relu", None, backend)
         raise UnsupportedModelError(f"unknown P-tuning encoder type {encoder.encoder_type!r}")
     if type(encoder) is PromptEmbedding:
         return F.embedding(tokens, table)
@@ -438,7 +477,9 @@ def encode_prompt(encoder: torch.nn.Module, prompt_tokens: torch.Tensor, *, back
             table), a ``PromptEncoder`` (P-tuning MLP or LSTM+MLP; in inference mode a plain table) or a
             ``PromptEmbedding``.
         prompt_tokens: [P] integer indices into the encoder's embedding (PEFT's ``prompt_tokens`` sliced as
-            ``get_prompt`` does).
+            ``get_prompt`` does), on the encoder's device or on the CPU. CPU tokens (PEFT keeps them there)
+            are checked and compared with the cached ones on the host and copied to the device once, so a
+            forward does not wait for the GPU; device tokens cost a sync for the range check.
         backend: as in :func:`fused_mlp`.
 
     Returns:
@@ -455,14 +496,16 @@ def encode_prompt(encoder: torch.nn.Module, prompt_tokens: torch.Tensor, *, back
         )
     if not isinstance(prompt_tokens, torch.Tensor) or prompt_tokens.dim() != 1:
         raise ValueError(f"prompt_tokens must be a 1-D integer tensor [P], got {_describe(prompt_tokens)}")
-    tokens = _check_idx(prompt_tokens, encoder.embedding.weight, "prompt_tokens")
+    weight = encoder.embedding.weight
+    tokens = _check_idx(prompt_tokens, weight, "prompt_tokens", host_ok=True)
     needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
     if needs_grad or not _deterministic(encoder):
-        return _run_encoder(encoder, tokens, backend)
+        return _run_encoder(encoder, _on_device(tokens, weight.device), backend)
     key = _state_key(encoder, backend)
     hit = _CACHE.get(encoder)
-    if hit is not None and hit[0] == key and hit[1].shape == tokens.shape and torch.equal(hit[1], tokens):
+    if (hit is not None and hit[0] == key and hit[1].device == tokens.device and hit[1].shape == tokens.shape
+            and torch.equal(hit[1], tokens)):
         return hit[2]
-    out = _run_encoder(encoder, tokens, backend)
+    out = _run_encoder(encoder, _on_device(tokens, weight.device), backend)
     _CACHE[encoder] = (key, tokens.clone(), out)
     return out

@@ -126,8 +126,9 @@ def _check_peft_model(model: Any) -> None:
 def _prompt_encoder_output(model: Any) -> torch.Tensor:
     """What PEFT's encoder yields for one batch row, computed once: [P, out_dim]."""
     encoder = model.prompt_encoder[model.active_adapter]
+    # PEFT keeps the tokens on the CPU; encode_prompt checks them there and keeps one device copy
     tokens = model.prompt_tokens[model.active_adapter][: model.active_peft_config.num_virtual_tokens]
-    return encode_prompt(encoder, tokens.to(encoder.embedding.weight.device))
+    return encode_prompt(encoder, tokens)
 
 
 def prefix_from_peft(model: Any) -> PrefixKV:

@@ -149,8 +149,7 @@ class PromptTemplateModel(torch.nn.Module):
     def prompt_embeddings(self) -> torch.Tensor:
         """The encoder output [P, D], computed once (cached in eval/no-grad mode)."""
         encoder = self.peft_model.prompt_encoder[self.adapter_name]
-        tokens = self.peft_model.prompt_tokens[self.adapter_name].to(encoder.embedding.weight.device)
-        return encode_prompt(encoder, tokens)
+        return encode_prompt(encoder, self.peft_model.prompt_tokens[self.adapter_name])
 
     def forward(
         self,

@@ -15,6 +15,7 @@ from peft.tuners.p_tuning.model import PromptEncoder
 from peft.tuners.prefix_tuning.model import PrefixEncoder
 from peft.tuners.prompt_tuning.model import PromptEmbedding
 
+from fastprompt import encoders
 from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp
 from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
 
@@ -224,6 +225,37 @@ def test_cache_hit_and_invalidation(name):
     # a frozen encoder is cached even with grad mode on
     encoder.requires_grad_(False)
     assert encode_prompt(encoder, tokens) is encode_prompt(encoder, tokens)
+
+
+def test_host_tokens_reach_the_device_once():
+    # PEFT keeps prompt_tokens on the CPU: one device copy per token vector, reused by every forward
+    tokens = torch.arange(5)
+    copy = encoders._on_device(tokens, torch.device("meta"))
+    assert copy.device.type == "meta" and encoders._on_device(tokens.clone(), torch.device("meta")) is copy
+    assert encoders._on_device(tokens.flip(0), torch.device("meta")) is not copy
+    assert encoders._on_device(tokens, tokens.device) is tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only with a GPU")
+@pytest.mark.parametrize("name", ["prefix_mlp", "ptuning_lstm2"])
+def test_encode_prompt_with_host_tokens_never_waits_for_the_gpu(name):
+    torch.manual_seed(8)
+    encoder = ENCODERS[name]().cuda()
+    _randomize(encoder)
+    tokens = torch.arange(encoder.embedding.weight.shape[0])  # on the CPU, as PEFT keeps them
+    expected = encode_prompt(encoder, tokens.cuda())
+    encode_prompt(encoder, tokens)  # the one device copy of the tokens
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call now raises
+    try:
+        trained = encode_prompt(encoder, tokens)
+        trained.sum().backward()
+        with torch.no_grad():
+            served = encode_prompt(encoder, tokens)
+            assert encode_prompt(encoder, tokens) is served
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(trained, expected, atol=0, rtol=0)
+    torch.testing.assert_close(served, expected, atol=0, rtol=0)
 
 
 def test_no_cache_when_gradients_are_needed():
