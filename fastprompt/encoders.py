@@ -231,7 +231,7 @@ def _check_idx(
     if idx.device != table.device and not (host_ok and idx.device.type == "cpu"):
         raise ValueError(f"{name} is on {idx.device} but the encoder weights are on {table.device}")
     if idx.numel():
-        low, high = (int(x) for x in torch.aminmax(idx))
+        low, high = torch.stack(torch.aminmax(idx)).tolist()  # one read of a device tensor
         if low < 0 or high >= table.shape[0]:
             raise ValueError(f"{name} values must lie in [0, {table.shape[0]}), got [{low}, {high}]")
     return idx.to(torch.int64).contiguous()
@@ -246,12 +246,14 @@ def _on_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
         return tokens
     key = (device, tuple(tokens.tolist()))
     if key not in _DEVICE_TOKENS:
-        _DEVICE_TOKENS[key] = tokens.to(device)
+        # outside inference mode: a later training forward saves it for backward
+        with torch.inference_mode(False):
+            _DEVICE_TOKENS[key] = tokens.to(device)
     return _DEVICE_TOKENS[key]
 
 
 def _as_table(x: Any) -> torch.Tensor:
-    """``x``, checked to be the 2-D table [V, D] that an ``idx`` indexes."""
+    """``x``, checked to be 2-D: the rows [P, D], or the table [V, D] that an ``idx`` indexes."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [P, D], got {_describe(x)}")
     return x
@@ -292,15 +294,13 @@ def _fused_mlp(
     x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], act: str,
     idx: torch.Tensor | None, backend: str | None,
 ) -> torch.Tensor:
-    """:func:`fused_mlp` for an ``idx`` that :func:`_check_idx` already returned (no second value check)."""
+    """:func:`fused_mlp` for a 2-D ``x`` and an ``idx`` that :func:`_check_idx` returned (no second value check)."""
     if act not in _ACTS:
         raise ValueError(f"act must be one of {_ACTS}, got {act!r}")
     if len(weights) not in (2, 3) or len(biases) != len(weights):
         raise ValueError(
             f"weights and biases must be 2 or 3 of each, got {len(weights)} weights and {len(biases)} biases"
         )
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D tensor [P, D], got {_describe(x)}")
     width = x.shape[1]
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         if w.dim() != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
@@ -349,9 +349,7 @@ def _fused_lstm(
     x: torch.Tensor, layers: list[list[torch.Tensor]], idx: torch.Tensor | None, dropout: float, training: bool,
     backend: str | None,
 ) -> torch.Tensor:
-    """:func:`fused_lstm` for an ``idx`` that :func:`_check_idx` already returned (no second value check)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D tensor [P, D], got {_describe(x)}")
+    """:func:`fused_lstm` for a 2-D ``x`` and an ``idx`` that :func:`_check_idx` returned (no second value check)."""
     if not layers or any(len(layer) != 8 for layer in layers):
         raise ValueError("layers must be a non-empty list of 8-tensor lists (torch.nn.LSTM's per-layer params)")
     if not 0.0 <= dropout < 1.0:

@@ -284,13 +284,13 @@ def check_index_values(
     index tensors (every layer of a model) check once and then call :func:`prefix_attention_checked`.
     """
     if prefix_index is not None and prefix_index.numel() > 0:
-        lo, hi = (int(x) for x in torch.aminmax(prefix_index))
+        lo, hi = torch.stack(torch.aminmax(prefix_index)).tolist()  # one read of the device
         if lo < -1 or hi >= num_prefixes:
             raise ValueError(
                 f"prefix_index values must be in [-1, N) with N = {num_prefixes} bank rows, got values in [{lo}, {hi}]"
             )
     if prefix_lens is not None and prefix_lens.numel() > 0:
-        lo, hi = (int(x) for x in torch.aminmax(prefix_lens))
+        lo, hi = torch.stack(torch.aminmax(prefix_lens)).tolist()
         if lo < 0 or hi > prefix_len:
             raise ValueError(f"prefix_lens values must be in [0, P] with P = {prefix_len}, got values in [{lo}, {hi}]")
 
@@ -395,25 +395,30 @@ def _filled(n: int, value: int, device: torch.device) -> torch.Tensor:
     call. Not cached, and not taken from the cache, while tracing (fake tensors: torch.compile, make_fx,
     any dispatch mode) or during CUDA graph capture (the fill would only be recorded, and the memory would
     belong to the graph's pool). The cache is never evicted, so a captured graph that read an entry keeps
-    a live tensor; it holds one small tensor per (n, value, device) seen.
+    a live tensor; it holds one small tensor per (n, value, device) seen. A CUDA entry remembers the stream
+    that filled it, and another stream waits for that fill on the device.
     """
     tracing = torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
     if tracing or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.full((n,), value, dtype=torch.int32, device=device)
     key = (n, value, device)
-    filled = _FILLED.get(key)
-    if filled is None:
+    if key not in _FILLED:
         # made outside inference mode: the op saves it for backward, which an inference tensor refuses
         with torch.inference_mode(False):
             filled = torch.full((n,), value, dtype=torch.int32, device=device)
+        ready = None
         if device.type == "cuda":
-            # filled on this stream; after the sync any stream may read it
-            torch.cuda.current_stream(device).synchronize()
-        _FILLED[key] = filled
+            ready = (torch.cuda.current_stream(device), torch.cuda.Event())
+            ready[1].record(ready[0])
+        _FILLED[key] = (filled, ready)
+    filled, ready = _FILLED[key]
+    if ready is not None and torch.cuda.current_stream(device) != ready[0]:
+        # the fill ran on another stream: order this stream after it (no host wait)
+        torch.cuda.current_stream(device).wait_event(ready[1])
     return filled
 
 
-_FILLED: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_FILLED: dict[tuple[int, int, torch.device], tuple[torch.Tensor, tuple | None]] = {}
 
 
 def _normalise(

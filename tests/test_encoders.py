@@ -227,8 +227,11 @@ def test_cache_hit_and_invalidation(name):
     assert encode_prompt(encoder, tokens) is encode_prompt(encoder, tokens)
 
 
-def test_host_tokens_reach_the_device_once():
+def test_host_tokens_reach_the_device_once(monkeypatch):
     # PEFT keeps prompt_tokens on the CPU: one device copy per token vector, reused by every forward
+    monkeypatch.setattr(encoders, "_DEVICE_TOKENS", {})
+    with torch.inference_mode():  # a first call from generate() must not cache an inference tensor
+        assert not encoders._on_device(torch.arange(4), torch.device("meta")).is_inference()
     tokens = torch.arange(5)
     copy = encoders._on_device(tokens, torch.device("meta"))
     assert copy.device.type == "meta" and encoders._on_device(tokens.clone(), torch.device("meta")) is copy
@@ -240,7 +243,7 @@ def test_host_tokens_reach_the_device_once():
 @pytest.mark.parametrize("name", ["prefix_mlp", "ptuning_lstm2"])
 def test_encode_prompt_with_host_tokens_never_waits_for_the_gpu(name):
     torch.manual_seed(8)
-    encoder = ENCODERS[name]().cuda()
+    encoder = ENCODERS[name]().cuda().eval()  # eval: no LSTM dropout, so the no-grad output is cached
     _randomize(encoder)
     tokens = torch.arange(encoder.embedding.weight.shape[0])  # on the CPU, as PEFT keeps them
     expected = encode_prompt(encoder, tokens.cuda())
