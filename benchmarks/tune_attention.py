@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from bench_attention import base_case, make_inputs
+from bench_attention import Case, base_case, make_inputs
 from fastprompt.kernels import prefix_attention as pa
 
 import fastprompt
@@ -46,9 +47,10 @@ def _time(fn) -> float | None:
         raise
 
 
-def sweep(dtype: torch.dtype, D: int, T: int) -> list[str]:
-    case = replace(base_case("cuda"), T=T, S=T, D=D)
-    x = make_inputs(case, dtype, "cuda", requires_grad=True)
+def sweep(case: Case, dtype: torch.dtype, device: str = "cuda", timer: Callable = _time) -> list[str]:
+    """Table rows for every candidate of every kernel on ``case``; ``timer(fn)`` gives ms or None (does not
+    fit). The shipped table is back in place afterwards."""
+    x = make_inputs(case, dtype, device, requires_grad=True)
     shipped = pa._config
     flops = case.flops()
     rows = []
@@ -75,10 +77,10 @@ def sweep(dtype: torch.dtype, D: int, T: int) -> list[str]:
             ship = shipped(x["q"], kernel)
             for tiles in CANDIDATES[kernel]:
                 pa._config = with_tiles(kernel, tiles)
-                ms = _time(fn)
+                ms = timer(fn)
                 mark = " (shipped)" if tuple(ship) == tiles else ""
                 timing = "does not fit" if ms is None else f"{ms:.3f} | {work / ms / 1e9:.0f}"
-                rows.append(f"| D={D} | {kernel} | {tiles}{mark} | {timing} |")
+                rows.append(f"| D={case.D} | {kernel} | {tiles}{mark} | {timing} |")
     finally:
         pa._config = shipped
     return rows
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python benchmarks/tune_attention.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
     print("| head dim | kernel | (BLOCK_M, BLOCK_N, warps, stages) | ms | useful TFLOP/s |\n|---|---|---|---|---|")
     for D in args.head_dims:
-        for row in sweep(dtype, D, args.T):
+        for row in sweep(replace(base_case("cuda"), T=args.T, S=args.T, D=D), dtype):
             print(row, flush=True)
     return 0
 
