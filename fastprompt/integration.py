@@ -8,9 +8,9 @@ on the model or in a global, so two threads or two models never see each other's
 checkpointing replays a layer with the same prefix it ran with.
 
 Positions. Adapters are trained with the real tokens at positions ``P ..``: the model saw ``P`` cached
-prefix tokens. :class:`PrefixCache` reports those ``P`` tokens in its length without holding them, so every
-architecture computes exactly the positions it computes under PEFT (rotary, learned absolute, RoBERTa's
-padding-aware ids) while K and V hold the sequence only.
+prefix tokens. A patched PEFT model passes explicit ``position_ids`` (see :mod:`fastprompt.patching`).
+:class:`PrefixCache` reports the ``P`` tokens in its length without holding them, so a plain model that is
+given no ``position_ids`` numbers its tokens after the prefix too, while K and V hold the sequence only.
 
 Masks. The mask function hands the 2-D padding mask through (or ``None`` when nothing is padded); the
 attention function keeps its last ``S`` columns as the op's ``key_padding_mask``, so a mask that PEFT
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
 from fastprompt import ops
+from fastprompt.compat import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 from fastprompt.errors import UnsupportedModelError
 
 __all__ = ["ATTN_IMPLEMENTATION", "PREFIX_KWARG", "PrefixCache", "PrefixKV", "fastprompt_attention", "fastprompt_mask"]
