@@ -47,10 +47,15 @@ def forward_accepts(model: torch.nn.Module, name: str) -> bool:
 
 def cache_kwarg(model: torch.nn.Module) -> str:
     """The forward argument through which ``model`` takes a KV cache: ``"cache"`` from transformers 5.24 on,
-    ``"past_key_values"`` before."""
-    for name in _CACHE_NAMES:
-        if forward_accepts(model, name):
-            return name
+    ``"past_key_values"`` before.
+
+    Some task models (BERT's classifiers on 5.24) name neither and hand ``**kwargs`` to their backbone; then
+    the backbone's name is the one.
+    """
+    for candidate in (model, getattr(model, "base_model", model)):
+        for name in _CACHE_NAMES:
+            if forward_accepts(candidate, name):
+                return name
     raise ValueError(f"{type(model).__name__}.forward takes no KV cache argument (looked for {_CACHE_NAMES})")
 
 

@@ -172,9 +172,14 @@ def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float
 
 
 def cache_argument(model: Any) -> str:
-    """The forward argument that takes a KV cache on this transformers version (renamed in 5.24)."""
-    parameters = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    """The forward argument that takes a KV cache on this transformers version (renamed in 5.24); a task model
+    that names neither hands its kwargs to the backbone."""
+    for candidate in (model, model.base_model):
+        parameters = inspect.signature(type(candidate).forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in parameters:
+                return name
+    raise ValueError(f"{type(model).__name__} takes no cache")
 
 
 def method_positions(attention_mask: torch.Tensor, offset: int, arch: str) -> torch.Tensor:

@@ -97,8 +97,46 @@ def test_prompt_encoder_runs_once_per_forward_on_one_row(method, monkeypatch):
     forward_and_grads(model, random_batch(B, T))
     assert token_shapes == [(P,)]
     if method in ("p_tuning_mlp", "p_tuning_lstm", "prompt_tuning"):
-        prompts = model.get_prompt(B)
-        assert prompts.shape[0] == B and prompts.stride(0) == 0, "virtual tokens were copied per batch row"
+        plan = patching._plan(model, B, torch.device("cpu"), serving=False)
+        assert plan.virtual.shape[0] == B and plan.virtual.stride(0) == 0, "virtual tokens were copied per row"
+
+
+@pytest.mark.parametrize("method", ["prefix_projection", "p_tuning_lstm", "prompt_tuning"])
+def test_peft_forward_and_generate_plumbing_is_never_called(method, monkeypatch):
+    """The patched model drives the base model itself: PEFT's forward, get_prompt and generation hooks,
+    which break when transformers renames what they introspect, are not on its path."""
+    torch.manual_seed(0)
+    model = fastprompt.patch(tiny_peft_model("llama", method, num_virtual_tokens=P))
+    peft_class = type(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("PEFT plumbing was called")
+
+    for name in ("forward", "get_prompt", "prepare_inputs_for_generation", "generate"):
+        for cls in peft_class.__mro__:
+            if name in cls.__dict__ and cls.__module__.startswith("peft"):
+                monkeypatch.setattr(cls, name, refuse)
+    forward_and_grads(model, random_batch(B, T, padding="left"))
+    batch = random_batch(B, T, padding="left")
+    with torch.no_grad():
+        model.eval().generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              max_new_tokens=2, do_sample=False, pad_token_id=PAD)
+
+
+def test_caller_position_ids_are_the_rows_own_numbering_shifted_by_the_prefix():
+    """Explicit position_ids replace the numbering taken from the mask and are shifted by the prefix length,
+    as PEFT does for prefix tuning (PEFT ignores them for P-tuning and prompt tuning)."""
+    torch.manual_seed(0)
+    model = tiny_peft_model("llama", "prefix", num_virtual_tokens=P).eval()
+    batch = random_batch(B, T)
+    position_ids = torch.arange(4, 4 + T)[None]
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], position_ids=position_ids).logits
+        fastprompt.patch(model)
+        actual = model(input_ids=batch["input_ids"], position_ids=position_ids).logits
+        default = model(input_ids=batch["input_ids"]).logits
+    assert_scaled_close(actual, expected, 1e-5, "logits")
+    assert (actual - default).abs().max() > 1e-3, "the caller's position_ids were ignored"
 
 
 def test_cache_holds_the_sequence_but_never_the_prefix():
@@ -157,11 +195,12 @@ def test_generate_runs_virtual_tokens_once_as_a_prefix_block(method, monkeypatch
     ],
 )
 def test_gradient_checkpointing_gives_the_same_gradients(arch, task, method):
+    """Against the patched model without checkpointing (PEFT cannot run prefix tuning on BERT on every
+    transformers version)."""
     torch.manual_seed(0)
-    model = tiny_peft_model(arch, method, task, gqa=arch == "llama", num_virtual_tokens=P).train()
+    model = fastprompt.patch(tiny_peft_model(arch, method, task, gqa=arch == "llama", num_virtual_tokens=P)).train()
     batch = random_batch(B, T, padding="right", task=task)
     expected = forward_and_grads(model, batch)
-    fastprompt.patch(model)
     model.gradient_checkpointing_enable()
     assert model.get_base_model().is_gradient_checkpointing
     logits, loss, grads = forward_and_grads(model, batch)
@@ -188,7 +227,7 @@ def test_reentrant_checkpointing_is_refused_with_the_fix():
 def test_unpatch_restores_exactly_and_patch_twice_is_harmless():
     torch.manual_seed(0)
     model = tiny_peft_model("qwen2", "prefix_projection", gqa=True, num_virtual_tokens=P).eval()
-    batch = random_batch(B, T, padding="left")
+    batch = random_batch(B, T, padding="right")  # PEFT's positions are the definition's with right padding
     with torch.no_grad():
         never_patched = model(**batch).logits
     instance_attrs = dict(model.__dict__)
