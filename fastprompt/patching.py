@@ -356,7 +356,9 @@ def _patched_generate(model: Any, original: Any, *args: Any, **kwargs: Any) -> A
         kwargs.get("attention_mask"), kwargs.get("position_ids"), plan.offsets, input_ids.shape[1],
         compat.position_rule(base),
     )
-    kwargs[compat.cache_kwarg(base)] = PrefixCache(plan.prefix, store=True)
+    # Positions are explicit, so the cache counts the stored tokens only: transformers releases that take
+    # the prompt's uncached part from the cache length then feed the whole prompt on the first step.
+    kwargs[compat.cache_kwarg(base)] = PrefixCache(plan.prefix, store=True, count_prefix=False)
     return base.generate(**kwargs)
 
 

@@ -155,10 +155,11 @@ def test_cache_holds_the_sequence_but_never_the_prefix():
             pad_token_id=PAD,
             return_dict_in_generate=True,
         )
-    for cache, stored in ((out.past_key_values, T), (generated.past_key_values, T + 3)):
+    for cache, stored, counted in ((out.past_key_values, T, P + T), (generated.past_key_values, T + 3, T + 3)):
         assert isinstance(cache, PrefixCache)
         assert [DynamicCache.get_seq_length(cache, i) for i in range(layers)] == [stored] * layers
-        assert cache.get_seq_length() == P + stored  # positions still count the prefix, as in PEFT
+        # a forward's cache counts the prefix, as PEFT's does; generate passes positions and counts tokens only
+        assert cache.get_seq_length() == counted
 
 
 @pytest.mark.parametrize("method", ["p_tuning_lstm", "prompt_tuning"])
@@ -183,7 +184,7 @@ def test_generate_runs_virtual_tokens_once_as_a_prefix_block(method, monkeypatch
     assert all(call["k_len"] == P and call["prefix_shape"][2] == 0 for call in virtual_run)
     assert all(call["k_len"] == T and call["prefix_shape"][:3] == (1, 2, P) for call in prefill)
     cache = generated.past_key_values
-    assert isinstance(cache, PrefixCache) and DynamicCache.get_seq_length(cache) == T + 2
+    assert isinstance(cache, PrefixCache) and cache.get_seq_length() == T + 2
 
 
 @pytest.mark.parametrize(
@@ -391,6 +392,7 @@ def test_prefix_cache_refuses_banks_whose_rows_need_their_own_positions(prefix_i
     prefix = PrefixKV(bank, prefix_index=torch.tensor(prefix_index), prefix_lens=lens)
     with pytest.raises(ValueError, match="passing position_ids"):
         PrefixCache(prefix, store=False)
+    assert PrefixCache(prefix, store=False, count_prefix=False).get_seq_length() == 0
 
 
 def test_layers_that_drop_the_prefix_kwarg_are_refused(monkeypatch):
