@@ -223,8 +223,10 @@ def reference_forward(reference: Any, batch: dict[str, torch.Tensor], arch: str)
         for layer in range(config.num_layers):
             cache.update(kv[layer, 0][None].expand(size, -1, -1, -1), kv[layer, 1][None].expand(size, -1, -1, -1),
                          layer)
+        given = batch.get("position_ids")  # the row's own numbering: shifted by the prefix
+        positions = method_positions(mask, count, arch) if given is None else given + count
         return base(input_ids=input_ids, attention_mask=widened, labels=labels,
-                    position_ids=method_positions(mask, count, arch).to(base.device), **{cache_argument(base): cache})
+                    position_ids=positions.to(base.device), **{cache_argument(base): cache})
     first = PAD + 1 if arch == "roberta" else 0
     virtual_positions = torch.arange(first, first + count).expand(size, -1)
     positions = torch.cat([virtual_positions, method_positions(mask, count, arch)], dim=1).to(base.device)

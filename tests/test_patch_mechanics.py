@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -21,6 +22,7 @@ from models import (
     forward_and_grads,
     peft_config,
     random_batch,
+    reference_forward,
     tiny_config,
     tiny_model,
     tiny_peft_model,
@@ -124,16 +126,17 @@ def test_peft_forward_and_generate_plumbing_is_never_called(method, monkeypatch)
 
 
 def test_caller_position_ids_are_the_rows_own_numbering_shifted_by_the_prefix():
-    """Explicit position_ids replace the numbering taken from the mask and are shifted by the prefix length,
-    as PEFT does for prefix tuning (PEFT ignores them for P-tuning and prompt tuning)."""
+    """Explicit position_ids replace the numbering taken from the mask and are shifted by the prefix length
+    (as PEFT 0.21 does for prefix tuning; older PEFT used them unshifted)."""
     torch.manual_seed(0)
     model = tiny_peft_model("llama", "prefix", num_virtual_tokens=P).eval()
+    reference = copy.deepcopy(model).double()
     batch = random_batch(B, T)
-    position_ids = torch.arange(4, 4 + T)[None]
+    batch["position_ids"] = torch.arange(4, 4 + T)[None].expand(B, -1)
+    fastprompt.patch(model)
     with torch.no_grad():
-        expected = model(input_ids=batch["input_ids"], position_ids=position_ids).logits
-        fastprompt.patch(model)
-        actual = model(input_ids=batch["input_ids"], position_ids=position_ids).logits
+        expected = reference_forward(reference, batch, "llama").logits
+        actual = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         default = model(input_ids=batch["input_ids"]).logits
     assert_scaled_close(actual, expected, 1e-5, "logits")
     assert (actual - default).abs().max() > 1e-3, "the caller's position_ids were ignored"
