@@ -8,9 +8,9 @@ on the model or in a global, so two threads or two models never see each other's
 checkpointing replays a layer with the same prefix it ran with.
 
 Positions. Adapters are trained with the real tokens at positions ``P ..``: the model saw ``P`` cached
-prefix tokens. :class:`PrefixCache` reports those ``P`` tokens in its length without holding them, so every
-architecture computes exactly the positions it computes under PEFT (rotary, learned absolute, RoBERTa's
-padding-aware ids) while K and V hold the sequence only.
+prefix tokens. A patched PEFT model passes explicit ``position_ids`` (see :mod:`fastprompt.patching`).
+:class:`PrefixCache` reports the ``P`` tokens in its length without holding them, so a plain model that is
+given no ``position_ids`` numbers its tokens after the prefix too, while K and V hold the sequence only.
 
 Masks. The mask function hands the 2-D padding mask through (or ``None`` when nothing is padded); the
 attention function keeps its last ``S`` columns as the op's ``key_padding_mask``, so a mask that PEFT
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
 from fastprompt import ops
+from fastprompt.compat import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 from fastprompt.errors import UnsupportedModelError
 
 __all__ = ["ATTN_IMPLEMENTATION", "PREFIX_KWARG", "PrefixCache", "PrefixKV", "fastprompt_attention", "fastprompt_mask"]
@@ -81,27 +81,33 @@ class PrefixKV:
 
 
 class PrefixCache(DynamicCache):
-    """A :class:`~transformers.DynamicCache` that counts ``P`` prefix positions it does not hold.
+    """A :class:`~transformers.DynamicCache` that carries the prefix of a generation and never stores it.
 
-    ``get_seq_length`` is ``P`` plus the stored length, so positions, generation bookkeeping and PEFT's
-    own checks see what they see when the prefix sits in the cache; K and V hold the sequence only.
-    With ``store=False`` (a training forward) ``update`` keeps nothing and returns its inputs, so K and V
-    are not copied into a cache that nobody reads.
+    With ``count_prefix=True`` (the default), ``get_seq_length`` is ``P`` plus the stored length, so a model
+    given no ``position_ids`` numbers its tokens after the prefix, and PEFT-style checks see what they see
+    when the prefix sits in the cache; every row must then see the full ``P``. With ``count_prefix=False``
+    the length is the stored tokens only, for callers that pass every row's positions themselves (a patched
+    PEFT model's ``generate``): the generation then feeds the whole prompt on the first step on every
+    transformers version, and rows may have no prefix or a shorter one. With ``store=False`` (a training
+    forward) ``update`` keeps nothing and returns its inputs, so K and V are not copied into a cache that
+    nobody reads.
     """
 
-    def __init__(self, prefix: PrefixKV, *, store: bool) -> None:
-        if not prefix.every_row_has_full_length():
+    def __init__(self, prefix: PrefixKV, *, store: bool, count_prefix: bool = True) -> None:
+        if count_prefix and not prefix.every_row_has_full_length():
             raise ValueError(
                 "PrefixCache numbers every row's tokens from the bank width P, but this bank has rows with no "
                 "prefix (-1) or a prefix_lens below P; number each row from its own prefix length by passing "
-                "position_ids to the forward (and no PrefixCache)"
+                "position_ids to the forward (and count_prefix=False)"
             )
         super().__init__()
         self.prefix = prefix
         self.store = store
+        self.count_prefix = count_prefix
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.prefix.length + super().get_seq_length(layer_idx)
+        stored = super().get_seq_length(layer_idx)
+        return self.prefix.length + stored if self.count_prefix else stored
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any

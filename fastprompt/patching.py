@@ -2,53 +2,78 @@
 
 A plain ``transformers`` model gets the ``"fastprompt"`` attention implementation (its prefixes then come
 from the serving APIs through the ``fastprompt_prefix`` forward kwarg). A ``peft.PeftModel`` whose active
-adapter is prompt learning additionally has three of its methods replaced on the instance:
+adapter is prompt learning additionally has ``forward`` and ``generate`` replaced on the instance. Neither
+calls PEFT's forward, ``get_prompt``, ``prepare_inputs_for_generation`` or generate plumbing: they read the
+adapter (config, ``prompt_encoder[name]``, ``prompt_tokens``; see :mod:`fastprompt.compat`) and drive the
+base model through stable ``transformers`` inputs, following a :class:`ForwardPlan` (per batch row: its
+prefix bank row or none and the number of positions in front of its real tokens; its virtual-token
+embeddings or none):
 
-- ``forward``: for prefix tuning, runs the prefix encoder once (batch 1) and passes the per-layer blocks
-  down as ``fastprompt_prefix``, with a :class:`~fastprompt.integration.PrefixCache` in place of PEFT's
-  per-row cache;
-- ``get_prompt``: returns that cache for prefix tuning, and for P-tuning / prompt tuning the encoder's
-  output computed once and expanded to the batch as a view (PEFT runs and copies it per row);
-- ``prepare_inputs_for_generation``: hands the prefix of the generation's cache to every decoding step;
-  for P-tuning / prompt tuning it first runs the virtual tokens once (batch 1) through the frozen model
-  and serves their per-layer K/V as the prefix block, instead of prepending them to every row.
+- prefix tuning / P-tuning v2: the encoder runs once (batch 1) and its per-layer K/V reach attention as
+  ``fastprompt_prefix``, never copied per row nor put into the KV cache;
+- P-tuning / prompt tuning, ``forward``: the virtual-token embeddings are prepended through
+  ``inputs_embeds``, with the attention mask, ``token_type_ids`` and (causal LM, token classification)
+  ``labels`` widened by ``P`` as PEFT does, so outputs have PEFT's shapes (logits over ``P + T`` positions);
+- P-tuning / prompt tuning, ``generate``: the virtual tokens run once (batch 1) through the frozen model
+  and their per-layer K/V are served as the prefix; the KV cache holds real tokens only.
 
-Everything else (masks widened by PEFT, labels, classification heads, position handling) stays PEFT's own
-code, so results are PEFT's. ``unpatch`` puts back exactly what was there.
+Positions (always passed explicitly as ``position_ids``). A row's tokens are numbered from its first real
+token: leading padding is skipped, every later token counts. The numbers are then shifted by the row's
+offset, its prefix length or its number of virtual tokens (the virtual tokens themselves take ``0 .. P-1``).
+Models with RoBERTa-style embeddings count from ``padding_idx + 1`` and give padding ``padding_idx``.
+So a left-padded row gives what it gives alone, in ``forward`` and in ``generate``; with right padding or
+none the positions are PEFT's. ``position_ids`` given by the caller ([B, T] or [1, T]) are the row's own
+numbering, as the model would take them without an adapter; they replace the numbering from the mask and
+are shifted by the offset likewise (PEFT shifts them for prefix tuning and ignores them for P-tuning and
+prompt tuning). ``unpatch`` puts back exactly what was there.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
+from fastprompt import compat
 from fastprompt.encoders import encode_prompt
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.integration import ATTN_IMPLEMENTATION, PREFIX_KWARG, PrefixCache, PrefixKV
 
-__all__ = ["patch", "unpatch"]
+__all__ = ["ForwardPlan", "patch", "unpatch", "prefix_from_peft", "token_positions"]
 
 _STATE_ATTR = "_fastprompt_patch_state"
 _ABSENT = object()
 _PREFIX_TYPES = ("PREFIX_TUNING",)
 _EMBEDDING_TYPES = ("P_TUNING", "PROMPT_TUNING")
-
-# Hands the cache made by the patched forward to the patched get_prompt that PEFT's forward calls
-# inside it; a ContextVar is per thread and per task, so concurrent forwards never share it.
-_FORWARD_CACHE: contextvars.ContextVar[PrefixCache | None] = contextvars.ContextVar(
-    "fastprompt_forward_cache", default=None
-)
+# Task types whose labels are per token, so PEFT widens them by the virtual tokens.
+_TOKEN_LABEL_TASKS = ("CAUSAL_LM", "TOKEN_CLS")
 
 
 @dataclass
 class _PatchState:
+    base: PreTrainedModel
     attn_implementation: str
-    replaced: dict[str, Any] = field(default_factory=dict)  # instance attribute -> previous value or _ABSENT
+    # (object, instance attribute, previous value or _ABSENT), in the order they were replaced
+    replaced: list[tuple[Any, str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What each batch row of one forward runs with.
+
+    ``prefix``: the per-layer K/V bank and each row's bank row (-1: none), or ``None``.
+    ``offsets``: [B] int, the positions in front of each row's real tokens (its prefix length, or its
+    number of virtual tokens). ``virtual``: [B, P, H] virtual-token embeddings prepended to each row (any
+    strides, e.g. one encoder output expanded), or ``None``. A single adapter is the case where every row
+    names bank row 0 or the same embeddings.
+    """
+
+    prefix: PrefixKV | None
+    offsets: torch.Tensor
+    virtual: torch.Tensor | None = None
 
 
 def _peft_model_class() -> type | None:
@@ -57,11 +82,6 @@ def _peft_model_class() -> type | None:
     except ImportError:
         return None
     return PeftModel
-
-
-def _peft_type(peft_config: Any) -> str:
-    peft_type = peft_config.peft_type
-    return getattr(peft_type, "value", peft_type)
 
 
 def _check_transformers_model(model: PreTrainedModel) -> None:
@@ -103,7 +123,7 @@ def _kv_geometry(config: Any) -> tuple[int, int, int]:
 
 def _check_peft_model(model: Any) -> None:
     peft_config = model.active_peft_config
-    peft_type = _peft_type(peft_config)
+    peft_type = compat.peft_type(peft_config)
     if peft_type not in _PREFIX_TYPES + _EMBEDDING_TYPES:
         raise UnsupportedModelError(
             f"the active adapter {model.active_adapter!r} is {peft_type}; fastprompt accelerates "
@@ -124,11 +144,10 @@ def _check_peft_model(model: Any) -> None:
 
 
 def _prompt_encoder_output(model: Any) -> torch.Tensor:
-    """What PEFT's encoder yields for one batch row, computed once: [P, out_dim]."""
-    encoder = model.prompt_encoder[model.active_adapter]
+    """What the active adapter's encoder yields for one batch row, computed once: [P, out_dim]."""
+    name = model.active_adapter
     # PEFT keeps the tokens on the CPU; encode_prompt checks them there and keeps one device copy
-    tokens = model.prompt_tokens[model.active_adapter][: model.active_peft_config.num_virtual_tokens]
-    return encode_prompt(encoder, tokens)
+    return encode_prompt(compat.peft_prompt_encoder(model, name), compat.peft_prompt_tokens(model, name))
 
 
 def prefix_from_peft(model: Any) -> PrefixKV:
@@ -136,14 +155,39 @@ def prefix_from_peft(model: Any) -> PrefixKV:
 
     Runs the prefix encoder (embedding, and the projection MLP when the adapter has one) once.
     """
-    peft_config = model.active_peft_config
-    flat = _prompt_encoder_output(model)
-    if model.base_model_torch_dtype is not None:
-        flat = flat.to(model.base_model_torch_dtype)
+    peft_config = compat.peft_active_config(model)
+    flat = _prompt_encoder_output(model).to(model.get_base_model().dtype)
     heads = peft_config.num_attention_heads
     shape = (peft_config.num_virtual_tokens, peft_config.num_layers, 2, heads, peft_config.token_dim // heads)
     # PEFT lays the encoder output out as [P, (layer, k|v), head, dim]; permuting gives the bank.
     return PrefixKV(flat.view(shape).permute(1, 2, 3, 0, 4).unsqueeze(2))
+
+
+def token_positions(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    offsets: torch.Tensor,
+    length: int,
+    rule: tuple[int, int | None] = (0, None),
+) -> torch.Tensor:
+    """Position ids [B, T] of the real tokens of each row, numbered after the row's prefix.
+
+    attention_mask [B, T] (1 = real token) or ``None``; position_ids [B, T] or [1, T]: the caller's own
+    numbering (replaces the one from the mask) or ``None``; offsets [B]: positions in front of each row;
+    rule: ``compat.position_rule`` of the model (first position, id of padding). See the module docstring.
+    """
+    if position_ids is not None:
+        steps = position_ids.to(offsets.device).expand(offsets.shape[0], -1)
+    elif attention_mask is None:
+        steps = torch.arange(length, device=offsets.device).expand(offsets.shape[0], -1)
+    else:
+        started = attention_mask.cumsum(-1) > 0  # from the row's first real token on
+        steps = (started.cumsum(-1) - 1).clamp(min=0)
+    first, padding = rule
+    positions = steps + (offsets[:, None] + first)
+    if padding is not None and attention_mask is not None:
+        positions = positions.masked_fill(attention_mask == 0, padding)
+    return positions
 
 
 def _check_checkpointing(model: torch.nn.Module) -> None:
@@ -169,87 +213,157 @@ def _refuse_mixed_adapters(kwargs: dict[str, Any]) -> None:
         )
 
 
-def _stores_cache(model: Any, use_cache: bool | None) -> bool:
+def _stores_cache(base: Any, use_cache: bool | None) -> bool:
     """Whether the base model would fill a KV cache in this forward, as transformers decides it."""
     if use_cache is not None:
         return use_cache
-    base = model.get_base_model()
     # A training forward's cache is never read; not storing it saves a copy of every layer's K and V.
     return bool(getattr(base.config, "use_cache", False)) and not base.training
 
 
-def _patched_forward(model: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
-    _refuse_mixed_adapters(kwargs)
-    if _peft_type(model.active_peft_config) not in _PREFIX_TYPES:
-        return original(*args, **kwargs)
-    if model.training and torch.is_grad_enabled():
-        _check_checkpointing(model)
-    prefix = prefix_from_peft(model)
-    token = _FORWARD_CACHE.set(PrefixCache(prefix, store=_stores_cache(model, kwargs.get("use_cache"))))
-    try:
-        output = original(*args, **kwargs, **{PREFIX_KWARG: prefix})
-    finally:
-        _FORWARD_CACHE.reset(token)
+def _plan(model: Any, batch: int, device: torch.device, *, serving: bool) -> ForwardPlan:
+    """The :class:`ForwardPlan` of the active adapter for ``batch`` rows.
+
+    ``serving``: P-tuning / prompt tuning become a prefix too (their virtual tokens run once through the
+    frozen model), which is exact for causal models only and is what ``generate`` uses.
+    """
+    peft_config = compat.peft_active_config(model)
+    offsets = torch.full((batch,), peft_config.num_virtual_tokens, dtype=torch.long, device=device)
+    if compat.peft_type(peft_config) in _PREFIX_TYPES:
+        return ForwardPlan(prefix_from_peft(model), offsets)
+    if serving:
+        return ForwardPlan(_virtual_token_prefix(model), offsets)
+    virtual = _prompt_encoder_output(model).to(model.get_base_model().dtype)
+    return ForwardPlan(None, offsets, virtual[None].expand(batch, -1, -1))
+
+
+def _check_prefix_reached_every_layer(base: Any, prefix: PrefixKV) -> None:
     missing = set(range(prefix.bank.shape[0])) - prefix.layers_used
     if missing:
         raise UnsupportedModelError(
-            f"{type(model.get_base_model()).__name__} did not hand the prefix to the attention of layers "
-            f"{sorted(missing)} (its layers do not pass forward keyword arguments down to attention), so this "
-            "forward would have run without the prefix there"
+            f"{type(base).__name__} did not hand the prefix to the attention of layers {sorted(missing)} (its "
+            "layers do not pass forward keyword arguments down to attention), so this forward would have run "
+            "without the prefix there"
         )
-    return output
 
 
-def _patched_get_prompt(
+def _prepend(tensor: torch.Tensor | None, count: int, value: float) -> torch.Tensor | None:
+    """``tensor`` [B, T] with ``count`` columns of ``value`` in front, or ``None``."""
+    if tensor is None:
+        return None
+    return torch.cat([tensor.new_full((tensor.shape[0], count), value), tensor], dim=1)
+
+
+def _refuse_unsupported_inputs(kwargs: dict[str, Any]) -> None:
+    _refuse_mixed_adapters(kwargs)
+    if kwargs.pop("task_ids", None) is not None:
+        raise UnsupportedModelError("task_ids (multitask prompt tuning) is not supported by fastprompt.patch")
+    if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
+        raise UnsupportedModelError(
+            "a patched PEFT model builds its own KV cache (the prefix is never stored in it); pass no cache"
+        )
+
+
+def _patched_forward(
     model: Any,
     original: Any,
-    batch_size: int,
-    task_ids: torch.Tensor | None = None,
-    max_cache_len: int | None = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
 ) -> Any:
-    peft_type = _peft_type(model.active_peft_config)
-    if peft_type in _PREFIX_TYPES:
-        cache = _FORWARD_CACHE.get()
-        # Outside the patched forward (generate's first step), the cache starts the generation.
-        return cache if cache is not None else PrefixCache(prefix_from_peft(model), store=True)
-    if peft_type in _EMBEDDING_TYPES:
-        return _prompt_encoder_output(model).unsqueeze(0).expand(batch_size, -1, -1)
-    return original(batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
+    _refuse_unsupported_inputs(kwargs)
+    base = model.get_base_model()
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if tokens is None:
+        raise ValueError("pass input_ids or inputs_embeds")
+    batch, length = tokens.shape[:2]
+    plan = _plan(model, batch, tokens.device, serving=False)
+    rule = compat.position_rule(base)
+    positions = token_positions(attention_mask, position_ids, plan.offsets, length, rule)
+    stores = _stores_cache(base, kwargs.pop("use_cache", None))
+    if compat.forward_accepts(base, "use_cache"):
+        kwargs["use_cache"] = stores
+    if plan.prefix is not None:
+        if base.training and torch.is_grad_enabled():
+            _check_checkpointing(base)
+        if stores:
+            kwargs[compat.cache_kwarg(base)] = PrefixCache(plan.prefix, store=True)
+        output = base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=positions, labels=labels, **{PREFIX_KWARG: plan.prefix}, **kwargs)
+        _check_prefix_reached_every_layer(base, plan.prefix)
+        return output
+    count = plan.virtual.shape[1]
+    if inputs_embeds is None:
+        inputs_embeds = base.get_input_embeddings()(input_ids)
+    first, _ = rule
+    virtual_positions = torch.arange(first, first + count, device=positions.device).expand(batch, -1)
+    if compat.peft_active_config(model).task_type in _TOKEN_LABEL_TASKS:
+        labels = _prepend(labels, count, -100)
+    kwargs["token_type_ids"] = _prepend(kwargs.get("token_type_ids"), count, 0)
+    if kwargs["token_type_ids"] is None:
+        del kwargs["token_type_ids"]
+    return base(
+        inputs_embeds=torch.cat([plan.virtual.to(inputs_embeds.dtype), inputs_embeds], dim=1),
+        attention_mask=_prepend(attention_mask, count, 1),
+        position_ids=torch.cat([virtual_positions, positions], dim=1),
+        labels=labels,
+        **kwargs,
+    )
 
 
 def _virtual_token_prefix(model: Any) -> PrefixKV:
     """P-tuning / prompt tuning at serve time: the virtual tokens run once (batch 1) through the frozen
     model, their per-layer K/V as a bank [L, 2, 1, Hkv, P, D].
 
-    They come first in every row and attend only to each other, so their K/V are the same for all rows
-    of any batch: PEFT recomputes (and caches) them once per row.
+    They come first in every row and attend only to each other (causal models), so their K/V are the same
+    for all rows of any batch: PEFT recomputes (and caches) them once per row.
     """
     base = model.get_base_model()
     prompts = _prompt_encoder_output(model)[None].to(base.dtype)
-    cache = DynamicCache()
-    base.base_model(inputs_embeds=prompts, past_key_values=cache, use_cache=True)  # the backbone, no LM head
-    return PrefixKV(torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers]))
+    cache = compat.new_dynamic_cache(base.config)
+    # The backbone without its head; positions 0 .. P-1 as in every row.
+    base.base_model(inputs_embeds=prompts, use_cache=True, **{compat.cache_kwarg(base.base_model): cache})
+    return PrefixKV(torch.stack([torch.stack(kv) for kv in compat.cache_layer_kv(cache)]))
 
 
-def _patched_prepare_inputs(model: Any, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    cache = kwargs.get("past_key_values")
-    starts_cached_generation = cache is not None and (isinstance(cache, PrefixCache) or cache.get_seq_length() == 0)
-    if starts_cached_generation and _peft_type(model.active_peft_config) in _EMBEDDING_TYPES:
-        model_inputs = model.base_model_prepare_inputs_for_generation(*args, **kwargs)
-        if not isinstance(model_inputs["past_key_values"], PrefixCache):
-            model_inputs["past_key_values"] = PrefixCache(_virtual_token_prefix(model), store=True)
-        # PEFT drops position ids for these methods: the model numbers tokens after the virtual ones.
-        model_inputs["position_ids"] = None
-    else:
-        model_inputs = original(*args, **kwargs)
-    cache = model_inputs.get("past_key_values")
+def _prepare_inputs_with_prefix(base: Any, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The base model's ``prepare_inputs_for_generation``, plus the prefix of a :class:`PrefixCache` in use.
+
+    The prefix travels with the generation's cache rather than as a generate argument, which transformers
+    would refuse as unknown to the model's forward.
+    """
+    model_inputs = original(*args, **kwargs)
+    cache = compat.output_cache(model_inputs)
     if isinstance(cache, PrefixCache):
         model_inputs[PREFIX_KWARG] = cache.prefix
     return model_inputs
 
 
+def _patched_generate(model: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
+    _refuse_unsupported_inputs(kwargs)
+    if args:
+        kwargs["input_ids"] = args[0]
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None or kwargs.get("inputs_embeds") is not None:
+        raise UnsupportedModelError("generate on a patched PEFT model takes input_ids (not inputs_embeds)")
+    base = model.get_base_model()
+    with torch.no_grad():
+        plan = _plan(model, input_ids.shape[0], input_ids.device, serving=True)
+    kwargs["position_ids"] = token_positions(
+        kwargs.get("attention_mask"), kwargs.get("position_ids"), plan.offsets, input_ids.shape[1],
+        compat.position_rule(base),
+    )
+    # Positions are explicit, so the cache counts the stored tokens only: transformers releases that take
+    # the prompt's uncached part from the cache length then feed the whole prompt on the first step.
+    kwargs[compat.cache_kwarg(base)] = PrefixCache(plan.prefix, store=True, count_prefix=False)
+    return base.generate(**kwargs)
+
+
 def _replace(model: Any, state: _PatchState, name: str, wrapper: Any) -> None:
-    state.replaced[name] = model.__dict__.get(name, _ABSENT)
+    state.replaced.append((model, name, model.__dict__.get(name, _ABSENT)))
     original = getattr(model, name)
     object.__setattr__(model, name, functools.partial(wrapper, model, original))
 
@@ -281,20 +395,22 @@ def patch(model: Any) -> Any:
     if peft_model_class is not None and isinstance(model, peft_model_class):
         _check_peft_model(model)
         base = model.get_base_model()
-        state = _PatchState(attn_implementation=base.config._attn_implementation)
+        state = _PatchState(base, base.config._attn_implementation)
         _set_attn_implementation(base, ATTN_IMPLEMENTATION)
         _replace(model, state, "forward", _patched_forward)
-        _replace(model, state, "get_prompt", _patched_get_prompt)
-        if hasattr(model, "prepare_inputs_for_generation"):
-            _replace(model, state, "prepare_inputs_for_generation", _patched_prepare_inputs)
+        if hasattr(model, "prepare_inputs_for_generation"):  # the task types PEFT lets generate
+            _replace(model, state, "generate", _patched_generate)
     elif isinstance(model, PreTrainedModel):
         _check_transformers_model(model)
-        state = _PatchState(attn_implementation=model.config._attn_implementation)
+        base = model
+        state = _PatchState(base, model.config._attn_implementation)
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
     else:
         raise UnsupportedModelError(
             f"fastprompt.patch takes a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}"
         )
+    if hasattr(base, "prepare_inputs_for_generation"):
+        _replace(base, state, "prepare_inputs_for_generation", _prepare_inputs_with_prefix)
     object.__setattr__(model, _STATE_ATTR, state)
     return model
 
@@ -304,12 +420,11 @@ def unpatch(model: Any) -> Any:
     state: _PatchState | None = model.__dict__.get(_STATE_ATTR)
     if state is None:
         return model
-    for name, previous in state.replaced.items():
+    for owner, name, previous in reversed(state.replaced):
         if previous is _ABSENT:
-            model.__dict__.pop(name, None)
+            owner.__dict__.pop(name, None)
         else:
-            object.__setattr__(model, name, previous)
-    base = model.get_base_model() if state.replaced else model
-    base.set_attn_implementation(state.attn_implementation)
+            object.__setattr__(owner, name, previous)
+    state.base.set_attn_implementation(state.attn_implementation)
     del model.__dict__[_STATE_ATTR]
     return model

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fastprompt import compat
 from fastprompt.encoders import encode_prompt
 from fastprompt.errors import UnsupportedModelError
 
@@ -125,15 +126,14 @@ class PromptTemplateModel(torch.nn.Module):
     def __init__(self, peft_model: torch.nn.Module, template: PromptTemplate, adapter_name: str | None = None):
         super().__init__()
         from peft import PeftModel
-        from peft.utils import PeftType
 
         if not isinstance(peft_model, PeftModel):
             raise UnsupportedModelError(f"peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
         name = adapter_name or peft_model.active_adapter
-        config = peft_model.peft_config[name]
-        if config.peft_type not in (PeftType.P_TUNING, PeftType.PROMPT_TUNING):
+        config = compat.peft_active_config(peft_model, name)
+        if compat.peft_type(config) not in ("P_TUNING", "PROMPT_TUNING"):
             raise UnsupportedModelError(
-                f"prompts anywhere needs a P_TUNING or PROMPT_TUNING adapter, got {config.peft_type.value}"
+                f"prompts anywhere needs a P_TUNING or PROMPT_TUNING adapter, got {compat.peft_type(config)}"
             )
         if config.num_transformer_submodules != 1:
             raise UnsupportedModelError("prompts anywhere supports decoder-only and encoder-only models")
@@ -148,8 +148,8 @@ class PromptTemplateModel(torch.nn.Module):
 
     def prompt_embeddings(self) -> torch.Tensor:
         """The encoder output [P, D], computed once (cached in eval/no-grad mode)."""
-        encoder = self.peft_model.prompt_encoder[self.adapter_name]
-        return encode_prompt(encoder, self.peft_model.prompt_tokens[self.adapter_name])
+        encoder = compat.peft_prompt_encoder(self.peft_model, self.adapter_name)
+        return encode_prompt(encoder, compat.peft_prompt_tokens(self.peft_model, self.adapter_name))
 
     def forward(
         self,

@@ -7,6 +7,7 @@ patched and unpatched models can be compared bit for bit (up to the attention ke
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     BertConfig,
+    DynamicCache,
     GemmaConfig,
     GPT2Config,
     LlamaConfig,
@@ -154,11 +156,7 @@ def random_batch(batch: int, length: int, *, padding: str | None = None, task: s
 
 def forward_and_grads(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """``(logits, loss, grads)`` of one forward and backward; grads of every trainable parameter, by name."""
-    model.zero_grad(set_to_none=True)
-    out = model(**batch)
-    out.loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    return out.logits.detach(), out.loss.detach(), grads
+    return loss_and_grads(model, lambda m: m(**batch))
 
 
 def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
@@ -171,3 +169,77 @@ def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float
     assert scale > 0, f"{what}: the reference is all zeros, so the comparison could not fail"
     err = (actual.double() - expected.double()).abs().max().item()
     assert err <= tol * scale, f"{what}: max abs diff {err:.3e} > {tol:.0e} * {scale:.3g}"
+
+
+def cache_argument(model: Any) -> str:
+    """The forward argument that takes a KV cache on this transformers version (renamed in 5.24); a task model
+    that names neither hands its kwargs to the backbone."""
+    for candidate in (model, model.base_model):
+        parameters = inspect.signature(type(candidate).forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in parameters:
+                return name
+    raise ValueError(f"{type(model).__name__} takes no cache")
+
+
+def method_positions(attention_mask: torch.Tensor, offset: int, arch: str) -> torch.Tensor:
+    """Position ids [B, T] of the method's definition: each row numbered from its first real token (leading
+    padding skipped, later tokens counted), after ``offset`` prefix positions. RoBERTa numbers from
+    ``PAD + 1`` and gives padding ``PAD``. Written row by row, independently of fastprompt's code.
+    """
+    first = PAD + 1 if arch == "roberta" else 0
+    rows = []
+    for row in attention_mask.tolist():
+        lead = next((i for i, real in enumerate(row) if real), len(row))
+        positions = [first + offset + max(i - lead, 0) for i in range(len(row))]
+        if arch == "roberta":
+            positions = [p if real else PAD for p, real in zip(positions, row, strict=True)]
+        rows.append(positions)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def reference_forward(reference: Any, batch: dict[str, torch.Tensor], arch: str) -> Any:
+    """The method's definition, run on an unpatched PEFT model through transformers' own APIs only.
+
+    Prefix methods: PEFT's encoder output reshaped to per-layer K/V and put in a ``DynamicCache`` (every
+    row the same prefix), the mask widened by ``P`` ones, positions after the prefix. P-tuning / prompt
+    tuning: the encoder output prepended through ``inputs_embeds``, mask and per-token labels widened,
+    virtual tokens at the first ``P`` positions. Never calls PEFT's forward (which fails on some versions).
+    """
+    name = reference.active_adapter
+    config = reference.peft_config[name]
+    base = reference.get_base_model()
+    count = config.num_virtual_tokens
+    tokens = reference.prompt_tokens[name][:count][None].to(base.device)
+    encoded = reference.prompt_encoder[name](tokens)[0].to(base.dtype)
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    size = input_ids.shape[0]
+    widened = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, count), mask], dim=1)
+    labels = batch.get("labels")
+    if config.peft_type.value == "PREFIX_TUNING":
+        heads = config.num_attention_heads
+        kv = encoded.view(count, config.num_layers, 2, heads, config.token_dim // heads).permute(1, 2, 3, 0, 4)
+        cache = DynamicCache(config=base.config)
+        for layer in range(config.num_layers):
+            cache.update(kv[layer, 0][None].expand(size, -1, -1, -1), kv[layer, 1][None].expand(size, -1, -1, -1),
+                         layer)
+        given = batch.get("position_ids")  # the row's own numbering: shifted by the prefix
+        positions = method_positions(mask, count, arch) if given is None else given + count
+        return base(input_ids=input_ids, attention_mask=widened, labels=labels,
+                    position_ids=positions.to(base.device), **{cache_argument(base): cache})
+    first = PAD + 1 if arch == "roberta" else 0
+    virtual_positions = torch.arange(first, first + count).expand(size, -1)
+    positions = torch.cat([virtual_positions, method_positions(mask, count, arch)], dim=1).to(base.device)
+    if labels is not None and labels.dim() == 2:
+        labels = torch.cat([torch.full_like(labels[:, :1], -100).expand(-1, count), labels], dim=1)
+    embeds = torch.cat([encoded[None].expand(size, -1, -1), base.get_input_embeddings()(input_ids)], dim=1)
+    return base(inputs_embeds=embeds, attention_mask=widened, labels=labels, position_ids=positions, use_cache=False)
+
+
+def loss_and_grads(model: Any, run: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(logits, loss, grads)`` of ``run(model)`` and its backward; grads of every trainable parameter, by name."""
+    model.zero_grad(set_to_none=True)
+    out = run(model)
+    out.loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), out.loss.detach(), grads

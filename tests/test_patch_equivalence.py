@@ -1,6 +1,19 @@
-"""fastprompt.patch(peft_model) gives unpatched PEFT's numbers: logits, loss, every trainable gradient and
-greedy generations, for every tested architecture, prompt-learning method and task, with left and right
-padding. Both sides run the same model object (patched after the PEFT reference is taken).
+"""fastprompt.patch(peft_model) gives unpatched PEFT's numbers (logits, loss, every trainable gradient) wherever
+PEFT runs and computes the method's definition, for every tested architecture, prompt-learning method and
+task. Both sides run the same model object (patched after the PEFT reference is taken). The definition
+itself, including where PEFT is not a reference, is checked in tests/test_model_oracle.py and
+tests/test_generate_oracle.py. Where PEFT is excluded here, and why:
+
+- left padding: PEFT numbers a left-padded row's tokens from its first (padding) column, so the row's
+  results depend on its padding; fastprompt numbers each row from its first real token (padding-invariant),
+  so only right-padded batches are compared;
+- prefix tuning / P-tuning v2 for sequence and token classification (BERT, RoBERTa, and the decoders'
+  classifiers) when the backbones' forward names no ``past_key_values`` (transformers >= 5.24, which
+  renamed it ``cache``): PEFT introspects that name and raises "Model does not support past key values";
+- token classification with P-tuning / prompt tuning: PEFT does not widen the labels by the virtual
+  tokens and fails on every version;
+- ``generate``: on transformers >= 5.24 PEFT's prefix-tuning generate disagrees with its own forward, and
+  its P-tuning / prompt-tuning generate is not padding-invariant.
 
 Tolerances (max abs difference relative to each reference tensor's own largest value, with no floor, see
 ``assert_scaled_close``; gradients pass through the whole backward, so their float32 summation-order noise
@@ -14,24 +27,35 @@ relative to a small gradient's own scale reaches ~1.5e-5):
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from models import (
     DECODERS,
     ENCODERS,
     METHODS,
-    PAD,
     assert_scaled_close,
     forward_and_grads,
     random_batch,
     tiny_peft_model,
 )
+from transformers import BertModel, GPT2Model, LlamaModel
 
 import fastprompt
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (3e-2, 1e-1)}
 PREFIX_METHODS = ("prefix_projection", "prefix")
 GQA = ("llama", "qwen3", "mistral")  # the others run plain multi-head attention
+# PEFT's prefix tuning for classifiers looks for ``past_key_values`` in the backbone's forward signature
+PEFT_RUNS_CLASSIFIER_PREFIXES = all(
+    "past_key_values" in inspect.signature(cls.forward).parameters for cls in (BertModel, GPT2Model, LlamaModel)
+)
+
+
+def _peft_runs(method: str) -> bool:
+    """Whether PEFT runs ``method`` on a sequence / token classifier here (module docstring)."""
+    return method not in PREFIX_METHODS or PEFT_RUNS_CLASSIFIER_PREFIXES
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -60,9 +84,10 @@ def _compare(model, batches, dtype=torch.float32) -> None:
 
 
 def _batches(task: str, device: torch.device, seed: int) -> list[dict[str, torch.Tensor]]:
+    """A right-padded batch and an unpadded one (PEFT's positions for left padding differ; module docstring)."""
     return [
         {k: v.to(device) for k, v in random_batch(3, 7, padding=padding, task=task, seed=seed).items()}
-        for padding in ("left", "right")
+        for padding in ("right", None)
     ]
 
 
@@ -75,43 +100,23 @@ def test_causal_lm_matches_peft(arch, method, device):
 
 
 @pytest.mark.parametrize(("arch", "method"), [
-    *[(arch, method) for arch in ENCODERS for method in METHODS],
-    *[(arch, method) for arch in ("llama", "gpt2") for method in METHODS],
+    (arch, method) for arch in (*ENCODERS, "llama", "gpt2") for method in METHODS if _peft_runs(method)
 ])
 def test_sequence_classification_matches_peft(arch, method, device):
-    """P-tuning v2 (``prefix``) on BERT/RoBERTa with the [CLS] head is the paper's setting."""
+    """P-tuning v2 (``prefix``) on BERT/RoBERTa with the [CLS] head is the paper's setting (compared here only
+    where PEFT runs it; see the module docstring)."""
     torch.manual_seed(0)
     model = tiny_peft_model(arch, method, "seq_cls", gqa=arch in GQA).to(device).train()
     _compare(model, _batches("seq_cls", device, seed=2))
 
 
-# PEFT itself fails token classification with P-tuning / prompt tuning (labels are not widened by the
-# virtual tokens), so only the prefix methods have a reference to compare with.
-@pytest.mark.parametrize("method", PREFIX_METHODS)
-@pytest.mark.parametrize("arch", ENCODERS + ("llama", "qwen2", "gpt2"))
+@pytest.mark.parametrize(("arch", "method"), [
+    (arch, method) for arch in ENCODERS + ("llama", "qwen2", "gpt2") for method in PREFIX_METHODS if _peft_runs(method)
+])
 def test_token_classification_matches_peft(arch, method, device):
     torch.manual_seed(0)
     model = tiny_peft_model(arch, method, "token_cls", gqa=arch in GQA).to(device).train()
     _compare(model, _batches("token_cls", device, seed=3))
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("arch", DECODERS)
-def test_greedy_generate_matches_peft(arch, method, device):
-    """Left-padded prompts, KV-cached decoding: identical tokens, and the same logits at every step."""
-    torch.manual_seed(0)
-    model = tiny_peft_model(arch, method, "causal_lm", gqa=arch in GQA).to(device).eval()
-    batch = random_batch(3, 6, padding="left", seed=4)
-    prompt = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=PAD,
-                  output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        expected = model.generate(**prompt, **kwargs)
-        fastprompt.patch(model)
-        actual = model.generate(**prompt, **kwargs)
-    assert torch.equal(actual.sequences, expected.sequences)
-    for step, (got, want) in enumerate(zip(actual.logits, expected.logits, strict=True)):
-        assert_scaled_close(got, want, 1e-5, f"logits of step {step}")
 
 
 def test_bfloat16_matches_peft(device):
@@ -129,5 +134,5 @@ def test_triton_backend_on_tiny_model(monkeypatch):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = tiny_peft_model("llama", "prefix_projection", "causal_lm", gqa=True, hidden=16, heads=2)
-    batch = {k: v.to(device) for k, v in random_batch(2, 4, padding="left", seed=6).items()}
+    batch = {k: v.to(device) for k, v in random_batch(2, 4, padding="right", seed=6).items()}
     _compare(model.to(device).train(), [batch])

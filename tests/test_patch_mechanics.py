@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -21,6 +22,7 @@ from models import (
     forward_and_grads,
     peft_config,
     random_batch,
+    reference_forward,
     tiny_config,
     tiny_model,
     tiny_peft_model,
@@ -97,8 +99,47 @@ def test_prompt_encoder_runs_once_per_forward_on_one_row(method, monkeypatch):
     forward_and_grads(model, random_batch(B, T))
     assert token_shapes == [(P,)]
     if method in ("p_tuning_mlp", "p_tuning_lstm", "prompt_tuning"):
-        prompts = model.get_prompt(B)
-        assert prompts.shape[0] == B and prompts.stride(0) == 0, "virtual tokens were copied per batch row"
+        plan = patching._plan(model, B, torch.device("cpu"), serving=False)
+        assert plan.virtual.shape[0] == B and plan.virtual.stride(0) == 0, "virtual tokens were copied per row"
+
+
+@pytest.mark.parametrize("method", ["prefix_projection", "p_tuning_lstm", "prompt_tuning"])
+def test_peft_forward_and_generate_plumbing_is_never_called(method, monkeypatch):
+    """The patched model drives the base model itself: PEFT's forward, get_prompt and generation hooks,
+    which break when transformers renames what they introspect, are not on its path."""
+    torch.manual_seed(0)
+    model = fastprompt.patch(tiny_peft_model("llama", method, num_virtual_tokens=P))
+    peft_class = type(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("PEFT plumbing was called")
+
+    for name in ("forward", "get_prompt", "prepare_inputs_for_generation", "generate"):
+        for cls in peft_class.__mro__:
+            if name in cls.__dict__ and cls.__module__.startswith("peft"):
+                monkeypatch.setattr(cls, name, refuse)
+    forward_and_grads(model, random_batch(B, T, padding="left"))
+    batch = random_batch(B, T, padding="left")
+    with torch.no_grad():
+        model.eval().generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              max_new_tokens=2, do_sample=False, pad_token_id=PAD)
+
+
+def test_caller_position_ids_are_the_rows_own_numbering_shifted_by_the_prefix():
+    """Explicit position_ids replace the numbering taken from the mask and are shifted by the prefix length
+    (as PEFT 0.21 does for prefix tuning; older PEFT used them unshifted)."""
+    torch.manual_seed(0)
+    model = tiny_peft_model("llama", "prefix", num_virtual_tokens=P).eval()
+    reference = copy.deepcopy(model).double()
+    batch = random_batch(B, T)
+    batch["position_ids"] = torch.arange(4, 4 + T)[None].expand(B, -1)
+    fastprompt.patch(model)
+    with torch.no_grad():
+        expected = reference_forward(reference, batch, "llama").logits
+        actual = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        default = model(input_ids=batch["input_ids"]).logits
+    assert_scaled_close(actual, expected, 1e-5, "logits")
+    assert (actual - default).abs().max() > 1e-3, "the caller's position_ids were ignored"
 
 
 def test_cache_holds_the_sequence_but_never_the_prefix():
@@ -117,10 +158,11 @@ def test_cache_holds_the_sequence_but_never_the_prefix():
             pad_token_id=PAD,
             return_dict_in_generate=True,
         )
-    for cache, stored in ((out.past_key_values, T), (generated.past_key_values, T + 3)):
+    for cache, stored, counted in ((out.past_key_values, T, P + T), (generated.past_key_values, T + 3, T + 3)):
         assert isinstance(cache, PrefixCache)
         assert [DynamicCache.get_seq_length(cache, i) for i in range(layers)] == [stored] * layers
-        assert cache.get_seq_length() == P + stored  # positions still count the prefix, as in PEFT
+        # a forward's cache counts the prefix, as PEFT's does; generate passes positions and counts tokens only
+        assert cache.get_seq_length() == counted
 
 
 @pytest.mark.parametrize("method", ["p_tuning_lstm", "prompt_tuning"])
@@ -145,7 +187,7 @@ def test_generate_runs_virtual_tokens_once_as_a_prefix_block(method, monkeypatch
     assert all(call["k_len"] == P and call["prefix_shape"][2] == 0 for call in virtual_run)
     assert all(call["k_len"] == T and call["prefix_shape"][:3] == (1, 2, P) for call in prefill)
     cache = generated.past_key_values
-    assert isinstance(cache, PrefixCache) and DynamicCache.get_seq_length(cache) == T + 2
+    assert isinstance(cache, PrefixCache) and cache.get_seq_length() == T + 2
 
 
 @pytest.mark.parametrize(
@@ -157,11 +199,12 @@ def test_generate_runs_virtual_tokens_once_as_a_prefix_block(method, monkeypatch
     ],
 )
 def test_gradient_checkpointing_gives_the_same_gradients(arch, task, method):
+    """Against the patched model without checkpointing (PEFT cannot run prefix tuning on BERT on every
+    transformers version)."""
     torch.manual_seed(0)
-    model = tiny_peft_model(arch, method, task, gqa=arch == "llama", num_virtual_tokens=P).train()
+    model = fastprompt.patch(tiny_peft_model(arch, method, task, gqa=arch == "llama", num_virtual_tokens=P)).train()
     batch = random_batch(B, T, padding="right", task=task)
     expected = forward_and_grads(model, batch)
-    fastprompt.patch(model)
     model.gradient_checkpointing_enable()
     assert model.get_base_model().is_gradient_checkpointing
     logits, loss, grads = forward_and_grads(model, batch)
@@ -188,7 +231,7 @@ def test_reentrant_checkpointing_is_refused_with_the_fix():
 def test_unpatch_restores_exactly_and_patch_twice_is_harmless():
     torch.manual_seed(0)
     model = tiny_peft_model("qwen2", "prefix_projection", gqa=True, num_virtual_tokens=P).eval()
-    batch = random_batch(B, T, padding="left")
+    batch = random_batch(B, T, padding="right")  # PEFT's positions are the definition's with right padding
     with torch.no_grad():
         never_patched = model(**batch).logits
     instance_attrs = dict(model.__dict__)
@@ -352,6 +395,7 @@ def test_prefix_cache_refuses_banks_whose_rows_need_their_own_positions(prefix_i
     prefix = PrefixKV(bank, prefix_index=torch.tensor(prefix_index), prefix_lens=lens)
     with pytest.raises(ValueError, match="passing position_ids"):
         PrefixCache(prefix, store=False)
+    assert PrefixCache(prefix, store=False, count_prefix=False).get_seq_length() == 0
 
 
 def test_layers_that_drop_the_prefix_kwarg_are_refused(monkeypatch):
