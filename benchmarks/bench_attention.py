@@ -7,7 +7,8 @@ Usage::
 
 Prints a markdown table (device, date, versions, commit and the command on top, so the output can be
 committed under ``benchmarks/results/``): forward and forward+backward median time and peak memory of
-fastprompt (backend ``auto``, or ``FASTPROMPT_BACKEND``) and of :func:`fastprompt.naive.naive_prefix_attention`
+fastprompt (backend ``auto``, or ``FASTPROMPT_BACKEND``) and of
+:func:`fastprompt.attention.reference.naive_prefix_attention`
 (expand the prefix per row, ``torch.cat`` onto K/V, 4-D mask, SDPA), swept over the sequence length T,
 then over the prefix length P, plus the decode case (one new token, one prefix shared by the batch).
 On CUDA it adds SDPA's flash kernel without any prefix as a speed-of-light reference in TFLOP/s.
@@ -30,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 import fastprompt
-from fastprompt.bench import environment
-from fastprompt.benchutil import Measurement, best_of_rounds, measure
-from fastprompt.naive import naive_prefix_attention
+from fastprompt.attention.reference import naive_prefix_attention
+from fastprompt.cli.bench import environment
+from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure
 
 MODES = ("forward", "forward+backward")
 
@@ -262,7 +263,7 @@ def header(device: str, dtype: torch.dtype, argv: list[str]) -> str:
             f"- command: `{shlex.join(['python', *argv])}`",
             "",
             "Median wall time per call, the better of alternating rounds for each side; MiB = peak memory "
-            "allocated during one call (fastprompt.benchutil).",
+            "allocated during one call (fastprompt.cli.benchutil).",
         ]
     )
 

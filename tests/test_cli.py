@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprompt import bench, cli
-from fastprompt.benchutil import Measurement
+from fastprompt import cli
+from fastprompt.cli import bench
+from fastprompt.cli.benchutil import Measurement
 
 TINY = {
     "--hidden": 32,
@@ -241,7 +242,7 @@ def test_random_batch_is_random_and_left_padded():
 
 
 def test_info_lists_every_backend_with_its_reason():
-    from fastprompt.ops import available_backends
+    from fastprompt.attention import available_backends
 
     fastprompt_exe = shutil.which("fastprompt")
     assert fastprompt_exe is not None, "the fastprompt console script is not installed (pip install -e .)"

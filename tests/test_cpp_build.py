@@ -18,8 +18,8 @@ import textwrap
 import pytest
 import torch
 
-from fastprompt import _cpp
-from fastprompt.naive import reference_prefix_attention
+from fastprompt.attention import cpu_backend as _cpp
+from fastprompt.attention.reference import reference_prefix_attention
 
 # Absolute and relative tolerance per dtype, for out and for the five gradients.
 TOLERANCE = {
@@ -58,7 +58,7 @@ def test_ops_are_registered_with_the_contract_schema() -> None:
 def test_missing_compiler_is_reported_not_raised(tmp_path) -> None:
     result = _run_python(
         """
-        from fastprompt import _cpp
+        from fastprompt.attention import cpu_backend as _cpp
         from fastprompt.errors import BackendUnavailableError
         ok, reason = _cpp.available()
         print(ok, reason)
@@ -87,7 +87,7 @@ def test_failed_build_reports_compiler_output_once(tmp_path) -> None:
     result = _run_python(
         """
         from torch.utils import cpp_extension
-        from fastprompt import _cpp
+        from fastprompt.attention import cpu_backend as _cpp
         from fastprompt.errors import BackendUnavailableError
         calls = []
         real_load = cpp_extension.load

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastprompt
+from fastprompt.attention import available_backends
+from fastprompt.attention.reference import naive_prefix_attention, reference_prefix_attention
 from fastprompt.errors import BackendUnavailableError
-from fastprompt.naive import naive_prefix_attention, reference_prefix_attention
-from fastprompt.ops import available_backends
 
 CUDA = torch.cuda.is_available()
 
@@ -416,7 +416,7 @@ def test_torch_compile_fullgraph_traces_the_op(monkeypatch):
 @pytest.mark.parametrize("name", ["cpu", "torch"])
 def test_prefix_is_not_copied_per_row(name, monkeypatch):
     # One expanded copy of the prefix (what the naive path makes) would need B * Hkv * P * D * 4 bytes.
-    from fastprompt.benchutil import _cpu_peak_bytes
+    from fastprompt.cli.benchutil import _cpu_peak_bytes
 
     if not available_backends("cpu")[name][0]:
         assert not _expected_here(name)

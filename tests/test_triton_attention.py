@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 from fastprompt.kernels import prefix_attention as kernels  # noqa: E402
 
-from fastprompt.naive import _expand_and_concat, reference_prefix_attention  # noqa: E402
+from fastprompt.attention.reference import _expand_and_concat, reference_prefix_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
