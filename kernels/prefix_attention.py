@@ -632,7 +632,7 @@ def _common_args(args) -> tuple[list, dict]:
     return ptrs, flags
 
 
-def _forward_general(args, tiles: TileTable | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_general(args, tiles: TileTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The tiled forward for any T: out [B, Hq, T, D] (q's dtype), lse [B, Hq, T] float32."""
     q, k, prefix_k = args.q, args.k, args.prefix_k
     B, Hq, T, D = q.shape
@@ -651,7 +651,7 @@ def _forward_general(args, tiles: TileTable | None) -> tuple[torch.Tensor, torch
     return out, lse
 
 
-def _forward_decode(args, tiles: TileTable | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_decode(args, tiles: TileTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K forward for short queries: same results as :func:`_forward_general`."""
     q, k, prefix_k = args.q, args.k, args.prefix_k
     B, Hq, T, D = q.shape
