@@ -253,6 +253,8 @@ def test_info_lists_every_backend_with_its_reason():
         section = proc.stdout.split(f"attention backends for {device} tensors:\n", 1)[1].split("\n\n")[0]
         for name, (ok, reason) in available_backends(device).items():
             assert re.search(rf"^  {name} +{'yes' if ok else 'no'} +{re.escape(reason)}$", section, re.M), section
+    if available_backends("cpu")["cpu"][0]:  # which build of the C++ kernels runs
+        assert re.search(r"^  cpu +yes +C\+\+ kernels: (prebuilt library|ninja build in) ", proc.stdout, re.M)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="without CUDA the cuda section reads 'no CUDA GPU'")

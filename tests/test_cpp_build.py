@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from fastprompt.csrc import build
 
 from fastprompt.attention import cpu_backend as _cpp
 from fastprompt.attention.args import AttentionArgs
@@ -50,6 +53,58 @@ def test_ops_are_registered_with_the_record_schema() -> None:
     assert "(Tensor grad_out, Tensor out, Tensor lse, Tensor? grad_lse, Tensor q," in bwd
     assert bwd.endswith("-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastprompt::prefix_attention_fwd_cpu", "CPU")
+
+
+def _prebuilt_dir(tmp_path: Path) -> Path:
+    """A stand-in for an installed ``fastprompt/csrc`` that setup.py built: the sources, the library (the
+    ninja build of this session, the same code) and the stamp for this machine."""
+    ninja_dir = Path(_cpp.available()[1].removeprefix("ninja build in ").split(" (")[0])
+    isa = build.isa_flags()[0]
+    for source in build.SOURCES:
+        shutil.copy(_cpp._csrc_dir() / source, tmp_path / source)
+    shutil.copy(ninja_dir / f"fastprompt_cpu_{isa}.so", tmp_path / f"{build.PREBUILT_NAME}.cpython-x.so")
+    build.write_stamp(tmp_path, tmp_path)
+    return tmp_path
+
+
+def test_loader_takes_a_prebuilt_library_only_when_it_matches(tmp_path) -> None:
+    assert _cpp.prebuilt(tmp_path) == (None, "no prebuilt library (setup.py builds one when torch is present at "
+                                             "build time)")
+    csrc = _prebuilt_dir(tmp_path)
+    library, reason = _cpp.prebuilt(csrc)
+    assert library == csrc / f"{build.PREBUILT_NAME}.cpython-x.so" and reason == f"prebuilt library {library}"
+
+    stamp = json.loads((csrc / build.STAMP).read_text())
+    (csrc / build.STAMP).write_text(json.dumps({**stamp, "torch": "1.0.0"}))
+    library, reason = _cpp.prebuilt(csrc)
+    assert library is None and f"torch 1.0.0 != {torch.__version__}" in reason
+    build.write_stamp(csrc, csrc)
+    (csrc / build.SOURCES[0]).write_text("// edited\n")  # a library built from other sources is stale
+    library, reason = _cpp.prebuilt(csrc)
+    assert library is None and "sources " in reason and "does not match" in reason
+
+
+def test_prebuilt_library_is_loaded_and_named_by_info(tmp_path) -> None:
+    csrc = _prebuilt_dir(tmp_path)
+    result = _run_python(
+        f"""
+        from pathlib import Path
+        import torch
+        import fastprompt
+        from fastprompt.attention import cpu_backend
+        cpu_backend._csrc_dir = lambda: Path({str(csrc)!r})
+        print(fastprompt.available_backends("cpu")["cpu"])
+        q = torch.randn(1, 2, 3, 8)
+        out = fastprompt.prefix_attention(q, q, q, q[:, :, :2], q[:, :, :2], backend="cpu")
+        expected = fastprompt.prefix_attention(q, q, q, q[:, :, :2], q[:, :, :2], backend="torch")
+        print("same:", torch.allclose(out, expected, atol=1e-5))
+        """,
+        FASTPROMPT_BUILD_DIR=str(tmp_path / "no-ninja-build-here"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"(True, 'C++ kernels: prebuilt library {csrc}/{build.PREBUILT_NAME}.cpython-x.so')" in result.stdout
+    assert "same: True" in result.stdout
+    assert not (tmp_path / "no-ninja-build-here").exists()
 
 
 def test_missing_compiler_is_reported_not_raised(tmp_path) -> None:

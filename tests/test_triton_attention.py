@@ -340,7 +340,7 @@ def test_dropout_is_deterministic_and_paths_agree(gen: torch.Generator) -> None:
 def test_dropout_keeps_one_minus_p_and_rescales(path: str, gen: torch.Generator) -> None:
     # One-hot values (prefix column j -> e_j, sequence column s -> e_{P+s}) make out[..., c] the
     # dropped, rescaled probability of column c.
-    case = Case(2, 4, 2, 16, 16, 5, 1, 32, (0, 0), (5, 5), None, False)
+    case = Case(2, 4, 2, 16, 16, 5, 1, 32, (0, 0), (5,), None, False)
     inputs = make_inputs(case, torch.float32, gen)
     cols = case.P + case.S
     eye = torch.eye(case.D, device=DEVICE)

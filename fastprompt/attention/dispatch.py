@@ -67,6 +67,12 @@ def _cpu_unavailable(device: torch.device) -> str | None:
     return None if ok else reason
 
 
+def _cpu_build(device: torch.device) -> str:
+    from fastprompt.attention import cpu_backend
+
+    return f"C++ kernels: {cpu_backend.available()[1]}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """A backend of the op, declared as data.
@@ -74,7 +80,8 @@ class Backend:
     ``devices``: device types it runs; ``auto``: those where ``auto`` considers it; ``max_head_dim``:
     ``None`` for no limit; ``features``: optional abilities a call may need (``"dropout"``);
     ``unavailable(device)``: why it cannot run here at all (not installed, failed build), or ``None``;
-    ``extra_reason(requirements)``: a limit the fields cannot state, or ``None``.
+    ``extra_reason(requirements)``: a limit the fields cannot state, or ``None``; ``describe(device)``:
+    what runs, for ``fastprompt info``.
     """
 
     name: str
@@ -86,6 +93,7 @@ class Backend:
     features: frozenset[str]
     unavailable: Callable[[torch.device], str | None] = lambda device: None
     extra_reason: Callable[[Requirements], str | None] = lambda req: None
+    describe: Callable[[torch.device], str] = lambda device: f"runs {device.type} tensors"
 
     def not_supported_reasons(self, req: Requirements) -> list[str]:
         """Every reason this backend cannot run a call with these requirements; empty if it can."""
@@ -134,6 +142,7 @@ BACKENDS: tuple[Backend, ...] = (
         max_head_dim=None,
         features=frozenset({"dropout"}),
         unavailable=_cpu_unavailable,
+        describe=_cpu_build,
     ),
     Backend(
         name="torch",
@@ -171,8 +180,11 @@ def _reasons_text(req: Requirements) -> str:
 
 # The choice depends only on the device, dtype, head dim, dropout and the environment, so a compiled
 # graph keeps the name it resolved while tracing instead of tracing through the availability checks.
+# (Plain arguments: dynamo hands a constant-result function its arguments rebuilt, which a NamedTuple
+# does not survive.)
 @torch.compiler.assume_constant_result
-def _resolve(requested: str, req: Requirements) -> str:
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, dropout: bool) -> str:
+    req = Requirements(device, dtype, head_dim, dropout)
     if requested != "auto":
         if _BY_NAME[requested].not_supported_reasons(req):
             raise BackendUnavailableError(
@@ -210,11 +222,12 @@ def resolve_backend(
     :class:`~fastprompt.errors.BackendUnavailableError` (with every backend's reasons) when a named
     backend cannot run such a call.
     """
-    return _resolve(requested_backend(backend), Requirements(torch.device(device), dtype, head_dim, dropout))
+    return _resolve(requested_backend(backend), torch.device(device), dtype, head_dim, dropout)
 
 
 def available_backends(device: torch.device | str | None = None) -> dict[str, tuple[bool, str]]:
-    """For each backend, ``(available, reason)`` for float32 tensors on ``device``.
+    """For each backend, ``(available, reason)`` for float32 tensors on ``device``; for one that runs, the
+    reason says what runs (for ``cpu``: the prebuilt library or the ninja build).
 
     ``device`` defaults to ``cuda`` when a GPU is present, else ``cpu``. Asking about ``cpu`` builds or
     loads the C++ kernels if that has not happened yet.
@@ -228,7 +241,7 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, tu
     status = {}
     for backend in BACKENDS:
         reasons = backend.not_supported_reasons(req)
-        status[backend.name] = (not reasons, "; ".join(reasons) if reasons else f"runs {device.type} tensors")
+        status[backend.name] = (not reasons, "; ".join(reasons) if reasons else backend.describe(device))
     return status
 
 
@@ -306,7 +319,7 @@ def attend(args: AttentionArgs, *, backend: str | None = None, return_lse: bool 
     same implementation directly and skip the dispatcher (tens of microseconds a call, which adds up over
     the layers of every decoding step).
     """
-    name = _resolve(requested_backend(backend), args.requirements)
+    name = _resolve(requested_backend(backend), *args.requirements)
     needs_graph = torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and any(getattr(args, n).requires_grad for n in AttentionArgs.DIFFERENTIABLE)
     )
