@@ -261,6 +261,20 @@ def test_backend_argument_overrides_the_environment_and_pins_the_backward(monkey
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_auto_falls_back_to_the_next_backend_with_a_warning(monkeypatch):
+    from fastprompt.attention import cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "available", lambda: (False, "no C++ compiler found"))
+    case = make_case(B=2, T=3, P=4)
+    message = r"the cpu backend cannot run these cpu tensors \(no C\+\+ compiler found\); using torch"
+    with pytest.warns(RuntimeWarning, match=message):
+        assert fastprompt.resolve_backend("cpu", torch.float32, 32, backend="auto") == "torch"
+    with pytest.warns(RuntimeWarning, match=message):
+        out = fastprompt.prefix_attention(*case.tensors, **case.options, backend="auto")
+    expected = fastprompt.prefix_attention(*case.tensors, **case.options, backend="torch")
+    assert torch.equal(out, expected)
+
+
 def test_a_named_backend_that_cannot_run_lists_every_backends_reasons(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     case = make_case(dtype=torch.float64)
