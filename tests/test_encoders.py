@@ -360,7 +360,6 @@ def test_lstm_recurrence_split_across_programs(monkeypatch, n_progs, num_layers)
 
 def test_lstm_programs_by_hidden_size(monkeypatch):
     # what the launcher would pick on a GPU: one program per direction below _LSTM_WIDE_MIN_H, else one per tile
-    monkeypatch.setattr(prompt_encoders, "_INTERPRETED", False)
     cuda, wide = torch.device("cuda"), prompt_encoders._LSTM_WIDE_MIN_H
     assert prompt_encoders._lstm_programs(wide - 1, 16, cuda) == 1
     assert prompt_encoders._lstm_programs(wide, 16, cuda) == wide // 16
