@@ -160,14 +160,11 @@ NAMES = tuple(_BY_NAME)
 
 def requested_backend(backend: str | None = None) -> str:
     """``backend`` checked, or ``FASTPROMPT_BACKEND`` (default ``auto``) when it is ``None``."""
-    if backend is None:
-        requested = os.environ.get("FASTPROMPT_BACKEND", "auto").strip().lower() or "auto"
-        if requested != "auto" and requested not in _BY_NAME:
-            raise ValueError(f"FASTPROMPT_BACKEND must be one of auto, {', '.join(NAMES)}; got {requested!r}")
-        return requested
-    if backend != "auto" and backend not in _BY_NAME:
-        raise ValueError(f"backend must be one of auto, {', '.join(NAMES)}; got {backend!r}")
-    return backend
+    source = "FASTPROMPT_BACKEND" if backend is None else "backend"
+    requested = (os.environ.get("FASTPROMPT_BACKEND", "auto").strip().lower() or "auto") if backend is None else backend
+    if requested != "auto" and requested not in _BY_NAME:
+        raise ValueError(f"{source} must be one of auto, {', '.join(NAMES)}; got {requested!r}")
+    return requested
 
 
 def _reasons_text(req: Requirements) -> str:
