@@ -7,7 +7,8 @@ Usage::
 
 Prints a markdown table (device, date, versions, commit and the command on top, so the output can be
 committed under ``benchmarks/results/``): forward and forward+backward median time and peak memory of
-fastprompt (backend ``auto``, or ``FASTPROMPT_BACKEND``) and of :func:`fastprompt.naive.naive_prefix_attention`
+fastprompt (backend ``auto``, or ``FASTPROMPT_BACKEND``) and of
+:func:`fastprompt.attention.reference.naive_prefix_attention`
 (expand the prefix per row, ``torch.cat`` onto K/V, 4-D mask, SDPA), swept over the sequence length T,
 then over the prefix length P, plus the decode case (one new token, one prefix shared by the batch).
 On CUDA it adds SDPA's flash kernel without any prefix as a speed-of-light reference in TFLOP/s.
@@ -30,9 +31,11 @@ import torch
 import torch.nn.functional as F
 
 import fastprompt
-from fastprompt.bench import environment
-from fastprompt.benchutil import Measurement, best_of_rounds, measure
-from fastprompt.naive import naive_prefix_attention
+from fastprompt.attention import AttentionArgs
+from fastprompt.attention.cases import TOLERANCE, make_case, max_error, scale_of
+from fastprompt.attention.reference import naive_prefix_attention, reference_prefix_attention
+from fastprompt.cli.bench import environment
+from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure
 
 MODES = ("forward", "forward+backward")
 
@@ -100,18 +103,10 @@ def default_cases(device: str) -> list[Case]:
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device: str, requires_grad: bool) -> dict[str, torch.Tensor]:
-    """Random q, k, v and a one-prefix bank, as leaves when ``requires_grad``."""
-
-    def leaf(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
-
-    return {
-        "q": leaf(case.B, case.Hq, case.T, case.D),
-        "k": leaf(case.B, case.Hkv, case.S, case.D),
-        "v": leaf(case.B, case.Hkv, case.S, case.D),
-        "prefix_k": leaf(1, case.Hkv, case.P, case.D),
-        "prefix_v": leaf(1, case.Hkv, case.P, case.D),
-    }
+    """Random q, k, v and a one-prefix bank from the tests' case builder, as leaves when ``requires_grad``."""
+    built = make_case(B=case.B, Hq=case.Hq, Hkv=case.Hkv, T=case.T, S=case.S, P=case.P, N=1, D=case.D,
+                      dtype=dtype, device=device, causal=case.causal, requires_grad=requires_grad)
+    return dict(zip(AttentionArgs.DIFFERENTIABLE, built.tensors, strict=True))
 
 
 def fastprompt_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -197,10 +192,24 @@ class Row:
         }
 
 
+def check_against_reference(case: Case, dtype: torch.dtype, device: str) -> None:
+    """Refuse to time a result that is wrong: fastprompt on the case's first batch row against the float64
+    oracle, held to the tests' tolerance table."""
+    x = {name: t[:1] if name in ("q", "k", "v") else t for name, t in make_inputs(case, dtype, device, False).items()}
+    with torch.no_grad():
+        out = fastprompt_call(case, x)
+        expected, _ = reference_prefix_attention(*(t.double() for t in x.values()), causal=case.causal)
+    err, bound = max_error(out, expected), TOLERANCE[dtype].out * scale_of(expected)
+    if err > bound:
+        raise RuntimeError(f"{case.label}: fastprompt differs from the float64 oracle by {err:.3g} > {bound:.3g}")
+
+
 def run(cases: list[Case], dtype: torch.dtype, device: str, warmup: int, iters: int, rounds: int) -> list[Row]:
-    """Each row: fastprompt and the naive path measured in turn for ``rounds`` rounds, the best of each kept."""
+    """Each row: fastprompt and the naive path measured in turn for ``rounds`` rounds, the best of each kept,
+    after a check of the case against the float64 oracle."""
     rows = []
     for case in cases:
+        check_against_reference(case, dtype, device)
         for mode in MODES if case.trains else MODES[:1]:
             fast, naive = best_of_rounds(
                 [functools.partial(timed, call, case, mode, dtype, device, warmup, iters)
@@ -262,7 +271,7 @@ def header(device: str, dtype: torch.dtype, argv: list[str]) -> str:
             f"- command: `{shlex.join(['python', *argv])}`",
             "",
             "Median wall time per call, the better of alternating rounds for each side; MiB = peak memory "
-            "allocated during one call (fastprompt.benchutil).",
+            "allocated during one call (fastprompt.cli.benchutil).",
         ]
     )
 

@@ -29,9 +29,9 @@ from peft import PrefixTuningConfig, PromptEncoderConfig
 from peft.tuners.p_tuning.model import PromptEncoder
 from peft.tuners.prefix_tuning.model import PrefixEncoder
 
-from fastprompt.bench import environment
-from fastprompt.benchutil import Measurement, best_of_rounds, measure
-from fastprompt.encoders import _resolve_backend, encode_prompt
+from fastprompt.cli.bench import environment
+from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure
+from fastprompt.encoders import encode_prompt, resolve_encoder_backend
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(torch.device(args.device), dtype)
     print(f"# Prompt encoders, forward+backward ({args.dtype})\n")
     print(f"- device: {env['device']}\n- date: {env['date']}\n- commit: {env['commit']}")
-    backend = _resolve_backend(None, torch.device(args.device), dtype)
+    backend = resolve_encoder_backend(None, torch.device(args.device), dtype)
     print(f"- encoder backend: {backend} (FASTPROMPT_BACKEND={env['backend_requested']})")
     print(f"- command: `python {shlex.join(sys.argv)}`\n")
     print("Median time per call, the better of alternating rounds for each side.\n")

@@ -5,7 +5,7 @@ Usage (CUDA only; about 5 minutes on an H100)::
 
     python benchmarks/tune_attention.py [--dtype bfloat16] [--head-dims 64 128] [--T 2048]
 
-The shipped table (``prefix_attention._config``) is fixed, not autotuned, so results stay deterministic and
+The shipped table (``prefix_attention.shipped_config``) is fixed, not autotuned, so results stay deterministic and
 the first call pays no tuning; this script is how that table is chosen. For each head dim it times the
 forward alone for every forward candidate, then the backward for every dq candidate (dk/dv on the shipped
 tiles) and every dk/dv candidate (dq on the shipped tiles; the prefix-gradient kernel shares the dk/dv
@@ -17,6 +17,7 @@ are reported as such. Useful TFLOP/s count attended (query, key) pairs only, as 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,8 +26,8 @@ import torch
 from bench_attention import Case, base_case, make_inputs
 from fastprompt.kernels import prefix_attention as pa
 
-import fastprompt
-from fastprompt.bench import environment
+from fastprompt.attention import AttentionArgs
+from fastprompt.cli.bench import environment
 
 CANDIDATES = {
     "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3),
@@ -49,40 +50,24 @@ def _time(fn) -> float | None:
 
 def sweep(case: Case, dtype: torch.dtype, device: str = "cuda", timer: Callable = _time) -> list[str]:
     """Table rows for every candidate of every kernel on ``case``; ``timer(fn)`` gives ms or None (does not
-    fit). The shipped table is back in place afterwards."""
-    x = make_inputs(case, dtype, device, requires_grad=True)
-    shipped = pa._config
+    fit). Each candidate is handed to the kernels as a tile table (``tiles=``); nothing global changes."""
+    args = AttentionArgs.build(**make_inputs(case, dtype, device, requires_grad=False), causal=True)
     flops = case.flops()
-    rows = []
-
-    def with_tiles(kernel: str, tiles: tuple[int, int, int, int]):
-        def config(q: torch.Tensor, name: str) -> pa._Config:
-            return pa._Config(*tiles) if name == kernel else shipped(q, name)
-
-        return config
-
-    def forward() -> None:
-        with torch.no_grad():
-            fastprompt.prefix_attention(**x, causal=True)
-
-    out = fastprompt.prefix_attention(**x, causal=True)
+    out, lse = pa.forward(args)
     grad = torch.randn_like(out)
-
-    def backward() -> None:
-        torch.autograd.grad(out, list(x.values()), grad, retain_graph=True)
-
-    try:
-        for kernel, fn, work in (("fwd", forward, flops), ("dq", backward, 2.5 * flops),
-                                 ("dkdv", backward, 2.5 * flops)):
-            ship = shipped(x["q"], kernel)
-            for tiles in CANDIDATES[kernel]:
-                pa._config = with_tiles(kernel, tiles)
-                ms = timer(fn)
-                mark = " (shipped)" if tuple(ship) == tiles else ""
-                timing = "does not fit" if ms is None else f"{ms:.3f} | {work / ms / 1e9:.0f}"
-                rows.append(f"| D={case.D} | {kernel} | {tiles}{mark} | {timing} |")
-    finally:
-        pa._config = shipped
+    rows = []
+    for kernel, work in (("fwd", flops), ("dq", 2.5 * flops), ("dkdv", 2.5 * flops)):
+        ship = pa.shipped_config(args.q, kernel)
+        for tiles in CANDIDATES[kernel]:
+            table = {kernel: pa.Config(*tiles)}
+            if kernel == "fwd":
+                fn = functools.partial(pa.forward, args, tiles=table)
+            else:
+                fn = functools.partial(pa.backward, args, out, lse, grad, None, tiles=table)
+            ms = timer(fn)
+            mark = " (shipped)" if tuple(ship) == tiles else ""
+            timing = "does not fit" if ms is None else f"{ms:.3f} | {work / ms / 1e9:.0f}"
+            rows.append(f"| D={case.D} | {kernel} | {tiles}{mark} | {timing} |")
     return rows
 
 

@@ -1,7 +1,8 @@
 // CPU kernels of fastprompt's prefix attention: forward and backward over a read-only prefix bank.
 //
 // Shapes (see fastprompt.prefix_attention): q [B, Hq, T, D]; k, v [B, Hkv, S, D];
-// prefix_k, prefix_v [N, Hkv, P, D]; prefix_index int32 [B]; prefix_lens int32 [N];
+// prefix_k, prefix_v [N, Hkv, P, D]; prefix_index int32 [B] or none (every row uses bank row 0);
+// prefix_lens int32 [N] or none (every bank row is P long);
 // key_padding_mask bool [B, S] or undefined. out [B, Hq, T, D], lse float32 [B, Hq, T].
 //
 // A work item holds every query head of one GQA group, so each key block is loaded once for Hq / Hkv
@@ -844,10 +845,28 @@ Problem<scalar_t> make_problem(const at::Tensor& q, const at::Tensor& k, const a
   return p;
 }
 
+// "No index" means every row uses bank row 0, "no lengths" every bank row is P long: made here, so the
+// caller passes nothing.
+at::Tensor index_or_default(const std::optional<at::Tensor>& prefix_index, const at::Tensor& q) {
+  return prefix_index.has_value() ? *prefix_index : at::zeros({q.size(0)}, q.options().dtype(at::kInt));
+}
+
+at::Tensor lens_or_default(const std::optional<at::Tensor>& prefix_lens, const at::Tensor& prefix_k) {
+  return prefix_lens.has_value() ? *prefix_lens : at::full({prefix_k.size(0)}, prefix_k.size(2),
+                                                           prefix_k.options().dtype(at::kInt));
+}
+
+int64_t seed_value(const std::optional<at::Tensor>& seed) { return seed.has_value() ? seed->item<int64_t>() : 0; }
+
+// Arguments in the order of fastprompt.attention.args.AttentionArgs, whose fields generate the schema.
 std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& pk_in,
-    const at::Tensor& pv_in, const at::Tensor& prefix_index, const at::Tensor& prefix_lens,
-    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double dropout_p, int64_t seed) {
+    const at::Tensor& pv_in, const std::optional<at::Tensor>& prefix_index_in,
+    const std::optional<at::Tensor>& prefix_lens_in, const std::optional<at::Tensor>& key_padding_mask, bool causal,
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed_in) {
+  const at::Tensor prefix_index = index_or_default(prefix_index_in, q_in);
+  const at::Tensor prefix_lens = lens_or_default(prefix_lens_in, pk_in);
+  const int64_t seed = seed_value(seed_in);
   check_inputs(q_in, k_in, v_in, pk_in, pv_in, prefix_index, prefix_lens, key_padding_mask);
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "prefix_attention_cpu: dropout_p must be in [0, 1)");
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
@@ -867,10 +886,15 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_bwd_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& pk_in, const at::Tensor& pv_in, const at::Tensor& prefix_index, const at::Tensor& prefix_lens,
-    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const std::optional<at::Tensor>& grad_lse_in, bool causal, double scale, double dropout_p, int64_t seed) {
+    const at::Tensor& grad_out_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& grad_lse_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& pk_in, const at::Tensor& pv_in,
+    const std::optional<at::Tensor>& prefix_index_in, const std::optional<at::Tensor>& prefix_lens_in,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed_in) {
+  const at::Tensor prefix_index = index_or_default(prefix_index_in, q_in);
+  const at::Tensor prefix_lens = lens_or_default(prefix_lens_in, pk_in);
+  const int64_t seed = seed_value(seed_in);
   check_inputs(q_in, k_in, v_in, pk_in, pv_in, prefix_index, prefix_lens, key_padding_mask);
   TORCH_CHECK(!grad_lse_in.has_value() || grad_lse_in->sizes() == lse_in.sizes(),
               "prefix_attention_cpu: grad_lse must have lse's shape [B, Hq, T]");
@@ -908,18 +932,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 }  // namespace
 }  // namespace fastprompt
 
-TORCH_LIBRARY(fastprompt, m) {
-  m.def(
-      "prefix_attention_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
-      "Tensor prefix_index, Tensor prefix_lens, Tensor? key_padding_mask, bool causal, float scale, "
-      "float dropout_p, int seed) -> (Tensor, Tensor)");
-  m.def(
-      "prefix_attention_bwd_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
-      "Tensor prefix_v, Tensor prefix_index, Tensor prefix_lens, Tensor? key_padding_mask, Tensor out, "
-      "Tensor lse, Tensor? grad_lse, bool causal, float scale, float dropout_p, int seed) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
+// The schemas are defined in Python from the argument record (fastprompt/attention/cpu_backend.py); the
+// dispatcher checks these signatures against them when both are registered.
 TORCH_LIBRARY_IMPL(fastprompt, CPU, m) {
   m.impl("prefix_attention_fwd_cpu", &fastprompt::prefix_attention_fwd_cpu);
   m.impl("prefix_attention_bwd_cpu", &fastprompt::prefix_attention_bwd_cpu);

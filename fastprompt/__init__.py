@@ -20,10 +20,11 @@ from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "prefix_attention": "fastprompt.ops",
-    "merge_attention_states": "fastprompt.ops",
-    "available_backends": "fastprompt.ops",
-    "resolve_backend": "fastprompt.ops",
+    "prefix_attention": "fastprompt.attention",
+    "merge_attention_states": "fastprompt.attention",
+    "check_index_values": "fastprompt.attention",
+    "available_backends": "fastprompt.attention",
+    "resolve_backend": "fastprompt.attention",
     "patch": "fastprompt.patching",
     "unpatch": "fastprompt.patching",
     "encode_prompt": "fastprompt.encoders",
@@ -40,14 +41,15 @@ _LAZY = {
 __all__ = ["BackendUnavailableError", "UnsupportedModelError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
-    from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp  # noqa: F401
-    from fastprompt.integration import PrefixCache, PrefixKV  # noqa: F401
-    from fastprompt.ops import (  # noqa: F401
+    from fastprompt.attention import (  # noqa: F401
         available_backends,
+        check_index_values,
         merge_attention_states,
         prefix_attention,
         resolve_backend,
     )
+    from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp  # noqa: F401
+    from fastprompt.integration import PrefixCache, PrefixKV  # noqa: F401
     from fastprompt.patching import patch, unpatch  # noqa: F401
     from fastprompt.templates import PromptTemplate, PromptTemplateModel, scatter_prompts  # noqa: F401
 

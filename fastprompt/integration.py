@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface, DynamicCache
 
-from fastprompt import ops
+from fastprompt import attention
 from fastprompt.compat import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 from fastprompt.errors import UnsupportedModelError
 
@@ -59,7 +59,7 @@ class PrefixKV:
         if self.bank.dim() != 6 or self.bank.shape[1] != 2:
             raise ValueError(f"bank must be [layers, 2, N, Hkv, P, D], got shape {tuple(self.bank.shape)}")
         # Checked once here, so that the layers can skip the value checks (each one a device sync).
-        ops.check_index_values(self.prefix_index, self.prefix_lens, self.bank.shape[2], self.bank.shape[4])
+        attention.check_index_values(self.prefix_index, self.prefix_lens, self.bank.shape[2], self.bank.shape[4])
 
     def every_row_has_full_length(self) -> bool:
         """Whether every batch row sees a prefix of the full bank width ``P`` (reads values: a sync)."""
@@ -212,7 +212,7 @@ def fastprompt_attention(
         if prefix_k.dtype != query.dtype:
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
         prefix_index, prefix_lens = prefix.prefix_index, prefix.prefix_lens
-    out = ops.prefix_attention_checked(
+    out = attention.prefix_attention(
         query,
         key,
         value,
@@ -224,6 +224,7 @@ def fastprompt_attention(
         causal=causal,
         scale=scaling,
         dropout_p=dropout,
+        check_values=False,
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -28,7 +28,7 @@ every kernel derives the same keep mask from those counters, so backward never s
 from __future__ import annotations
 
 import functools
-import os
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -43,19 +43,32 @@ _MAX_SPLITS = 64
 # ----------------------------------------------------------------------------------------------------
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-
-    @triton.jit
-    def _dot(a, b, PRECISION: tl.constexpr):
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":
         # The interpreter (triton 3.9) multiplies bf16 tiles as their raw uint16 bit patterns. Products of
         # fp16/bf16 values are exact in fp32, so upcasting gives what the GPU's fp32 accumulation gives.
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
-
-else:
-
-    @triton.jit
-    def _dot(a, b, PRECISION: tl.constexpr):
+    else:
         return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _row_bank(PI, b, HAS_INDEX: tl.constexpr):
+    """The bank row of batch row ``b`` (-1: none); without an index tensor every row uses row 0."""
+    if HAS_INDEX:
+        return tl.load(PI + b)
+    else:
+        return b * 0
+
+
+@triton.jit
+def _bank_len(PL, n, P, HAS_LENS: tl.constexpr):
+    """The valid length of bank row ``n`` (0 for ``n = -1``); without a lengths tensor every row has P."""
+    if HAS_LENS:
+        return tl.where(n >= 0, tl.load(PL + tl.maximum(n, 0)), 0)
+    else:
+        return tl.where(n >= 0, P, 0)
 
 
 @triton.jit
@@ -130,8 +143,8 @@ def _attend_prefix_and_sequence(
     skb, skh, sks, skd, svb, svh, svs, svd,
     spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
     T, S, P, D, col_lo, col_hi, qk_scale, seed, dropout_p,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENS: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Online softmax over the key columns [col_lo, col_hi) of row b: prefix columns first, then
     sequence columns (column P + s). The forward passes the whole range, the decode path one split."""
@@ -139,8 +152,8 @@ def _attend_prefix_and_sequence(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
 
-    idx = tl.load(PI + b)
-    plen = tl.where(idx >= 0, tl.load(PL + tl.maximum(idx, 0)), 0)
+    idx = _row_bank(PI, b, HAS_INDEX)
+    plen = _bank_len(PL, idx, P, HAS_LENS)
     p_end = tl.minimum(col_hi, plen)
     pk_base = PK + tl.maximum(idx, 0).to(tl.int64) * spkn + hkv.to(tl.int64) * spkh
     pv_base = PV + tl.maximum(idx, 0).to(tl.int64) * spvn + hkv.to(tl.int64) * spvh
@@ -184,8 +197,9 @@ def _fwd_kernel(
     sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
     spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
     Hq, T, S, P, D, qk_scale, seed, dropout_p,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_LENS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // Hq
@@ -206,7 +220,7 @@ def _fwd_kernel(
         skb, skh, sks, skd, svb, svh, svs, svd,
         spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
         T, S, P, D, 0, P + S, qk_scale, seed, dropout_p,
-        CAUSAL, HAS_KPM, DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
+        CAUSAL, HAS_KPM, HAS_INDEX, HAS_LENS, DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
     )
     out, lse = _finish_rows(acc, l_i, m_i)
     rows = bh.to(tl.int64) * T + offs_m
@@ -221,8 +235,9 @@ def _decode_kernel(
     sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
     spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
     Hq, T, S, P, D, n_rows, cols_per_split, qk_scale, seed, dropout_p,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_LENS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bk = tl.program_id(0)
     split = tl.program_id(1)
@@ -250,7 +265,7 @@ def _decode_kernel(
         skb, skh, sks, skd, svb, svh, svs, svd,
         spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
         T, S, P, D, col_lo, col_lo + cols_per_split, qk_scale, seed, dropout_p,
-        CAUSAL, HAS_KPM, DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
+        CAUSAL, HAS_KPM, HAS_INDEX, HAS_LENS, DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
     )
     out, lse = _finish_rows(acc, l_i, m_i)
     part_rows = split.to(tl.int64) * n_rows + rows
@@ -338,8 +353,9 @@ def _bwd_dq_kernel(
     sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
     spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd, sdb, sdh, sdt, sdd,
     Hq, T, S, P, D, scale, qk_scale, seed, dropout_p,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_LENS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // Hq
@@ -357,8 +373,8 @@ def _bwd_dq_kernel(
     lse2, delta = _row_stats(Lse, Delta, rows, m_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    idx = tl.load(PI + b)
-    plen = tl.where(idx >= 0, tl.load(PL + tl.maximum(idx, 0)), 0)
+    idx = _row_bank(PI, b, HAS_INDEX)
+    plen = _bank_len(PL, idx, P, HAS_LENS)
     pk_base = PK + tl.maximum(idx, 0).to(tl.int64) * spkn + hkv.to(tl.int64) * spkh
     pv_base = PV + tl.maximum(idx, 0).to(tl.int64) * spvn + hkv.to(tl.int64) * spvh
     for start_n in range(0, plen, BLOCK_N):
@@ -471,8 +487,8 @@ def _bwd_dprefix_kernel(
     Q, PK, PV, DO, Lse, Delta, PI, PL, DPKPart, DPVPart,
     sqb, sqh, sqt, sqd, spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd, sdb, sdh, sdt, sdd,
     B, Hq, T, P, D, N, n_splits, scale, qk_scale, seed, dropout_p,
-    GROUP: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENS: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Gradient of one bank key tile, summed over the batch rows using that bank row.
 
@@ -486,7 +502,7 @@ def _bwd_dprefix_kernel(
     Hkv = Hq // GROUP
     n = nk // Hkv
     hkv = nk % Hkv
-    plen = tl.load(PL + n)
+    plen = _bank_len(PL, n, P, HAS_LENS)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = offs_n < plen
     offs_d = tl.arange(0, BLOCK_D)
@@ -500,7 +516,7 @@ def _bwd_dprefix_kernel(
     # A tile wholly past prefix_lens[n] gets no gradient: skip the rows instead of masking them.
     b_end = tl.where(tl.program_id(1) * BLOCK_N < plen, B, 0)
     for b in range(split, b_end, n_splits):
-        if tl.load(PI + b) == n:
+        if _row_bank(PI, b, HAS_INDEX) == n:
             for g in range(0, GROUP):
                 hq = hkv * GROUP + g
                 dk, dv = _dkdv_from_queries(
@@ -521,7 +537,9 @@ def _bwd_dprefix_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-class _Config(NamedTuple):
+class Config(NamedTuple):
+    """Tile sizes and launch options of one kernel."""
+
     block_m: int
     block_n: int
     num_warps: int
@@ -532,8 +550,12 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(q: torch.Tensor, kernel: str) -> _Config:
-    """Tile sizes and launch options for ``kernel`` in {"fwd", "decode", "dq", "dkdv"}.
+TileTable = Mapping[str, Config]
+"""Configs by kernel name (``"fwd"``, ``"decode"``, ``"dq"``, ``"dkdv"``) that replace the shipped ones."""
+
+
+def shipped_config(q: torch.Tensor, kernel: str) -> Config:
+    """The shipped tile sizes and launch options for ``kernel`` in {"fwd", "decode", "dq", "dkdv"}.
 
     A fixed table rather than autotuning: for every supported (dtype, head dim) the tiles fit an A100's
     163 KiB of shared memory and fp16/bf16 kernels do not spill registers (beyond a few bytes with
@@ -541,25 +563,31 @@ def _config(q: torch.Tensor, kernel: str) -> _Config:
     ``tests/gpu_compile.py`` can compile it from meta tensors.
     """
     if q.device.type == "cpu":
-        return _Config(16, 16, 4, 1)
+        return Config(16, 16, 4, 1)
     block_d = _block_d(q.shape[-1])
     if q.dtype == torch.float32:
         # fp32 products run as FMAs with both operands in registers, not on tensor cores: small tiles over
         # 8 warps keep every kernel free of register spills (``tests/gpu_compile.py`` reports them).
-        return _Config(32 if block_d <= 64 else 16, 32, 8, 2 if block_d <= 128 else 1)
+        return Config(32 if block_d <= 64 else 16, 32, 8, 2 if block_d <= 128 else 1)
     wide = block_d > 128  # 512-byte K/V rows in shared memory
     warps = 8 if wide else 4
     if kernel in ("fwd", "decode"):
-        return _Config(64, 32 if wide else 64, warps, 2)
+        return Config(64, 32 if wide else 64, warps, 2)
     if kernel == "dq":
-        return _Config(64, 32, warps, 2)
+        return Config(64, 32, warps, 2)
     # dk and dv accumulate in fp32 registers ([BLOCK_N, BLOCK_D] each): 8 warps from D = 128 on.
-    return _Config(32, 32 if wide else 64, 8 if block_d >= 128 else 4, 2)
+    return Config(32, 32 if wide else 64, 8 if block_d >= 128 else 4, 2)
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _config(q: torch.Tensor, kernel: str, tiles: TileTable | None) -> Config:
+    return tiles[kernel] if tiles is not None and kernel in tiles else shipped_config(q, kernel)
+
+
+def _precision(q: torch.Tensor) -> str:
+    if q.device.type == "cpu":  # CPU tensors only run under the interpreter (see _dot)
+        return "upcast"
     # fp32 inputs get full fp32 products; tf32 would lose ~3 decimal digits. Ignored for fp16/bf16.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 @functools.cache
@@ -587,52 +615,50 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()]
 
 
-def _common_args(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-    prefix_index: torch.Tensor, prefix_lens: torch.Tensor, key_padding_mask: torch.Tensor | None,
-) -> tuple[list, torch.Tensor]:
-    """Pointer arguments (Q, K, V, PK, PV, PI, PL) and the key-padding pointer (a dummy if None)."""
+def _common_args(args) -> tuple[list, dict]:
+    """Pointer arguments (Q, K, V, PK, PV, PI, PL, KPM; ``q`` stands in for an absent tensor, never read)
+    and the constexprs that say which optional tensors are present."""
+    q = args.q
     assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), q.dtype
     assert q.shape[-1] <= 256, "tiles are sized for head dims up to 256"
-    assert prefix_index.dtype == torch.int32 and prefix_lens.dtype == torch.int32
+    for x in (args.prefix_index, args.prefix_lens):
+        assert x is None or x.dtype == torch.int32
     # bool viewed as uint8 (no copy): the same bytes, loaded as plain integers.
-    kpm = prefix_index if key_padding_mask is None else key_padding_mask.view(torch.uint8)
-    return [q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens], kpm
+    kpm = None if args.key_padding_mask is None else args.key_padding_mask.view(torch.uint8)
+    optional = (args.prefix_index, args.prefix_lens, kpm)
+    ptrs = [q, args.k, args.v, args.prefix_k, args.prefix_v, *(q if x is None else x for x in optional)]
+    flags = {"HAS_INDEX": args.prefix_index is not None, "HAS_LENS": args.prefix_lens is not None,
+             "HAS_KPM": kpm is not None}
+    return ptrs, flags
 
 
-def _forward_general(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-    prefix_index: torch.Tensor, prefix_lens: torch.Tensor, key_padding_mask: torch.Tensor | None,
-    causal: bool, scale: float, dropout_p: float, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_general(args, tiles: TileTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The tiled forward for any T: out [B, Hq, T, D] (q's dtype), lse [B, Hq, T] float32."""
+    q, k, prefix_k = args.q, args.k, args.prefix_k
     B, Hq, T, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[2]
-    ptrs, kpm = _common_args(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask)
+    ptrs, flags = _common_args(args)
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-    cfg = _config(q, "fwd")
+    cfg = _config(q, "fwd", tiles)
     _fwd_kernel[_grid(B * Hq, triton.cdiv(T, cfg.block_m))](
-        *ptrs, kpm, out, lse, *_strides(q, k, v, prefix_k, prefix_v),
-        Hq, T, S, P, D, scale * 1.4426950408889634, seed, dropout_p,
-        GROUP=Hq // Hkv, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
-        PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
+        *ptrs, out, lse, *_strides(q, k, args.v, prefix_k, args.prefix_v),
+        Hq, T, S, P, D, args.scale * 1.4426950408889634, args.seed_value, args.dropout_p,
+        GROUP=Hq // Hkv, CAUSAL=args.causal, DROPOUT=args.dropout_p > 0.0, **flags,
+        PRECISION=_precision(q), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
 
-def _forward_decode(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-    prefix_index: torch.Tensor, prefix_lens: torch.Tensor, key_padding_mask: torch.Tensor | None,
-    causal: bool, scale: float, dropout_p: float, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_decode(args, tiles: TileTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K forward for short queries: same results as :func:`_forward_general`."""
+    q, k, prefix_k = args.q, args.k, args.prefix_k
     B, Hq, T, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[2]
     group = Hq // Hkv
-    ptrs, kpm = _common_args(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask)
-    cfg = _config(q, "decode")
+    ptrs, flags = _common_args(args)
+    cfg = _config(q, "decode", tiles)
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(group * T)))
     row_blocks = triton.cdiv(group * T, block_m)
     n_cols = P + S
@@ -644,10 +670,10 @@ def _forward_decode(
     out_part = torch.empty(n_splits, n_rows, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(n_splits, n_rows, dtype=torch.float32, device=q.device)
     _decode_kernel[_grid(B * Hkv, n_splits, row_blocks)](
-        *ptrs, kpm, out_part, lse_part, *_strides(q, k, v, prefix_k, prefix_v),
-        Hq, T, S, P, D, n_rows, cols_per_split, scale * 1.4426950408889634, seed, dropout_p,
-        GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
-        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
+        *ptrs, out_part, lse_part, *_strides(q, k, args.v, prefix_k, args.prefix_v),
+        Hq, T, S, P, D, n_rows, cols_per_split, args.scale * 1.4426950408889634, args.seed_value, args.dropout_p,
+        GROUP=group, CAUSAL=args.causal, DROPOUT=args.dropout_p > 0.0, **flags,
+        PRECISION=_precision(q), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
@@ -659,27 +685,20 @@ def _forward_decode(
     return out, lse
 
 
-def forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-    prefix_index: torch.Tensor, prefix_lens: torch.Tensor, key_padding_mask: torch.Tensor | None,
-    causal: bool, scale: float, dropout_p: float, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backend forward: ``(out [B, Hq, T, D], lse [B, Hq, T] float32)``; see ``fastprompt.ops``.
+def forward(args, tiles: TileTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backend forward on the op's argument record (``fastprompt.attention.AttentionArgs``; read by field
+    name): ``(out [B, Hq, T, D], lse [B, Hq, T] float32)``.
 
-    q [B, Hq, T, D]; k, v [B, Hkv, S, D]; prefix_k, prefix_v [N, Hkv, P, D]; prefix_index int32 [B];
-    prefix_lens int32 [N]; key_padding_mask bool [B, S] or None. Queries of T <= 16 take the split-K
-    decode path, longer ones the tiled kernel.
+    Queries of T <= 16 take the split-K decode path, longer ones the tiled kernel. ``tiles`` replaces
+    the shipped config of the kernels it names (for tuning).
     """
-    path = _forward_decode if q.shape[2] <= _DECODE_MAX_T else _forward_general
-    return path(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
-                causal, scale, dropout_p, seed)
+    path = _forward_decode if args.q.shape[2] <= _DECODE_MAX_T else _forward_general
+    return path(args, tiles)
 
 
 def backward(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_index: torch.Tensor, prefix_lens: torch.Tensor,
-    key_padding_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
-    causal: bool, scale: float, dropout_p: float, seed: int, grad_lse: torch.Tensor | None = None,
+    args, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor | None,
+    tiles: TileTable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend backward: ``(dq, dk, dv, dprefix_k, dprefix_v)`` in the shapes and dtypes of the inputs.
 
@@ -690,17 +709,19 @@ def backward(
     dprefix_v [N, Hkv, P, D] are summed over the rows using each bank row, zero past ``prefix_lens``
     and for unused bank rows.
     """
+    q, k, v, prefix_k, prefix_v = args.q, args.k, args.v, args.prefix_k, args.prefix_v
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     N, P = prefix_k.shape[0], prefix_k.shape[2]
     group = Hq // Hkv
     assert grad_out.dtype == q.dtype and out.dtype == q.dtype and lse.dtype == torch.float32
-    ptrs, kpm = _common_args(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask)
+    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kpm), flags = _common_args(args)
     device = q.device
     lse = lse.contiguous()
     block_d = _block_d(D)
-    precision = _precision(q.dtype)
-    dropout = dropout_p > 0.0
+    precision = _precision(q)
+    dropout = args.dropout_p > 0.0
+    scale, seed, dropout_p = args.scale, args.seed_value, args.dropout_p
     qk_scale = scale * 1.4426950408889634
 
     delta = torch.empty(B, Hq, T, dtype=torch.float32, device=device)
@@ -712,23 +733,23 @@ def backward(
         delta -= grad_lse.float()
 
     dq = torch.empty(B, Hq, T, D, dtype=q.dtype, device=device)
-    cfg = _config(q, "dq")
+    cfg = _config(q, "dq", tiles)
     _bwd_dq_kernel[_grid(B * Hq, triton.cdiv(T, cfg.block_m))](
-        *ptrs[:5], grad_out, lse, delta, prefix_index, prefix_lens, kpm, dq,
+        q, k, v, prefix_k, prefix_v, grad_out, lse, delta, prefix_index, prefix_lens, kpm, dq,
         *_strides(q, k, v, prefix_k, prefix_v, grad_out),
         Hq, T, S, P, D, scale, qk_scale, seed, dropout_p,
-        GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout,
+        GROUP=group, CAUSAL=args.causal, DROPOUT=dropout, **flags,
         PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
     dk = torch.empty(B, Hkv, S, D, dtype=k.dtype, device=device)
     dv = torch.empty(B, Hkv, S, D, dtype=v.dtype, device=device)
-    cfg = _config(q, "dkdv")
+    cfg = _config(q, "dkdv", tiles)
     _bwd_dkdv_kernel[_grid(B * Hkv, triton.cdiv(S, cfg.block_n))](
         q, k, v, grad_out, lse, delta, kpm, dk, dv, *_strides(q, k, v, grad_out),
         Hq, T, S, P, D, scale, qk_scale, seed, dropout_p,
-        GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout,
+        GROUP=group, CAUSAL=args.causal, HAS_KPM=flags["HAS_KPM"], DROPOUT=dropout,
         PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -743,8 +764,8 @@ def backward(
         q, prefix_k, prefix_v, grad_out, lse, delta, prefix_index, prefix_lens, dpk_part, dpv_part,
         *_strides(q, prefix_k, prefix_v, grad_out),
         B, Hq, T, P, D, N, n_splits, scale, qk_scale, seed, dropout_p,
-        GROUP=group, DROPOUT=dropout, PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        GROUP=group, HAS_INDEX=flags["HAS_INDEX"], HAS_LENS=flags["HAS_LENS"], DROPOUT=dropout,
+        PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv, dpk_part.sum(0).to(prefix_k.dtype), dpv_part.sum(0).to(prefix_v.dtype)

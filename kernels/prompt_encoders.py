@@ -34,13 +34,10 @@ Launchers take and return torch tensors; intermediates are float32. Kernels know
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ACT_CODES = {"none": 0, "tanh": 1, "relu": 2}
 
 
@@ -275,6 +272,7 @@ def linear(
         return out
     grid = (triton.cdiv(M, 32), triton.cdiv(N, 64))
     dummy = out
+    interpreted = out.device.type == "cpu"  # CPU tensors reach the kernels only under the interpreter
     _linear_kernel[grid](
         a, idx if idx is not None else dummy, b,
         bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
@@ -291,8 +289,8 @@ def linear(
         # the interpreter's 16-bit dot is wrong (numpy has no bfloat16): round operands to the compute
         # dtype, then multiply in fp32, which is exact for 16-bit products and accumulates in fp32 as the
         # GPU's tensor cores do
-        DOT_DTYPE=tl.float32 if _INTERPRETED else _compute_dtype(compute_dtype),
-        INPUT_PRECISION="ieee" if compute_dtype == torch.float32 or _INTERPRETED else None,
+        DOT_DTYPE=tl.float32 if interpreted else _compute_dtype(compute_dtype),
+        INPUT_PRECISION="ieee" if compute_dtype == torch.float32 or interpreted else None,
         BLOCK_M=32, BLOCK_N=64, BLOCK_K=32,
     )
     return out
@@ -369,7 +367,7 @@ def _lstm_programs(H: int, block_h: int, device: torch.device) -> int:
     (one launch per step, hidden units split into tiles of ``block_h``). The interpreter runs programs one
     by one, so on CPU mode A is the only sensible one; tests force mode B by patching this function. Any
     other device counts as a GPU (``meta`` tensors stand for one when kernels are compiled without it)."""
-    if _INTERPRETED or device.type == "cpu" or H < _LSTM_WIDE_MIN_H:
+    if device.type == "cpu" or H < _LSTM_WIDE_MIN_H:
         return 1
     return triton.cdiv(H, block_h)
 

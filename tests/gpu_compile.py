@@ -128,18 +128,19 @@ def _attention(dtype: torch.dtype, D: int, full: bool, T: int) -> None:
     on causal masking, key padding, dropout and an lse gradient."""
     from fastprompt.kernels import prefix_attention as pa
 
+    from fastprompt.attention import AttentionArgs
+
     B, Hq, Hkv, S, N, P = 2, 8, 2, 64, 3, 40
     q = _meta(B, Hq, T, D, dtype=dtype)
     k, v = _meta(B, Hkv, S, D, dtype=dtype), _meta(B, Hkv, S, D, dtype=dtype)
     pk, pv = _meta(N, Hkv, P, D, dtype=dtype), _meta(N, Hkv, P, D, dtype=dtype)
     index, lens = _meta(B, dtype=torch.int32), _meta(N, dtype=torch.int32)
     kpm = _meta(B, S, dtype=torch.bool) if full else None
-    args = (q, k, v, pk, pv, index, lens, kpm)
     dropout_p = 0.1 if full else 0.0
-    out, lse = pa.forward(*args, full, D**-0.5, dropout_p, 7)
+    args = AttentionArgs(q, k, v, pk, pv, index, lens, kpm, full, D**-0.5, dropout_p, torch.tensor(7))
+    out, lse = pa.forward(args)
     if T > pa._DECODE_MAX_T:
-        pa.backward(torch.empty_like(out), *args, out, lse, full, D**-0.5, dropout_p, 7,
-                    grad_lse=torch.empty_like(lse) if full else None)
+        pa.backward(args, out, lse, torch.empty_like(out), torch.empty_like(lse) if full else None)
 
 
 def _mlp(dtype: torch.dtype) -> None:

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprompt import bench, cli
-from fastprompt.benchutil import Measurement
+from fastprompt import cli
+from fastprompt.cli import bench
+from fastprompt.cli.benchutil import Measurement
 
 TINY = {
     "--hidden": 32,
@@ -241,7 +242,7 @@ def test_random_batch_is_random_and_left_padded():
 
 
 def test_info_lists_every_backend_with_its_reason():
-    from fastprompt.ops import available_backends
+    from fastprompt.attention import available_backends
 
     fastprompt_exe = shutil.which("fastprompt")
     assert fastprompt_exe is not None, "the fastprompt console script is not installed (pip install -e .)"
@@ -252,6 +253,8 @@ def test_info_lists_every_backend_with_its_reason():
         section = proc.stdout.split(f"attention backends for {device} tensors:\n", 1)[1].split("\n\n")[0]
         for name, (ok, reason) in available_backends(device).items():
             assert re.search(rf"^  {name} +{'yes' if ok else 'no'} +{re.escape(reason)}$", section, re.M), section
+    if available_backends("cpu")["cpu"][0]:  # which build of the C++ kernels runs
+        assert re.search(r"^  cpu +yes +C\+\+ kernels: (prebuilt library|ninja build in) ", proc.stdout, re.M)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="without CUDA the cuda section reads 'no CUDA GPU'")

@@ -5,7 +5,6 @@ the PyTorch path and the triton kernels (interpreted on CPU, hence tiny sizes).
 """
 
 import copy
-import zlib
 
 import pytest
 import torch
@@ -75,7 +74,6 @@ def _reference(encoder, tokens, grad_out):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(ENCODERS))
 def test_encode_prompt_matches_peft(name, dtype, backend):
-    torch.manual_seed(zlib.crc32(f"{name}-{dtype}-{backend}".encode()))  # stable across runs, unlike hash()
     encoder = ENCODERS[name]()
     _randomize(encoder)
     encoder = encoder.to(DEVICE, dtype).eval()
@@ -114,7 +112,6 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 @pytest.mark.parametrize("dims", [(7, 5, 9), (7, 5, 11, 9)])
 def test_fused_mlp_against_float64(dims, act, backend):
-    torch.manual_seed(len(dims) * 10 + (act == "tanh"))
     P = 5
     x = torch.randn(P, dims[0], device=DEVICE, requires_grad=True)
     weights = [torch.randn(o, i, device=DEVICE, requires_grad=True) for i, o in zip(dims[:-1], dims[1:], strict=True)]
@@ -138,7 +135,6 @@ def test_fused_mlp_against_float64(dims, act, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_lstm_input_gradient_and_odd_length(backend):
-    torch.manual_seed(3)
     lstm = torch.nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True).to(DEVICE)
     x = torch.randn(1, 7, 6, device=DEVICE, requires_grad=True)
     layers = [[getattr(lstm, f"{k}_l{i}{s}") for s in ("", "_reverse") for k in
@@ -155,7 +151,6 @@ def test_fused_lstm_input_gradient_and_odd_length(backend):
 
 
 def test_lstm_dropout_applies_between_layers_in_training():
-    torch.manual_seed(4)
     encoder = _p_tuning("LSTM", num_layers=2, dropout=0.5).to(DEVICE)
     tokens = torch.arange(5, device=DEVICE)
     encoder.eval()
@@ -168,7 +163,6 @@ def test_lstm_dropout_applies_between_layers_in_training():
 
 
 def test_inference_mode_encoders_return_their_table():
-    torch.manual_seed(5)
     for encoder in (
         PrefixEncoder(PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, token_dim=8, num_layers=2,
                                          num_attention_heads=2, prefix_projection=True, inference_mode=True)),
@@ -195,7 +189,6 @@ def _peft_out(encoder, tokens):
 
 @pytest.mark.parametrize("name", ["prefix_mlp", "ptuning_lstm2"])
 def test_cache_hit_and_invalidation(name):
-    torch.manual_seed(6)
     encoder = ENCODERS[name]().to(DEVICE).eval()
     _randomize(encoder)
     tokens = torch.arange(encoder.embedding.weight.shape[0], device=DEVICE)
@@ -242,7 +235,6 @@ def test_host_tokens_reach_the_device_once(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only with a GPU")
 @pytest.mark.parametrize("name", ["prefix_mlp", "ptuning_lstm2"])
 def test_encode_prompt_with_host_tokens_never_waits_for_the_gpu(name):
-    torch.manual_seed(8)
     encoder = ENCODERS[name]().cuda().eval()  # eval: no LSTM dropout, so the no-grad output is cached
     _randomize(encoder)
     tokens = torch.arange(encoder.embedding.weight.shape[0])  # on the CPU, as PEFT keeps them
@@ -336,7 +328,6 @@ class _GridRecorder:
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("n_progs", [1, 2, 3])
 def test_lstm_recurrence_split_across_programs(monkeypatch, n_progs, num_layers):
-    torch.manual_seed(10 * n_progs + num_layers)
     # H = 40 is three 16-unit tiles: with 2 programs one of them owns tiles 0 and 2
     P, D, H = 5, 6, 40
     monkeypatch.setattr(prompt_encoders, "_lstm_programs", lambda hidden, block_h, device: n_progs)
@@ -369,7 +360,6 @@ def test_lstm_recurrence_split_across_programs(monkeypatch, n_progs, num_layers)
 
 def test_lstm_programs_by_hidden_size(monkeypatch):
     # what the launcher would pick on a GPU: one program per direction below _LSTM_WIDE_MIN_H, else one per tile
-    monkeypatch.setattr(prompt_encoders, "_INTERPRETED", False)
     cuda, wide = torch.device("cuda"), prompt_encoders._LSTM_WIDE_MIN_H
     assert prompt_encoders._lstm_programs(wide - 1, 16, cuda) == 1
     assert prompt_encoders._lstm_programs(wide, 16, cuda) == wide // 16

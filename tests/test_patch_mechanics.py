@@ -31,7 +31,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AttentionInterface, BloomConfig, BloomForCausalLM, DynamicCache
 
 import fastprompt
-from fastprompt import ops, patching
+from fastprompt import attention, patching
 from fastprompt.integration import PrefixCache, PrefixKV
 
 P, B, T = 5, 3, 7
@@ -47,7 +47,7 @@ def _attention_spy(monkeypatch) -> list[dict]:
     """Record what every call of the "fastprompt" attention function and of the op receives."""
     calls: list[dict] = []
     real_attention = AttentionInterface._global_mapping["fastprompt"]
-    real_op = ops.prefix_attention_checked
+    real_op = attention.prefix_attention
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         calls.append({"mask_dim": None if attention_mask is None else attention_mask.dim(), "k_len": key.shape[2]})
@@ -63,7 +63,7 @@ def _attention_spy(monkeypatch) -> list[dict]:
         return real_op(q, k, v, prefix_k, prefix_v, **kwargs)
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "fastprompt", attention)
-    monkeypatch.setattr(ops, "prefix_attention_checked", op)
+    monkeypatch.setattr(attention, "prefix_attention", op)
     return calls
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,21 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastprompt
+from fastprompt.attention import available_backends
+from fastprompt.attention.cases import TOLERANCE, Case, make_case, max_error, scale_of
+from fastprompt.attention.reference import naive_prefix_attention, reference_prefix_attention
 from fastprompt.errors import BackendUnavailableError
-from fastprompt.naive import naive_prefix_attention, reference_prefix_attention
-from fastprompt.ops import available_backends
 
 CUDA = torch.cuda.is_available()
-
-# Max abs error allowed, relative to max(1, max |reference|), per input dtype: (output and lse, gradients).
-TOLERANCE = {
-    # the lse output is float32 by contract, so a gradient arriving through it carries float32 rounding
-    torch.float64: (1e-10, 1e-7),
-    torch.float32: (3e-5, 2e-4),
-    torch.float16: (3e-3, 2e-2),
-    torch.bfloat16: (2e-2, 8e-2),
-}
-
 
 def _expected_here(backend: str) -> bool:
     """Whether this machine has what the backend needs, so that being unavailable is a failure."""
@@ -64,72 +54,6 @@ def backend(request, monkeypatch) -> str:
     return name
 
 
-@dataclass
-class Case:
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    prefix_k: torch.Tensor
-    prefix_v: torch.Tensor
-    options: dict
-
-    @property
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.q, self.k, self.v, self.prefix_k, self.prefix_v]
-
-
-def make_case(
-    *,
-    B=2,
-    Hq=4,
-    Hkv=2,
-    T=5,
-    S=None,
-    P=6,
-    N=1,
-    D=32,
-    dtype=torch.float32,
-    device="cpu",
-    padding=None,
-    causal=True,
-    prefix_index=None,
-    prefix_lens=None,
-    magnitude=1.0,
-    generator=None,
-) -> Case:
-    S = T if S is None else S
-
-    def rand(*shape):
-        x = torch.randn(*shape, generator=generator, dtype=torch.float32) * magnitude
-        return x.to(device=device, dtype=dtype).requires_grad_(True)
-
-    options: dict = {"causal": causal}
-    if prefix_index is not None:
-        options["prefix_index"] = torch.tensor(prefix_index, device=device)
-    if prefix_lens is not None:
-        options["prefix_lens"] = torch.tensor(prefix_lens, device=device)
-    if padding is not None:
-        lengths = torch.randint(0, S + 1, (B,), generator=generator)
-        lengths[0] = S  # at least one unpadded row
-        positions = torch.arange(S)[None, :]
-        mask = positions >= (S - lengths)[:, None] if padding == "left" else positions < lengths[:, None]
-        options["key_padding_mask"] = mask.to(device)
-    return Case(
-        rand(B, Hq, T, D), rand(B, Hkv, S, D), rand(B, Hkv, S, D), rand(N, Hkv, P, D), rand(N, Hkv, P, D), options
-    )
-
-
-def _max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    both_inf = torch.isinf(actual) & torch.isinf(expected) & (actual.sign() == expected.sign())
-    diff = torch.where(both_inf, torch.zeros_like(expected), actual.double() - expected)
-    return diff.abs().max().item() if diff.numel() else 0.0
-
-
-def _scale_of(expected: torch.Tensor) -> float:
-    finite = expected[torch.isfinite(expected)]
-    return max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
-
-
 def check_against_reference(case: Case, *, with_lse_grad: bool = True, grads_no_worse_than_naive: bool = False) -> None:
     """Outputs, lse and the gradients of all five inputs against the float64 oracle.
 
@@ -143,9 +67,9 @@ def check_against_reference(case: Case, *, with_lse_grad: bool = True, grads_no_
     assert lse.dtype == torch.float32 and lse.shape == case.q.shape[:-1]
     assert not torch.isnan(out).any()
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows with nothing to attend to differ"
-    assert _max_err(out, ref_out) <= tol_out * _scale_of(ref_out)
+    assert max_error(out, ref_out) <= tol_out * scale_of(ref_out)
     lse_tol = max(tol_out, TOLERANCE[torch.float32][0])  # the lse is float32 whatever the input dtype
-    assert _max_err(lse, ref_lse) <= lse_tol * _scale_of(ref_lse)
+    assert max_error(lse, ref_lse) <= lse_tol * scale_of(ref_lse)
 
     grad_out = torch.randn_like(ref_out)
     grad_lse = torch.randn_like(ref_lse) if with_lse_grad else torch.zeros_like(ref_lse)
@@ -161,11 +85,11 @@ def check_against_reference(case: Case, *, with_lse_grad: bool = True, grads_no_
         naive_inputs = [x.detach().requires_grad_(True) for x in case.tensors]
         naive_out = naive_prefix_attention(*naive_inputs, **case.options)
         naive_grads = torch.autograd.grad((naive_out.double() * grad_out).sum(), naive_inputs)
-        floor = {n: 2 * _max_err(g, r) for n, g, r in zip(names, naive_grads, ref_grads, strict=True)}
+        floor = {n: 2 * max_error(g, r) for n, g, r in zip(names, naive_grads, ref_grads, strict=True)}
     for name, g, ref, x in zip(names, grads, ref_grads, case.tensors, strict=True):
         assert g.dtype == x.dtype and g.shape == x.shape, name
         assert torch.isfinite(g).all(), f"non-finite gradient of {name}"
-        err, bound = _max_err(g, ref), max(tol_grad * _scale_of(ref), floor[name])
+        err, bound = max_error(g, ref), max(tol_grad * scale_of(ref), floor[name])
         assert err <= bound, f"gradient of {name}: max error {err:.3g} > {bound:.3g}"
 
 
@@ -268,8 +192,8 @@ def test_large_logits_do_not_overflow(dtype, backend):
         out, lse = fastprompt.prefix_attention(*case.tensors, **case.options, return_lse=True)
         ref_out, ref_lse = reference_prefix_attention(*case.tensors, **case.options)
         tol_out, _ = TOLERANCE[dtype]
-        assert _max_err(out, ref_out) <= tol_out * _scale_of(ref_out)
-        assert _max_err(lse, ref_lse) <= tol_out * _scale_of(ref_lse)
+        assert max_error(out, ref_out) <= tol_out * scale_of(ref_out)
+        assert max_error(lse, ref_lse) <= tol_out * scale_of(ref_lse)
         return
     # With a saturated softmax, dq and dk cancel to almost nothing while the terms that cancel are large,
     # so half-precision rounding of those terms dominates: gradients are held to PEFT's path in the same dtype.
@@ -290,9 +214,9 @@ def test_rows_with_nothing_to_attend_give_zeros(backend):
     check_against_reference(case)
 
 
-def test_non_contiguous_inputs(backend):
+def test_non_contiguous_inputs(backend, seed):
     device = _device_for(backend)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     B, Hq, Hkv, T, S, P, D = 2, 4, 2, 5, 7, 6, 32
 
     def bthd(*shape):  # the [B, T, H, D] layout that transformers projections produce, viewed as [B, H, T, D]
@@ -306,10 +230,9 @@ def test_non_contiguous_inputs(backend):
     check_against_reference(case)
 
 
-def test_default_index_tensors_made_in_inference_mode_serve_training_calls(backend, monkeypatch):
-    """The default prefix_index / prefix_lens are cached across calls: one made under inference_mode (a
-    serving call) must still work when a later training call saves it for backward."""
-    monkeypatch.setattr(fastprompt.ops, "_FILLED", {})  # so the inference-mode call makes the entries
+def test_no_index_tensors_in_inference_mode_then_training(backend):
+    """Without prefix_index / prefix_lens every backend takes "row 0, full length" directly: a served call
+    and a training call on the same inputs agree, and the training call matches the oracle."""
     device = _device_for(backend)
     case = make_case(B=3, T=4, P=5, device=device)
     with torch.inference_mode():
@@ -318,26 +241,60 @@ def test_default_index_tensors_made_in_inference_mode_serve_training_calls(backe
     assert torch.equal(served, fastprompt.prefix_attention(*case.tensors, **case.options).detach())
 
 
-def test_default_index_tensors_made_while_tracing_are_not_cached(monkeypatch):
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+def test_backend_argument_overrides_the_environment_and_pins_the_backward(monkeypatch):
+    from fastprompt.attention import cpu_backend, torch_backend
 
-    monkeypatch.setattr(fastprompt.ops, "_FILLED", {})
-    with FakeTensorMode():
-        assert isinstance(fastprompt.ops._filled(3, 0, torch.device("cpu")), FakeTensor)
-    assert not fastprompt.ops._FILLED
-    real = fastprompt.ops._filled(3, 0, torch.device("cpu"))
-    assert type(real) is torch.Tensor and real.tolist() == [0, 0, 0]
-    with FakeTensorMode():  # a cached real tensor must not leak into a fake trace either
-        assert isinstance(fastprompt.ops._filled(3, 0, torch.device("cpu")), FakeTensor)
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backward ran on another backend than the forward")
+
+    case = make_case(B=2, T=4, P=3)
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "cpu")
+    monkeypatch.setattr(cpu_backend, "forward", refuse)
+    out = fastprompt.prefix_attention(*case.tensors, **case.options, backend="torch")
+    monkeypatch.setattr(cpu_backend, "backward", refuse)
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")  # changed between forward and backward
+    grads = torch.autograd.grad(out.sum(), case.tensors)
+    monkeypatch.setattr(torch_backend, "backward", refuse)
+    out = fastprompt.prefix_attention(*case.tensors, **case.options, backend="torch")
+    with pytest.raises(AssertionError, match="another backend"):
+        torch.autograd.grad(out.sum(), case.tensors)
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_dropout(backend):
+def test_auto_falls_back_to_the_next_backend_with_a_warning(monkeypatch):
+    from fastprompt.attention import cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "available", lambda: (False, "no C++ compiler found"))
+    case = make_case(B=2, T=3, P=4)
+    message = r"the cpu backend cannot run these cpu tensors \(no C\+\+ compiler found\); using torch"
+    with pytest.warns(RuntimeWarning, match=message):
+        assert fastprompt.resolve_backend("cpu", torch.float32, 32, backend="auto") == "torch"
+    with pytest.warns(RuntimeWarning, match=message):
+        out = fastprompt.prefix_attention(*case.tensors, **case.options, backend="auto")
+    expected = fastprompt.prefix_attention(*case.tensors, **case.options, backend="torch")
+    assert torch.equal(out, expected)
+
+
+def test_a_named_backend_that_cannot_run_lists_every_backends_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    case = make_case(dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError) as error:
+        fastprompt.prefix_attention(*case.tensors, **case.options, backend="triton")
+    message = str(error.value)
+    assert "backend triton cannot run these tensors here" in message
+    assert "supports float16, bfloat16, float32, got float64" in message
+    assert "torch: can run" in message and "cpu: " in message
+    with pytest.raises(ValueError, match="backend must be one of auto, triton, cpu, torch; got 'fast'"):
+        fastprompt.prefix_attention(*case.tensors, **case.options, backend="fast")
+
+
+def test_dropout(backend, seed):
     device = _device_for(backend)
     case = make_case(B=2, T=8, S=8, P=8, N=1, device=device)
     p = 0.3
-    torch.manual_seed(11)
+    torch.manual_seed(seed)
     out_a = fastprompt.prefix_attention(*case.tensors, dropout_p=p, **case.options)
-    torch.manual_seed(11)
+    torch.manual_seed(seed)
     out_b = fastprompt.prefix_attention(*case.tensors, dropout_p=p, **case.options)
     assert torch.equal(out_a, out_b), "the same torch seed must give the same dropout mask"
     assert not torch.allclose(out_a, fastprompt.prefix_attention(*case.tensors, **case.options))
@@ -358,7 +315,7 @@ def test_dropout(backend):
     assert abs(out.mean().item() - 1.0) < 0.05
 
 
-def test_dropout_directional_derivative(backend):
+def test_dropout_directional_derivative(backend, seed):
     # d/de L(q + e*u) at e=0 equals <dq, u> for a fixed dropout mask (finite differences, same seed).
     device = _device_for(backend)
     case = make_case(B=1, T=4, S=4, P=3, device=device, dtype=torch.float32)
@@ -366,7 +323,7 @@ def test_dropout_directional_derivative(backend):
     grad_out = torch.randn_like(case.q)
 
     def loss(q):
-        torch.manual_seed(5)
+        torch.manual_seed(seed)
         out = fastprompt.prefix_attention(q, *case.tensors[1:], dropout_p=0.25, **case.options)
         return (out.double() * grad_out).sum()
 
@@ -416,7 +373,7 @@ def test_torch_compile_fullgraph_traces_the_op(monkeypatch):
 @pytest.mark.parametrize("name", ["cpu", "torch"])
 def test_prefix_is_not_copied_per_row(name, monkeypatch):
     # One expanded copy of the prefix (what the naive path makes) would need B * Hkv * P * D * 4 bytes.
-    from fastprompt.benchutil import _cpu_peak_bytes
+    from fastprompt.cli.benchutil import _cpu_peak_bytes
 
     if not available_backends("cpu")[name][0]:
         assert not _expected_here(name)
@@ -448,7 +405,7 @@ def test_backend_selection_errors(monkeypatch):
             fastprompt.prefix_attention(*case.tensors)
     if _expected_here("triton"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        with pytest.raises(BackendUnavailableError, match="do not support float64"):
+        with pytest.raises(BackendUnavailableError, match="got float64"):
             fastprompt.prefix_attention(*[x.double() for x in case.tensors], **case.options)
         wide = make_case(D=272, T=1, S=1, P=1, B=1)
         with pytest.raises(BackendUnavailableError, match="head dims up to 256, got 272"):

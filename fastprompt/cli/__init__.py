@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import torch
 
-from fastprompt import bench
+from fastprompt.cli import bench
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHAPE_OPTIONS = ("hidden", "layers", "heads", "kv_heads", "vocab")
@@ -251,7 +251,7 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace, comman
 
 
 def _run_info() -> int:
-    from fastprompt.ops import available_backends
+    from fastprompt.attention import available_backends
 
     env = bench.environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items())

@@ -28,9 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastprompt.attention import resolve_backend
+from fastprompt.attention.dispatch import requested_backend
 from fastprompt.errors import UnsupportedModelError
 
-__all__ = ["clear_encoder_cache", "encode_prompt", "fused_lstm", "fused_mlp"]
+__all__ = ["clear_encoder_cache", "encode_prompt", "fused_lstm", "fused_mlp", "resolve_encoder_backend"]
 
 _ACTS = ("tanh", "relu")
 
@@ -147,18 +149,15 @@ class _TorchBackend:
     lstm_backward = staticmethod(_torch_lstm_backward)
 
 
-def _resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """The attention op's choice (``fastprompt.ops``), with one difference: the encoders have no C++
-    kernels, so where the op would run ``cpu`` (asked for, or ``auto`` on a CPU tensor) they run PyTorch."""
-    from fastprompt import ops
-
-    requested = ops._requested_backend() if backend is None else backend
-    if requested not in ("auto", *ops.BACKENDS):
-        raise ValueError(f"backend must be one of auto, {', '.join(ops.BACKENDS)}; got {requested!r}")
+def resolve_encoder_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend the encoders run: the attention op's choice (:func:`fastprompt.resolve_backend`), with
+    one difference: the encoders have no C++ kernels, so where the op would run ``cpu`` (asked for, or
+    ``auto`` on a CPU tensor) they run PyTorch."""
+    requested = requested_backend(backend)
     if requested == "cpu" or (requested == "auto" and device.type != "cuda"):
         return "torch"
     # head_dim 0: the encoder kernels have no head-dim limit
-    return ops._resolve_backend(requested, device, dtype, head_dim=0)
+    return resolve_backend(device, dtype, head_dim=0, backend=requested)
 
 
 def _backend(name: str) -> ModuleType | type[_TorchBackend]:
@@ -238,6 +237,7 @@ def _check_idx(
 
 
 # Device copies of host token vectors, by (device, values): a steady-state forward neither copies nor syncs.
+# Emptied by clear_encoder_cache().
 _DEVICE_TOKENS: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
 
 
@@ -311,7 +311,7 @@ def _fused_mlp(
         if w.dtype != x.dtype or b.dtype != x.dtype or w.device != x.device or b.device != x.device:
             raise ValueError(f"layer {i}: weights and biases must match x's dtype {x.dtype} and device {x.device}")
         width = w.shape[0]
-    name = _resolve_backend(backend, x.device, x.dtype)
+    name = resolve_encoder_backend(backend, x.device, x.dtype)
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
     return _MLPFunction.apply(x, idx, act, _backend(name), *params)
 
@@ -364,7 +364,7 @@ def _fused_lstm(
         if any(t.dtype != x.dtype or t.device != x.device for t in layer):
             raise ValueError(f"layer {i}: parameters must match x's dtype {x.dtype} and device {x.device}")
         width = 2 * hidden
-    be = _backend(_resolve_backend(backend, x.device, x.dtype))
+    be = _backend(resolve_encoder_backend(backend, x.device, x.dtype))
     h = x
     for i, layer in enumerate(layers):
         h = _LSTMLayerFunction.apply(h, idx if i == 0 else None, be, *layer)
@@ -460,9 +460,10 @@ def _deterministic(encoder: torch.nn.Module) -> bool:
 
 
 def clear_encoder_cache(encoder: torch.nn.Module | None = None) -> None:
-    """Forget the cached output of ``encoder`` (all encoders if None)."""
+    """Forget the cached output of ``encoder`` (all encoders, and the device copies of their tokens, if None)."""
     if encoder is None:
         _CACHE.clear()
+        _DEVICE_TOKENS.clear()
     else:
         _CACHE.pop(encoder, None)
 

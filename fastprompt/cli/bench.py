@@ -9,7 +9,7 @@ The pieces are reusable on their own (``benchmarks/`` builds its cases with them
 - :func:`build_case`: the three above in one call, ``(peft_model, batch)``;
 - :func:`train_step` and :func:`generate_step`: the work that is timed;
 - :func:`run`: every requested row, naive and patched on the same model object, alternating for
-  :data:`ROUNDS` rounds (:func:`fastprompt.benchutil.measure_alternating`), each side's fastest kept;
+  :data:`ROUNDS` rounds (:func:`fastprompt.cli.benchutil.measure_alternating`), each side's fastest kept;
 - :func:`format_markdown`, :func:`to_json`, :func:`plot`: the report, with device, versions, commit and
   the command line, so that a table can be committed verbatim under ``benchmarks/results/``.
 """
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastprompt.benchutil import Measurement, measure, measure_alternating
+from fastprompt.cli.benchutil import Measurement, measure, measure_alternating
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -369,7 +369,7 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda stage: Non
     result = BenchResult(config=config, environment=environment(config.device, config.dtype))
     # Checking the backends builds the C++ kernels on first use: done here, it never lands in a timing.
     progress("loading fastprompt backends")
-    from fastprompt.ops import available_backends
+    from fastprompt.attention import available_backends
 
     result.environment["backends_available"] = [
         name for name, (ok, _) in available_backends(config.device).items() if ok
@@ -446,8 +446,8 @@ def git_commit() -> str:
 
 def environment(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Device, date, versions, commit, and the attention backend asked for and the one that runs."""
+    from fastprompt.attention import resolve_backend
     from fastprompt.errors import BackendUnavailableError
-    from fastprompt.ops import resolve_backend
 
     try:
         backend = resolve_backend(device, dtype)

@@ -3,14 +3,16 @@
 The prefix block and the sequence block are attended separately and merged by log-sum-exp, so the prefix
 is never concatenated onto K/V and never copied once per batch row: the rows that use bank row ``n`` are
 gathered (a copy of *queries*, not of the prefix) and multiplied against ``prefix_k[n]`` once.
-Backward recomputes the forward under autograd. Implements the backend contract of ``fastprompt.ops``.
+Backward recomputes the forward under autograd. Implements the backend contract of
+:mod:`fastprompt.attention.dispatch`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastprompt.merge import merge_attention_states
+from fastprompt.attention.args import AttentionArgs
+from fastprompt.attention.merge import merge_attention_states
 
 
 def _keep_mask(
@@ -42,20 +44,15 @@ def _softmax_block(
 
 
 def _attend(
+    args: AttentionArgs,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
-    prefix_index: torch.Tensor,
-    prefix_lens: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float,
-    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable forward in float32 (float64 stays float64); returns ``(out, lse)``."""
+    """Differentiable forward in float32 (float64 stays float64) in the five tensors given (the record's
+    own, or their differentiable stand-ins); the rest comes from ``args``. Returns ``(out, lse)``."""
     B, Hq, T, D = q.shape
     N, Hkv, P, _ = prefix_k.shape
     S = k.shape[2]
@@ -65,9 +62,10 @@ def _attend(
     qg = q.to(compute).reshape(B, Hkv, group * T, D)
     t_of_row = torch.arange(T, device=q.device).repeat(group)
 
+    causal, scale, dropout_p, key_padding_mask = args.causal, args.scale, args.dropout_p, args.key_padding_mask
     generator = None
     if dropout_p > 0:
-        generator = torch.Generator(device=q.device).manual_seed(seed)
+        generator = torch.Generator(device=q.device).manual_seed(args.seed_value)
 
     logits = scale * qg @ k.to(compute).transpose(-1, -2)
     # Each mask stays in its own broadcastable shape ([group * T, S] causal, [B, 1, 1, S] padding).
@@ -87,15 +85,23 @@ def _attend(
     prefix_keep = None
     if generator is not None and P > 0:
         prefix_keep = _keep_mask(generator, (B, Hq, T, P), dropout_p, q.device).reshape(B, Hkv, group * T, P)
-    used = torch.unique(prefix_index[prefix_index >= 0]).tolist() if P > 0 else []
+    prefix_index = args.prefix_index
+    if P == 0:
+        used = []
+    elif prefix_index is None:
+        used = [0]
+    else:
+        used = torch.unique(prefix_index[prefix_index >= 0]).tolist()
     for n in used:
-        rows = (prefix_index == n).nonzero().squeeze(1)
+        rows = torch.arange(B, device=q.device) if prefix_index is None else (prefix_index == n).nonzero().squeeze(1)
         R = rows.numel()
         # The rows become extra query rows of one [Hkv, R * group * T, D] @ [Hkv, D, P] product: a
         # broadcast batch dimension would make matmul materialise the prefix once per row.
         q_rows = qg[rows].transpose(0, 1).reshape(Hkv, R * group * T, D)
         row_logits = scale * q_rows @ prefix_k[n].to(compute).transpose(-1, -2)
-        row_hidden = [(torch.arange(P, device=q.device) >= prefix_lens[n])[None, None, :]]
+        row_hidden = []
+        if args.prefix_lens is not None:
+            row_hidden.append((torch.arange(P, device=q.device) >= args.prefix_lens[n])[None, None, :])
         row_keep = None
         if prefix_keep is not None:
             row_keep = prefix_keep[rows].transpose(0, 1).reshape(Hkv, R * group * T, P)
@@ -108,63 +114,25 @@ def _attend(
     return out.reshape(B, Hq, T, D), lse.reshape(B, Hq, T)
 
 
-def forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    prefix_index: torch.Tensor,
-    prefix_lens: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float,
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32)``."""
     with torch.no_grad():
-        out, lse = _attend(
-            q,
-            k,
-            v,
-            prefix_k,
-            prefix_v,
-            prefix_index,
-            prefix_lens,
-            key_padding_mask,
-            causal,
-            scale,
-            dropout_p,
-            seed,
-        )
-    return out.to(q.dtype), lse.float()
+        out, lse = _attend(args, args.q, args.k, args.v, args.prefix_k, args.prefix_v)
+    return out.to(args.q.dtype), lse.float()
 
 
 def backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    prefix_index: torch.Tensor,
-    prefix_lens: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
+    args: AttentionArgs,
     out: torch.Tensor,
     lse: torch.Tensor,
-    causal: bool,
-    scale: float,
-    dropout_p: float,
-    seed: int,
-    grad_lse: torch.Tensor | None = None,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dprefix_k, dprefix_v)`` by recomputing the forward (``out``, ``lse`` unused)."""
     # A custom op's implementation runs below autograd, so the recompute is differentiated with
     # torch.func.vjp, which brings its own grad transform.
-    def attend(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _attend(*tensors, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p, seed)
-
-    inputs = (q, k, v, prefix_k, prefix_v)
-    (recomputed, recomputed_lse), vjp = torch.func.vjp(attend, *inputs)
+    inputs = (args.q, args.k, args.v, args.prefix_k, args.prefix_v)
+    (recomputed, recomputed_lse), vjp = torch.func.vjp(lambda *x: _attend(args, *x), *inputs)
     # -inf lse entries (queries that see nothing) take no gradient
     lse_cotangent = torch.zeros_like(recomputed_lse) if grad_lse is None else grad_lse.to(recomputed_lse.dtype)
     lse_cotangent = torch.where(torch.isinf(recomputed_lse), 0, lse_cotangent)

@@ -1,0 +1,151 @@
+"""The ``cpu`` backend: the C++ kernels of ``csrc/``, prebuilt by ``setup.py`` or compiled with ninja on first use.
+
+A library that ``setup.py`` built ahead of time (``fastprompt/csrc/_prefix_attention_cpu*.so``) is loaded
+when its stamp matches this torch version, instruction set and sources; otherwise the kernels are built
+through :func:`torch.utils.cpp_extension.load` into a cache directory
+(``~/.cache/fastprompt/torch_extensions/<torch version>/``, or ``$FASTPROMPT_BUILD_DIR``) whose
+sub-folder name holds a hash of the sources and flags, so an edited source or another instruction set
+gets its own build and a shared home directory never hands an AVX-512 build to an AVX2 machine.
+cpp_extension's file lock serialises concurrent builds across processes; a lock here serialises threads.
+The outcome (a failed build included) is kept for the life of the process: a library cannot be unloaded.
+
+The ops' schemas are generated here from :class:`~fastprompt.attention.args.AttentionArgs`; the C++ side
+only registers implementations, whose signatures the dispatcher checks against them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from fastprompt.attention.args import AttentionArgs, op_schema
+from fastprompt.csrc import build
+from fastprompt.errors import BackendUnavailableError
+
+_ERROR_TAIL_CHARS = 3000
+
+_lock = threading.Lock()
+_status: tuple[bool, str] | None = None
+
+_LIB = torch.library.Library("fastprompt", "FRAGMENT")
+_LIB.define("prefix_attention_fwd_cpu" + op_schema("", "(Tensor, Tensor)"))
+_LIB.define(
+    "prefix_attention_bwd_cpu"
+    + op_schema("Tensor grad_out, Tensor out, Tensor lse, Tensor? grad_lse", "(Tensor, Tensor, Tensor, Tensor, Tensor)")
+)
+
+
+def _csrc_dir() -> Path:
+    return Path(importlib.import_module("fastprompt.csrc").__file__).parent
+
+
+def prebuilt(csrc_dir: Path | None = None) -> tuple[Path | None, str]:
+    """The prebuilt library to load, or ``None``, and why: absent, or built for another torch, ISA or sources."""
+    csrc_dir = _csrc_dir() if csrc_dir is None else csrc_dir
+    libraries = sorted(p for p in csrc_dir.glob(build.PREBUILT_NAME + "*") if p.suffix in (".so", ".pyd"))
+    stamp_file = csrc_dir / build.STAMP
+    if not libraries or not stamp_file.exists():
+        return None, "no prebuilt library (setup.py builds one when torch is present at build time)"
+    built_for = json.loads(stamp_file.read_text())
+    here = build.stamp(csrc_dir)
+    if built_for != here:
+        differ = ", ".join(
+            f"{key} {built_for.get(key)} != {value}" for key, value in here.items() if built_for.get(key) != value
+        )
+        return None, f"the prebuilt library {libraries[0].name} does not match ({differ})"
+    return libraries[0], f"prebuilt library {libraries[0]}"
+
+
+def _build_dir(name: str, cflags: list[str]) -> Path:
+    base = os.environ.get("FASTPROMPT_BUILD_DIR")
+    root = Path(base) if base else Path.home() / ".cache" / "fastprompt" / "torch_extensions" / torch.__version__
+    key = build.source_digest(_csrc_dir()) + " ".join(cflags) + os.environ.get("CXX", "c++")
+    return root / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _load() -> tuple[bool, str]:
+    library, why_not = prebuilt()
+    if library is not None:
+        try:
+            torch.ops.load_library(str(library))
+        except OSError as error:
+            why_not = f"loading the prebuilt library {library} failed ({error})"
+        else:
+            return True, why_not
+    ok, reason = _build()
+    return ok, f"{reason} ({why_not})"
+
+
+def _build() -> tuple[bool, str]:
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return False, "ninja is not installed (pip install ninja)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return False, f"no C++ compiler found (CXX={compiler!r} is not on PATH)"
+    isa, cflags, ldflags = build.build_flags()
+    name = f"fastprompt_cpu_{isa}"
+    build_dir = _build_dir(name, cflags)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not any((build_dir / f"{name}{suffix}").exists() for suffix in (".so", ".pyd")):
+            print("fastprompt: compiling CPU kernels (first use, about a minute)...", file=sys.stderr, flush=True)
+        cpp_extension.load(
+            name=name,
+            sources=[str(_csrc_dir() / source) for source in build.SOURCES],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # the compiler's output arrives inside whatever cpp_extension raises
+        tail = str(error)[-_ERROR_TAIL_CHARS:]
+        return False, f"building the fastprompt CPU kernels in {build_dir} failed: {type(error).__name__}: {tail}"
+    return True, f"ninja build in {build_dir}"
+
+
+def available() -> tuple[bool, str]:
+    """Whether the CPU kernels can run here, loading or building them on first call; ``(ok, reason)``:
+    the reason names the build in use (prebuilt library or ninja build) or why there is none.
+
+    The result is cached for the process, so a failed build costs one attempt, not one per call.
+    """
+    global _status
+    with _lock:
+        if _status is None:
+            _status = _load()
+        return _status
+
+
+def load() -> None:
+    """Build (first use) and load the kernels; raises :class:`BackendUnavailableError` with the reason."""
+    ok, reason = available()
+    if not ok:
+        raise BackendUnavailableError(f"fastprompt cpu backend unavailable: {reason}")
+
+
+
+
+def forward(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32)``."""
+    load()
+    return torch.ops.fastprompt.prefix_attention_fwd_cpu(*args.flat())
+
+
+def backward(
+    args: AttentionArgs, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix gradients [N, Hkv, P, D] are summed over the batch
+    rows that used each bank row. ``grad_lse`` [B, Hq, T] or ``None``: a gradient reaching the lse."""
+    load()
+    return torch.ops.fastprompt.prefix_attention_bwd_cpu(grad_out, out, lse, grad_lse, *args.flat())
