@@ -44,8 +44,8 @@ def cpu_backend(monkeypatch):
     monkeypatch.setenv("FASTPROMPT_BACKEND", "cpu" if ok else "torch")
 
 
-def _base(**kwargs) -> torch.nn.Module:
-    return tiny_model("llama", gqa=True, seed=0, **kwargs).eval()
+def _base(arch: str = "llama", **kwargs) -> torch.nn.Module:
+    return tiny_model(arch, gqa=arch == "llama", seed=0, **kwargs).eval()
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +84,14 @@ def _serve(model, names: list[str], batch: dict[str, torch.Tensor]) -> torch.Ten
         ).logits
 
 
-def _alone(name: str, tokens: torch.Tensor, saved_adapters: dict[str, str]) -> torch.Tensor:
+def _alone(name: str, tokens: torch.Tensor, saved_adapters: dict[str, str], arch: str = "llama") -> torch.Tensor:
     """Logits [T, V] of one unpadded row run alone through PEFT (or the unpatched model, prompt in front)."""
     with torch.no_grad():
         if name == "__base__":
-            return _base()(input_ids=tokens[None]).logits[0]
+            return _base(arch)(input_ids=tokens[None]).logits[0]
         if name == "prompt":
-            return _base()(input_ids=torch.cat([_prompt(), tokens[None]], 1)).logits[0, PROMPT_LEN:]
-        peft_model = PeftModel.from_pretrained(_base(), saved_adapters[name]).eval()
+            return _base(arch)(input_ids=torch.cat([_prompt(), tokens[None]], 1)).logits[0, PROMPT_LEN:]
+        peft_model = PeftModel.from_pretrained(_base(arch), saved_adapters[name]).eval()
         logits = peft_model(input_ids=tokens[None]).logits[0]
     return logits[-tokens.shape[0] :]  # P-tuning and prompt tuning return logits of the virtual tokens too
 
@@ -108,6 +108,28 @@ def test_mixed_batch_rows_equal_each_row_alone_through_peft(saved_adapters):
         real = batch["attention_mask"][row].bool()
         expected = _alone(name, batch["input_ids"][row][real], saved_adapters)
         assert_scaled_close(actual[row][real], expected, 1e-5, f"row {row} ({name})")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma"])
+def test_other_decoders_serve_mixed_rows(arch, tmp_path):
+    """Learned absolute positions (GPT-2) and scaled input embeddings (Gemma) through the same path."""
+    torch.manual_seed(0)
+    folders = {}
+    for name in ("deep", "lstm", "soft"):
+        method, length = ADAPTERS[name]
+        folders[name] = str(tmp_path / name)
+        tiny_peft_model(arch, method, seed=0, num_virtual_tokens=length).save_pretrained(folders[name])
+    model = fastprompt.patch(_base(arch))
+    for name, folder in folders.items():
+        load_adapter(model, folder, name)
+    cache_prompt(model, "prompt", _prompt())
+    names = ["soft", "deep", "prompt", "__base__", "lstm"]
+    batch = random_batch(len(names), 6, padding="left")
+    actual = _serve(model, names, batch)
+    for row, name in enumerate(names):
+        real = batch["attention_mask"][row].bool()
+        expected = _alone(name, batch["input_ids"][row][real], folders, arch)
+        assert_scaled_close(actual[row][real], expected, 1e-5, f"{arch} row {row} ({name})")
 
 
 def test_changing_one_row_s_adapter_changes_no_other_row(saved_adapters):
