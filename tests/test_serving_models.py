@@ -26,6 +26,7 @@ from fastprompt.serving import (
     load_adapter,
     load_prefix_kv,
 )
+from fastprompt.serving._compat import CACHE_KWARG
 
 # name -> (PEFT method of tests/models.py, number of virtual tokens): every type, every length different
 ADAPTERS = {
@@ -211,7 +212,7 @@ def _prompt_kv_of_embeddings(base, embeddings: torch.Tensor) -> torch.Tensor:
     copy = tiny_model("llama", gqa=True, seed=0).eval()
     copy.load_state_dict(base.state_dict())
     cache = DynamicCache(config=copy.config)
-    copy.model(inputs_embeds=embeddings, cache=cache, use_cache=True)
+    copy.model(inputs_embeds=embeddings, use_cache=True, **{CACHE_KWARG: cache})
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
 
 

@@ -17,7 +17,7 @@ _FORMAT_VERSION = "1"
 _TENSOR = "kv"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value, so compare fields explicitly
 class ExportedPrefix:
     """A prefix block ``kv`` [L, 2, Hkv, P, D] (``kv[l, 0]`` keys, ``kv[l, 1]`` values of layer ``l``).
 
