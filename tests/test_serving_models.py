@@ -331,3 +331,47 @@ def test_other_adapter_types_and_bidirectional_models_are_refused(tmp_path):
         load_adapter(bert, tmp_path / "bert", "p")
     with pytest.raises(fastprompt.UnsupportedModelError, match="attends bidirectionally"):
         cache_prompt(bert, "p", torch.full((1, 3), PAD + 5))
+
+
+def _greedy_served(model, names: list[str], batch: dict[str, torch.Tensor], steps: int):
+    """Greedy decoding of a mixed batch through a KV cache that holds real tokens only: ([B, steps] tokens,
+    the cache). Each step passes the batch's prefix and the new column's positions."""
+    from transformers import DynamicCache
+
+    served = adapter_registry(model).batch(names, batch["input_ids"].shape[0])
+    cache = DynamicCache(config=model.config)
+    input_ids, mask, new = batch["input_ids"], batch["attention_mask"], []
+    with torch.no_grad():
+        for _ in range(steps):
+            positions = served.position_ids(mask)[:, -input_ids.shape[1] :]
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           fastprompt_prefix=served.prefix, **{CACHE_KWARG: cache}).logits
+            input_ids = logits[:, -1].argmax(-1, keepdim=True)
+            new.append(input_ids)
+            mask = torch.cat([mask, torch.ones_like(input_ids)], 1)
+    return torch.cat(new, 1), cache
+
+
+def test_greedy_decoding_of_mixed_rows_equals_each_row_alone(saved_adapters):
+    torch.manual_seed(0)
+    model = _serving_model(saved_adapters)
+    names = ["lstm", "prompt", "__base__", "proj", "soft"]
+    batch = random_batch(len(names), 6, padding="left", seed=5)
+    tokens, cache = _greedy_served(model, names, batch, steps=4)
+    for row, name in enumerate(names):
+        sequence = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        for _ in range(4):  # each row alone, a full forward per token: no cache, no padding
+            sequence = torch.cat([sequence, _alone(name, sequence, saved_adapters)[-1:].argmax(-1)])
+        assert torch.equal(tokens[row], sequence[-4:]), f"row {row} ({name})"
+    assert cache.get_seq_length() == 6 + 3, "the cache holds the real columns only, never a prefix"
+
+
+def test_kv_cache_of_32_rows_sharing_a_512_token_prompt_holds_no_copy_of_it():
+    model = fastprompt.patch(_base(max_positions=1024))
+    cache_prompt(model, "system", torch.randint(4, VOCAB, (1, 512), generator=torch.Generator().manual_seed(0)))
+    batch = random_batch(32, 8, padding="left")
+    _, cache = _greedy_served(model, ["system"] * 32, batch, steps=2)
+    stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    layers, kv_heads, head_dim = 2, 2, 8
+    # rows x real tokens (8 of the batch, 1 decoded and fed back); a copied prompt would add 32 x 512 columns
+    assert stored == layers * 2 * 32 * (8 + 1) * kv_heads * head_dim * 4
