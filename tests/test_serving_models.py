@@ -375,3 +375,18 @@ def test_kv_cache_of_32_rows_sharing_a_512_token_prompt_holds_no_copy_of_it():
     layers, kv_heads, head_dim = 2, 2, 8
     # rows x real tokens (8 of the batch, 1 decoded and fed back); a copied prompt would add 32 x 512 columns
     assert stored == layers * 2 * 32 * (8 + 1) * kv_heads * head_dim * 4
+
+
+def test_trainable_prefix_adapter_gives_differentiable_kv_after_a_cached_serving_call():
+    torch.manual_seed(0)
+    model = fastprompt.patch(tiny_peft_model("llama", "prefix_projection", gqa=True, num_virtual_tokens=4))
+    registry = adapter_registry(model)
+    with torch.no_grad():
+        served = registry.kv("default")
+    assert registry.kv("default").requires_grad, "a kept serving result must not stand in for a training forward"
+    bank = registry.batch(["default", "__base__"], 2).prefix.bank
+    assert torch.equal(bank[:, :, 0].detach(), served)
+    (bank * torch.randn(bank.shape)).sum().backward()
+    weight = model.prompt_encoder["default"].transform[0].weight
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    assert registry.batch(["default"], 1).prefix.bank is not bank, "a bank with a graph is never reused"

@@ -11,7 +11,7 @@ import torch
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.prefix.bank import KVGeometry
 from fastprompt.prefix.export import ExportedPrefix
-from fastprompt.prefix.peft import PREFIX_TYPES, SOFT_PROMPT_TYPES, build_prompt_encoder, peft_type
+from fastprompt.prefix.peft import PREFIX_TYPES, SOFT_PROMPT_TYPES, build_prompt_encoder, peft_type, prefix_tuning_kv
 from fastprompt.serving.compile import check_causal, prompt_kv
 from fastprompt.serving.registry import adapter_registry, base_model_of
 
@@ -80,18 +80,24 @@ def load_adapter(model: Any, path: str | os.PathLike[str], name: str) -> None:
             (MLP or LSTM encoder) or PROMPT_TUNING.
         name: the name batch rows use for it; not ``"__base__"`` and not already used on ``model``.
 
-    A prefix-tuning adapter's K/V [L, 2, Hkv, P, D] are formed here; a P-tuning or prompt-tuning adapter's
-    virtual tokens run through the model once, at first use (causal models only). Raises ``ValueError``
-    naming what differs for an adapter of another model (layers, key/value heads, head size, hidden size),
-    :class:`~fastprompt.UnsupportedModelError` for other adapter types or, for P-tuning / prompt tuning,
-    a bidirectional model.
+    A prefix-tuning adapter's K/V [L, 2, Hkv, P, D] are formed here (and stored once); a P-tuning or
+    prompt-tuning adapter's virtual tokens run through the model once, at first use (causal models only).
+    Raises ``ValueError`` naming what differs for an adapter of another model (layers, key/value heads, head
+    size, hidden size), :class:`~fastprompt.UnsupportedModelError` for other adapter types or, for P-tuning
+    / prompt tuning, a bidirectional model.
     """
     registry = adapter_registry(model)
     registry.check_new_name(name)
     config, prompt_embeddings = _read_peft_adapter(path)
     base = base_model_of(model)
     _check_adapter_fits(config, base, name, os.fspath(path))
-    registry.add_encoder(name, build_prompt_encoder(config, prompt_embeddings.to(base.device)), config)
+    encoder = build_prompt_encoder(config, prompt_embeddings.to(base.device))
+    if peft_type(config) in PREFIX_TYPES:
+        # The K/V are fixed: keep them alone, not also the table they come from.
+        with torch.no_grad():
+            registry.add_kv(name, prefix_tuning_kv(encoder, config), "prefix_tuning")
+    else:
+        registry.add_encoder(name, encoder, config)
 
 
 def cache_prompt(

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from fastprompt.encoders import clear_encoder_cache
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.integration import PrefixKV
 from fastprompt.prefix.bank import KVGeometry, row_offsets, row_position_ids, stack_prefixes
@@ -97,7 +98,8 @@ class _EncodedEntry:
     """A prefix derived from a PEFT prompt encoder: a prefix-tuning adapter's K/V, or a compiled soft prompt.
 
     The result is kept while the encoder's parameters and the model's dtype and device stay the same, and
-    recomputed otherwise. A prefix-tuning result computed with autograd recording (training) is not kept.
+    recomputed otherwise. A compiled soft prompt is a serving artefact (no gradient); a prefix-tuning
+    adapter with trainable parameters under autograd gives fresh, differentiable K/V every call.
     """
 
     def __init__(self, encoder: torch.nn.Module, config: Any) -> None:
@@ -112,22 +114,26 @@ class _EncodedEntry:
         return params, base.dtype, base.device
 
     def kv(self, base: PreTrainedModel) -> torch.Tensor:
+        is_prefix = peft_type(self.config) in PREFIX_TYPES
+        if is_prefix and torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters()):
+            # Training: the K/V must carry this forward's graph back to the encoder, so they are never reused.
+            return prefix_tuning_kv(self.encoder, self.config).to(base.dtype)
         key = self._state(base)
         if self._kv is not None and key == self._key:
             return self._kv
-        if peft_type(self.config) in PREFIX_TYPES:
-            kv = prefix_tuning_kv(self.encoder, self.config).to(base.dtype)
-            if kv.requires_grad:
-                return kv
-        else:
-            check_causal(base, f"a compiled {peft_type(self.config)} soft prompt")
-            embeddings = virtual_token_embeddings(self.encoder, self.config)
-            kv = prompt_kv(base, inputs_embeds=embeddings.detach()[None].to(device=base.device, dtype=base.dtype))
+        with torch.no_grad():
+            if is_prefix:
+                kv = prefix_tuning_kv(self.encoder, self.config).to(base.dtype)
+            else:
+                check_causal(base, f"a compiled {peft_type(self.config)} soft prompt")
+                embeddings = virtual_token_embeddings(self.encoder, self.config)
+                kv = prompt_kv(base, inputs_embeds=embeddings[None].to(device=base.device, dtype=base.dtype))
         self._key, self._kv = key, kv
         return kv
 
     def invalidate(self) -> None:
         self._key = self._kv = None
+        clear_encoder_cache(self.encoder)  # its output is cached too, under the same blind spot (param.data)
 
 
 @dataclass(frozen=True)
