@@ -1,0 +1,61 @@
+"""Tokens that come first in every row, run once through the frozen model: their per-layer K/V are a prefix.
+
+On a causal model, tokens at the front of a row attend only to each other, so their keys and values are the
+same in every row of every batch: a fixed prompt (few-shot demonstrations, a system prompt) or the virtual
+tokens of a P-tuning / prompt-tuning adapter can run once, batch 1, at positions ``0 .. P - 1``, and every row
+then reads their K/V as a read-only prefix, its own tokens numbered from ``P``. On a bidirectional encoder
+(BERT) the front tokens also attend to the tokens after them, so their K/V depend on each row: refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from fastprompt.errors import UnsupportedModelError
+from fastprompt.serving._compat import CACHE_KWARG, cache_layer_kv
+
+__all__ = ["check_causal", "prompt_kv"]
+
+
+def check_causal(base: PreTrainedModel, what: str) -> None:
+    """Raise :class:`~fastprompt.UnsupportedModelError` unless every attention module of ``base`` is causal."""
+    flags = [m.is_causal for m in base.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    if not flags or not all(flags):
+        raise UnsupportedModelError(
+            f"{what} needs a causal (decoder) model, but {type(base).__name__} attends bidirectionally: its leading "
+            "tokens would attend to each row's own tokens, so their keys and values cannot be computed once for all "
+            "rows"
+        )
+
+
+def prompt_kv(
+    base: PreTrainedModel, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-layer K/V [L, 2, Hkv, P, D] of ``P`` leading tokens, run once through ``base``'s backbone.
+
+    Args:
+        base: a causal ``transformers`` model in eval mode (its backbone runs, not its head), without any prefix.
+        input_ids: [1, P] token ids; or ``inputs_embeds``: [1, P, hidden] input embeddings (virtual tokens).
+
+    The tokens sit at positions ``0 .. P - 1``; keys are stored as the model's attention produced them (after
+    its rotary embedding, if any), as a KV cache would hold them. No gradient is recorded.
+    """
+    check_causal(base, "computing a prompt's keys and values once")
+    if base.training:
+        raise ValueError(
+            "a prompt's keys and values are computed once and reused, so the model must be in eval mode (call "
+            "model.eval()): in training mode dropout noise would be stored with them"
+        )
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if tokens is None or (input_ids is not None and inputs_embeds is not None):
+        raise ValueError("pass exactly one of input_ids [1, P] and inputs_embeds [1, P, hidden]")
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+    cache = DynamicCache(config=base.config)
+    inputs: dict[str, Any] = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "position_ids": positions,
+                              "use_cache": True, CACHE_KWARG: cache}
+    with torch.no_grad():
+        base.base_model(**inputs)
+    return torch.stack([torch.stack(cache_layer_kv(cache, i)) for i in range(len(cache.layers))])[:, :, 0]
