@@ -8,6 +8,8 @@ C++ build)::
     fastprompt.patch(model) / fastprompt.unpatch(model)              # transformers / PEFT integration
     fastprompt.encode_prompt(encoder, tokens)                        # fused prompt encoders, once per forward
     fastprompt.PromptTemplate / PromptTemplateModel                  # P-tuning with prompts anywhere
+    fastprompt.shard_prompt_model(model) / save_sharded_adapter(...)  # FSDP for a patched model
+    fastprompt.enable_encoder_checkpoints(model)                     # Trainer checkpoints keep the encoder
 """
 
 from __future__ import annotations
@@ -35,11 +37,17 @@ _LAZY = {
     "scatter_prompts": "fastprompt.templates",
     "PrefixKV": "fastprompt.integration",
     "PrefixCache": "fastprompt.integration",
+    "shard_prompt_model": "fastprompt.distributed",
+    "save_sharded_adapter": "fastprompt.distributed",
+    "enable_encoder_checkpoints": "fastprompt.compat_training",
+    "disable_encoder_checkpoints": "fastprompt.compat_training",
 }
 
 __all__ = ["BackendUnavailableError", "UnsupportedModelError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
+    from fastprompt.compat_training import disable_encoder_checkpoints, enable_encoder_checkpoints  # noqa: F401
+    from fastprompt.distributed import save_sharded_adapter, shard_prompt_model  # noqa: F401
     from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp  # noqa: F401
     from fastprompt.integration import PrefixCache, PrefixKV  # noqa: F401
     from fastprompt.ops import (  # noqa: F401
