@@ -1,6 +1,6 @@
 """Prompt learning in several processes: a patched PEFT model trained with DDP, FSDP2 or FSDP1.
 
-    torchrun --nproc-per-node 2 examples/train_distributed.py --method prefix-tuning --shard fsdp2
+    torchrun --standalone --nproc-per-node 2 examples/train_distributed.py --method prefix-tuning --shard fsdp2
 
 Runs on CPUs (gloo) or one GPU per process (nccl). Every process builds the same model (here a small
 random-weight Llama so that nothing is downloaded; use ``from_pretrained`` in real work), takes its share

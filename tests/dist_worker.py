@@ -3,8 +3,10 @@
 Launched by tests/test_distributed.py, once per launcher, with every case inside one launch (a launch
 costs more than a case)::
 
-    torchrun --nproc-per-node 2 tests/dist_worker.py OUT.pt
-    accelerate launch --cpu --num_processes 2 tests/dist_worker.py OUT.pt --accelerator
+    torchrun --nproc-per-node 2 tests/dist_worker.py OUT.pt ddp,fsdp2,fsdp1
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_worker.py OUT.pt ddp,fsdp2 --accelerator
+
+(``--multi_gpu`` is what starts several processes; on a machine without GPUs they run on the CPU.)
 
 Each process takes its contiguous share of the rows of the same global batches that
 :func:`train_single` trains on in one process; rank 0 writes every case's trained parameters (full
@@ -31,7 +33,6 @@ from models import random_batch, tiny_peft_model  # noqa: E402
 import fastprompt  # noqa: E402
 
 METHODS = ("prefix_projection", "prefix", "p_tuning_mlp", "p_tuning_lstm")
-WRAPPERS = ("ddp", "fsdp2", "fsdp1")
 STEPS, GLOBAL_BATCH, LENGTH, LR = 3, 4, 12, 0.5
 
 
@@ -118,7 +119,7 @@ def case_name(method: str, checkpointing: bool, wrapper: str) -> str:
     return f"{method}-{wrapper}-{'checkpointing' if checkpointing else 'plain'}"
 
 
-def main(out: str, use_accelerator: bool) -> None:
+def main(out: str, wrappers: list[str], use_accelerator: bool) -> None:
     accelerator = None
     if use_accelerator:
         from accelerate import Accelerator
@@ -128,7 +129,7 @@ def main(out: str, use_accelerator: bool) -> None:
         dist.init_process_group("gloo")
     results = {}
     for method in METHODS:
-        for wrapper in WRAPPERS:
+        for wrapper in wrappers:
             for checkpointing in (False, True):
                 case = case_name(method, checkpointing, wrapper)
                 results[case] = train_distributed(
@@ -142,4 +143,4 @@ def main(out: str, use_accelerator: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "--accelerator" in sys.argv[2:])
+    main(sys.argv[1], sys.argv[2].split(","), "--accelerator" in sys.argv[3:])
