@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -298,9 +299,15 @@ def run_method(
 
 
 def run(
-    settings: Settings, methods: Sequence[str], log: Callable[[str], None]
+    settings: Settings,
+    methods: Sequence[str],
+    log: Callable[[str], None],
+    done: Callable[[list[MethodResult], torch.Tensor, str], None] = lambda results, labels, model: None,
 ) -> tuple[list[MethodResult], torch.Tensor, str]:
-    """Every method on SmolLM2-135M; returns the results, the held-out labels [N] and the model's description."""
+    """Every method on SmolLM2-135M; returns the results, the held-out labels [N] and the model's description.
+
+    ``done(results_so_far, labels, model)`` is called after each method, so a long run leaves partial tables.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = pretrained.smollm2_135m()
@@ -315,9 +322,13 @@ def run(
         for s in range(0, settings.steps * settings.batch, settings.batch)
     ]
     test = encode(tokenizer, test_reviews, settings.max_len)
-    results = [run_method(m, base, base64, tokenizer, batches, test, settings, log) for m in methods]
+    results = []
     labels = torch.tensor([r.label for r in test_reviews])
-    return results, labels, f"SmolLM2-135M-Instruct ({folder.name}, float32 weights dequantised from Q4_1)"
+    description = f"SmolLM2-135M-Instruct ({folder.name}, float32 weights dequantised from Q4_1)"
+    for method in methods:
+        results.append(run_method(method, base, base64, tokenizer, batches, test, settings, log))
+        done(results, labels, description)
+    return results, labels, description
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--partial", type=Path, metavar="PATH", help="rewrite the tables so far here after each method")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -405,8 +417,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(**{name: getattr(args, name) for name in vars(defaults)})
     started = time.perf_counter()
     log = lambda text: print(f"[{time.perf_counter() - started:6.0f} s] {text}", file=sys.stderr, flush=True)
-    results, labels, model = run(settings, methods, log)
     command = shlex.join(["python", "benchmarks/bench_real.py", *argv])
+
+    def done(results: list[MethodResult], labels: torch.Tensor, model: str) -> None:
+        if args.partial is not None:
+            args.partial.write_text(format_markdown(results, labels, settings, model, command))
+
+    results, labels, model = run(settings, methods, log, done)
     print(format_markdown(results, labels, settings, model, command), end="")
     return 0
 

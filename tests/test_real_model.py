@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_real  # noqa: E402
 
-STEPS = 3
+STEPS = 2
+BATCH = 2
 
 
 @pytest.fixture(scope="session")
@@ -98,12 +99,12 @@ def test_prefix_tuning_steps_are_at_least_as_close_to_float64_as_peft(smollm2):
     """A few SGD steps of prefix tuning: fastprompt's fp32 updates are no farther from a float64 run than PEFT's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    settings = bench_real.Settings(n_train=16, n_test=8, batch=4, steps=STEPS, max_len=24, prefix_len=8)
+    settings = bench_real.Settings(n_train=BATCH * STEPS, n_test=2, batch=BATCH, steps=STEPS, max_len=16, prefix_len=8)
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     base64 = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float64).eval()
-    train, test = pretrained.review_split(settings.n_train, settings.n_test, seed=1)
-    batches = [bench_real.encode(tokenizer, train[i : i + 4], settings.max_len) for i in range(0, 4 * STEPS, 4)]
+    train, _ = pretrained.review_split(settings.n_train, settings.n_test, seed=1)
+    batches = [bench_real.encode(tokenizer, train[i : i + BATCH], 16) for i in range(0, len(train), BATCH)]
     result = bench_real.train_three_ways("prefix-tuning", base, base64, batches, settings)
     print(f"distance to float64 per step: PEFT {result.dist_peft}, fastprompt {result.dist_fast}")
     assert all(0 < d < 0.1 for d in result.dist_peft + result.dist_fast)
