@@ -105,7 +105,7 @@ def test_prefix_tuning_steps_are_at_least_as_close_to_float64_as_peft(smollm2):
     base64 = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float64).eval()
     train, _ = pretrained.review_split(settings.n_train, settings.n_test, seed=1)
     batches = [bench_real.encode(tokenizer, train[i : i + BATCH], 16) for i in range(0, len(train), BATCH)]
-    result = bench_real.train_three_ways("prefix-tuning", base, base64, batches, settings)
+    result, _ = bench_real.train_three_ways("prefix-tuning", base, base64, batches, settings)
     print(f"distance to float64 per step: PEFT {result.dist_peft}, fastprompt {result.dist_fast}")
     assert all(0 < d < 0.1 for d in result.dist_peft + result.dist_fast)
     assert all(f <= p for f, p in zip(result.dist_fast, result.dist_peft, strict=True))
