@@ -283,7 +283,8 @@ def run_method(
     )
     log(f"{method}: timed")
     if method == "prefix-tuning":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers checkpoints only in training mode; SmolLM2 has no dropout, so train() changes nothing else.
+        model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         sides = [functools.partial(bench.patched, model)]
         try:
             step()
@@ -294,6 +295,7 @@ def run_method(
         *peft_side, result.checkpointed = measure_alternating(step, sides, **timing)
         result.peft_checkpointed = peft_side[0] if peft_side else None
         model.gradient_checkpointing_disable()
+        model.eval()
         log(f"{method}: timed with gradient checkpointing")
     return result
 
