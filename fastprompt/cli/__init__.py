@@ -17,6 +17,7 @@ from typing import NoReturn
 
 import torch
 
+from fastprompt import pretrained
 from fastprompt.cli import bench
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--model",
-        type=Path,
-        metavar="PATH",
-        help="a local checkpoint directory (loaded with local_files_only=True) instead of random weights",
+        metavar="NAME|PATH",
+        help=f"a real model by name ({', '.join(pretrained.NAMED_MODELS)}: converted once into "
+        f"${pretrained.CACHE_ENV}, default ~/.cache/fastprompt/models) or a local checkpoint directory "
+        "(loaded with local_files_only=True), instead of random weights",
     )
     shape = b.add_argument_group("random-weight model shape")
     for option, text in (
@@ -166,6 +168,13 @@ def _check_model_path(parser: argparse.ArgumentParser, path: Path) -> Path:
     return path.resolve()
 
 
+def _resolve_model(parser: argparse.ArgumentParser, name_or_path: str) -> Path:
+    try:
+        return pretrained.resolve_model(name_or_path)
+    except pretrained.MissingPackageError as exc:
+        parser.error(f"--model {name_or_path}: {exc}")
+
+
 def bench_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bench.BenchConfig:
     """The run that ``args`` ask for, with the device's defaults filled in; bad options end in parser.error."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -180,7 +189,7 @@ def bench_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> b
     if args.model is not None:
         if given_shape:
             parser.error(f"{', '.join(given_shape)} cannot be combined with --model (the checkpoint has a shape)")
-        model: bench.ModelShape | Path = _check_model_path(parser, args.model)
+        model: bench.ModelShape | Path = _check_model_path(parser, _resolve_model(parser, args.model))
     else:
         model = bench.ModelShape(
             **{name: getattr(args, name) or getattr(defaults["shape"], name) for name in _SHAPE_OPTIONS}

