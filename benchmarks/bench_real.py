@@ -20,7 +20,7 @@ with its peak memory; and for prefix tuning once more with gradient checkpointin
 
 The sections are functions over one :class:`Settings`; a further section (for example few-shot prompts
 classified through a cached prompt) takes the same tokenizer, split and :func:`verbaliser_logits`.
-Needs the ``[real]`` extra and the packages of :data:`fastprompt.pretrained.INSTALL_LINE`.
+Needs the ``[real]`` extra and the packages of :data:`fastprompt.hf.pretrained.INSTALL_LINE`.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from fastprompt import bench, pretrained
 from fastprompt.benchutil import Measurement, measure_alternating
+
+from fastprompt.cli import bench
+from fastprompt.hf import pretrained
 
 METHODS = ("prefix-tuning", "p-tuning-v2", "p-tuning-lstm")
 TEMPLATE = ("Review: ", "\nSentiment:")

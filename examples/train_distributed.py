@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastprompt
-from fastprompt.distributed import save_sharded_adapter, shard_prompt_model
+from fastprompt.hf.distributed import save_sharded_adapter, shard_prompt_model
 
 METHODS = {
     "prefix-tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, prefix_projection=True),

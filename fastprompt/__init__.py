@@ -8,6 +8,8 @@ C++ build)::
     fastprompt.patch(model) / fastprompt.unpatch(model)              # transformers / PEFT integration
     fastprompt.encode_prompt(encoder, tokens)                        # fused prompt encoders, once per forward
     fastprompt.PromptTemplate / PromptTemplateModel                  # P-tuning with prompts anywhere
+    fastprompt.load_adapter / cache_prompt / export_prefix_kv        # serving: many prefixes in one batch
+    fastprompt.shard_prompt_model / save_sharded_adapter             # FSDP
 """
 
 from __future__ import annotations
@@ -25,17 +27,28 @@ _LAZY = {
     "check_index_values": "fastprompt.attention",
     "available_backends": "fastprompt.attention",
     "resolve_backend": "fastprompt.attention",
-    "patch": "fastprompt.patching",
-    "unpatch": "fastprompt.patching",
     "encode_prompt": "fastprompt.encoders",
     "clear_encoder_cache": "fastprompt.encoders",
     "fused_mlp": "fastprompt.encoders",
     "fused_lstm": "fastprompt.encoders",
-    "PromptTemplate": "fastprompt.templates",
-    "PromptTemplateModel": "fastprompt.templates",
-    "scatter_prompts": "fastprompt.templates",
-    "PrefixKV": "fastprompt.integration",
-    "PrefixCache": "fastprompt.integration",
+    "resolve_encoder_backend": "fastprompt.encoders",
+    "PrefixKV": "fastprompt.prefix",
+    "ExportedPrefix": "fastprompt.prefix",
+    "PrefixCache": "fastprompt.hf.attention",
+    "patch": "fastprompt.hf.patching",
+    "unpatch": "fastprompt.hf.patching",
+    "PromptTemplate": "fastprompt.hf.templates",
+    "PromptTemplateModel": "fastprompt.hf.templates",
+    "scatter_prompts": "fastprompt.hf.templates",
+    "adapter_registry": "fastprompt.hf.adapters",
+    "shard_prompt_model": "fastprompt.hf.distributed",
+    "save_sharded_adapter": "fastprompt.hf.distributed",
+    "enable_encoder_checkpoints": "fastprompt.hf.compat",
+    "disable_encoder_checkpoints": "fastprompt.hf.compat",
+    "load_adapter": "fastprompt.serving",
+    "cache_prompt": "fastprompt.serving",
+    "export_prefix_kv": "fastprompt.serving",
+    "load_prefix_kv": "fastprompt.serving",
 }
 
 __all__ = ["BackendUnavailableError", "UnsupportedModelError", "__version__", *_LAZY]
@@ -48,10 +61,21 @@ if TYPE_CHECKING:
         prefix_attention,
         resolve_backend,
     )
-    from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp  # noqa: F401
-    from fastprompt.integration import PrefixCache, PrefixKV  # noqa: F401
-    from fastprompt.patching import patch, unpatch  # noqa: F401
-    from fastprompt.templates import PromptTemplate, PromptTemplateModel, scatter_prompts  # noqa: F401
+    from fastprompt.encoders import (  # noqa: F401
+        clear_encoder_cache,
+        encode_prompt,
+        fused_lstm,
+        fused_mlp,
+        resolve_encoder_backend,
+    )
+    from fastprompt.hf.adapters import adapter_registry  # noqa: F401
+    from fastprompt.hf.attention import PrefixCache  # noqa: F401
+    from fastprompt.hf.compat import disable_encoder_checkpoints, enable_encoder_checkpoints  # noqa: F401
+    from fastprompt.hf.distributed import save_sharded_adapter, shard_prompt_model  # noqa: F401
+    from fastprompt.hf.patching import patch, unpatch  # noqa: F401
+    from fastprompt.hf.templates import PromptTemplate, PromptTemplateModel, scatter_prompts  # noqa: F401
+    from fastprompt.prefix import ExportedPrefix, PrefixKV  # noqa: F401
+    from fastprompt.serving import cache_prompt, export_prefix_kv, load_adapter, load_prefix_kv  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ Each process takes its contiguous share of the rows of the same global batches t
 :func:`train_single` trains on in one process; rank 0 writes every case's trained parameters (full
 tensors, by name) to ``OUT.pt`` and its adapter, in PEFT's format, to a folder named after the case next
 to it. With ``--accelerator`` DDP goes through ``Accelerator.prepare`` and
-``Accelerator.backward``; the FSDP cases shard with :func:`fastprompt.distributed.shard_prompt_model`
+``Accelerator.backward``; the FSDP cases shard with :func:`fastprompt.hf.distributed.shard_prompt_model`
 under either launcher.
 """
 
@@ -91,7 +91,7 @@ def train_distributed(method: str, checkpointing: bool, wrapper: str, accelerato
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
 
-    from fastprompt.distributed import save_sharded_adapter, shard_prompt_model
+    from fastprompt.hf.distributed import save_sharded_adapter, shard_prompt_model
 
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = GLOBAL_BATCH // world

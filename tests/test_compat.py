@@ -1,4 +1,4 @@
-"""fastprompt.compat answers the version-dependent questions for the installed transformers/PEFT: the KV cache
+"""fastprompt.hf.compat answers the version-dependent questions for the installed transformers/PEFT: the KV cache
 argument and output field under either name, the position rule of RoBERTa-style embeddings."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from models import PAD, tiny_model
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from fastprompt import compat
+from fastprompt.hf import compat
 
 
 @pytest.mark.parametrize(("arch", "task"), [("llama", "causal_lm"), ("gpt2", "seq_cls"), ("bert", "token_cls")])

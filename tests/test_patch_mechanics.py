@@ -31,8 +31,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AttentionInterface, BloomConfig, BloomForCausalLM, DynamicCache
 
 import fastprompt
-from fastprompt import attention, patching
-from fastprompt.integration import PrefixCache, PrefixKV
+from fastprompt import attention
+from fastprompt.hf import patching
+from fastprompt.hf.attention import PrefixCache
+from fastprompt.prefix.kv import PrefixKV
 
 P, B, T = 5, 3, 7
 
@@ -49,7 +51,7 @@ def _attention_spy(monkeypatch) -> list[dict]:
     real_attention = AttentionInterface._global_mapping["fastprompt"]
     real_op = attention.prefix_attention
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def spy_attention(module, query, key, value, attention_mask, **kwargs):
         calls.append({"mask_dim": None if attention_mask is None else attention_mask.dim(), "k_len": key.shape[2]})
         return real_attention(module, query, key, value, attention_mask, **kwargs)
 
@@ -62,7 +64,7 @@ def _attention_spy(monkeypatch) -> list[dict]:
         )
         return real_op(q, k, v, prefix_k, prefix_v, **kwargs)
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, "fastprompt", attention)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "fastprompt", spy_attention)
     monkeypatch.setattr(attention, "prefix_attention", op)
     return calls
 
@@ -400,7 +402,7 @@ def test_prefix_cache_refuses_banks_whose_rows_need_their_own_positions(prefix_i
 
 def test_layers_that_drop_the_prefix_kwarg_are_refused(monkeypatch):
     """A model whose layers do not pass keyword arguments down would silently run without the prefix."""
-    from fastprompt.integration import PREFIX_KWARG
+    from fastprompt.hf.attention import PREFIX_KWARG
 
     torch.manual_seed(0)
     model = fastprompt.patch(tiny_peft_model("llama", "prefix", num_virtual_tokens=P))

@@ -1,6 +1,6 @@
 """A real pretrained model: SmolLM2-135M converted from its GGUF file, trained on real review snippets.
 
-Needs the packages of ``fastprompt.pretrained.INSTALL_LINE``; without them these tests fail with that line
+Needs the packages of ``fastprompt.hf.pretrained.INSTALL_LINE``; without them these tests fail with that line
 (they are part of the suite, not optional). The conversion runs once per session, into a temporary cache.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprompt import cli, pretrained
+from fastprompt import cli
+from fastprompt.hf import pretrained
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

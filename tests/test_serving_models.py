@@ -18,6 +18,7 @@ from models import PAD, VOCAB, assert_scaled_close, random_batch, tiny_model, ti
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import fastprompt
+from fastprompt.hf import compat
 from fastprompt.prefix import ExportedPrefix
 from fastprompt.serving import (
     adapter_registry,
@@ -26,7 +27,6 @@ from fastprompt.serving import (
     load_adapter,
     load_prefix_kv,
 )
-from fastprompt.serving._compat import CACHE_KWARG
 
 # name -> (PEFT method of tests/models.py, number of virtual tokens): every type, every length different
 ADAPTERS = {
@@ -212,7 +212,7 @@ def _prompt_kv_of_embeddings(base, embeddings: torch.Tensor) -> torch.Tensor:
     copy = tiny_model("llama", gqa=True, seed=0).eval()
     copy.load_state_dict(base.state_dict())
     cache = DynamicCache(config=copy.config)
-    copy.model(inputs_embeds=embeddings, use_cache=True, **{CACHE_KWARG: cache})
+    copy.model(inputs_embeds=embeddings, use_cache=True, **{compat.cache_kwarg(copy.model): cache})
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
 
 
@@ -345,7 +345,7 @@ def _greedy_served(model, names: list[str], batch: dict[str, torch.Tensor], step
         for _ in range(steps):
             positions = served.position_ids(mask)[:, -input_ids.shape[1] :]
             logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           fastprompt_prefix=served.prefix, **{CACHE_KWARG: cache}).logits
+                           fastprompt_prefix=served.prefix, **{compat.cache_kwarg(model): cache}).logits
             input_ids = logits[:, -1].argmax(-1, keepdim=True)
             new.append(input_ids)
             mask = torch.cat([mask, torch.ones_like(input_ids)], 1)

@@ -5,7 +5,7 @@ import torch
 from peft import PromptEncoderConfig, get_peft_model
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
-from fastprompt.templates import PromptTemplate, PromptTemplateModel, scatter_prompts
+from fastprompt.hf.templates import PromptTemplate, PromptTemplateModel, scatter_prompts
 
 VOCAB = 64
 PLACEHOLDER = VOCAB  # past the vocabulary: never looked up

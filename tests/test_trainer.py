@@ -3,7 +3,7 @@ evaluates every step, saves PEFT-format checkpoints (``save_total_limit``), ``lo
 leaves it holding a model with the logits of the best checkpoint loaded fresh (``PeftModel.from_pretrained``
 on a fresh base, then patched), and a run resumed from a checkpoint ends where the uninterrupted run ends.
 
-Without :func:`fastprompt.compat_training.enable_encoder_checkpoints`, PEFT's checkpoints fail the last
+Without :func:`fastprompt.hf.compat.enable_encoder_checkpoints`, PEFT's checkpoints fail the last
 two for prefix tuning with projection (loading raises) and P-tuning (other logits; see that module).
 """
 
@@ -18,7 +18,7 @@ from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 
 import fastprompt
-from fastprompt.compat_training import ENCODER_FILE, disable_encoder_checkpoints, enable_encoder_checkpoints
+from fastprompt.hf.compat import ENCODER_FILE, disable_encoder_checkpoints, enable_encoder_checkpoints
 
 TRAIN_ROWS, EVAL_ROWS, LENGTH, BATCH = 8, 4, 10, 2
 # fp32, same kernels on both sides: only the prompt encoder's fused path (the Trainer's model) against

@@ -17,8 +17,8 @@ from typing import NoReturn
 
 import torch
 
-from fastprompt import pretrained
 from fastprompt.cli import bench
+from fastprompt.hf import pretrained
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHAPE_OPTIONS = ("hidden", "layers", "heads", "kv_heads", "vocab")

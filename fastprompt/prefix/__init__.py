@@ -1,5 +1,6 @@
 """Prefix banks, independent of a model's forward.
 
+- :mod:`~fastprompt.prefix.kv`: :class:`PrefixKV`, the bank one forward reads and the bank row of each batch row;
 - :mod:`~fastprompt.prefix.bank`: the base model's key/value geometry, stacking per-prefix blocks
   ``[L, 2, Hkv, P_i, D]`` into one bank ``[L, 2, N, Hkv, P_max, D]`` with ``prefix_lens``, and each batch
   row's position offset and position ids;
@@ -12,11 +13,13 @@
 
 from fastprompt.prefix.bank import KVGeometry, row_offsets, row_position_ids, stack_prefixes
 from fastprompt.prefix.export import ExportedPrefix
+from fastprompt.prefix.kv import PrefixKV
 from fastprompt.prefix.peft import build_prompt_encoder, prefix_tuning_kv, virtual_token_embeddings
 
 __all__ = [
     "ExportedPrefix",
     "KVGeometry",
+    "PrefixKV",
     "build_prompt_encoder",
     "prefix_tuning_kv",
     "row_offsets",

@@ -4,18 +4,14 @@
 - :func:`cache_prompt`: a fixed prompt run once, its K/V registered as a named read-only prefix;
 - :func:`export_prefix_kv` / :func:`load_prefix_kv`: any registered prefix out as an
   :class:`~fastprompt.prefix.ExportedPrefix` (safetensors), and back onto a model of the same geometry;
-- :func:`adapter_registry`: the model's :class:`AdapterRegistry`, which turns one name per batch row into
-  the forward's prefix bank and each row's positions (:meth:`AdapterRegistry.batch`).
+
+They fill the model's adapter registry (:func:`fastprompt.hf.adapters.adapter_registry`), which turns one name
+per batch row into the forward's prefix bank and each row's positions.
 """
 
 from fastprompt.serving.api import cache_prompt, export_prefix_kv, load_adapter, load_prefix_kv
-from fastprompt.serving.registry import BASE, AdapterRegistry, BatchPrefix, adapter_registry
 
 __all__ = [
-    "BASE",
-    "AdapterRegistry",
-    "BatchPrefix",
-    "adapter_registry",
     "cache_prompt",
     "export_prefix_kv",
     "load_adapter",

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from fastprompt.errors import UnsupportedModelError
+from fastprompt.hf.adapters import adapter_registry, base_model_of
+from fastprompt.hf.soft_prompts import check_causal, prompt_kv
 from fastprompt.prefix.bank import KVGeometry
 from fastprompt.prefix.export import ExportedPrefix
 from fastprompt.prefix.peft import PREFIX_TYPES, SOFT_PROMPT_TYPES, build_prompt_encoder, peft_type, prefix_tuning_kv
-from fastprompt.serving.compile import check_causal, prompt_kv
-from fastprompt.serving.registry import adapter_registry, base_model_of
 
 __all__ = ["cache_prompt", "export_prefix_kv", "load_adapter", "load_prefix_kv"]
 

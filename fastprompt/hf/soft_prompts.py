@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from fastprompt.errors import UnsupportedModelError
-from fastprompt.serving._compat import CACHE_KWARG, cache_layer_kv
+from fastprompt.hf import compat
 
 __all__ = ["check_causal", "prompt_kv"]
 
@@ -53,9 +53,9 @@ def prompt_kv(
     if tokens is None or (input_ids is not None and inputs_embeds is not None):
         raise ValueError("pass exactly one of input_ids [1, P] and inputs_embeds [1, P, hidden]")
     positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
-    cache = DynamicCache(config=base.config)
+    cache = compat.new_dynamic_cache(base.config)
     inputs: dict[str, Any] = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "position_ids": positions,
-                              "use_cache": True, CACHE_KWARG: cache}
+                              "use_cache": True, compat.cache_kwarg(base.base_model): cache}
     with torch.no_grad():
         base.base_model(**inputs)
-    return torch.stack([torch.stack(cache_layer_kv(cache, i)) for i in range(len(cache.layers))])[:, :, 0]
+    return torch.stack([torch.stack(kv) for kv in compat.cache_layer_kv(cache)])[:, :, 0]

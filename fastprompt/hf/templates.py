@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from fastprompt import compat
 from fastprompt.encoders import encode_prompt
 from fastprompt.errors import UnsupportedModelError
+from fastprompt.hf import compat
 
 __all__ = ["PromptTemplate", "PromptTemplateModel", "scatter_prompts"]
 

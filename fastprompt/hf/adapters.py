@@ -5,7 +5,7 @@ and keeps it on the model, so it lives and dies with the model) and maps names t
 
 - fixed K/V blocks: a loaded prefix-tuning adapter, a cached prompt, a loaded exported prefix;
 - compiled soft prompts: a P-tuning / prompt-tuning adapter whose virtual tokens run once through the
-  frozen model (:func:`~fastprompt.serving.compile.prompt_kv`), recomputed only when the encoder's
+  frozen model (:func:`~fastprompt.hf.soft_prompts.prompt_kv`), recomputed only when the encoder's
   parameters change (an in-place update bumps a tensor's ``_version``; a replaced tensor changes its
   identity), when the model moves to another dtype or device, or after :meth:`AdapterRegistry.invalidate`
   (needed after writes through ``param.data``, which no version counter sees, or after changing the base
@@ -30,8 +30,9 @@ from transformers import PreTrainedModel
 
 from fastprompt.encoders import clear_encoder_cache
 from fastprompt.errors import UnsupportedModelError
-from fastprompt.integration import PrefixKV
+from fastprompt.hf.soft_prompts import check_causal, prompt_kv
 from fastprompt.prefix.bank import KVGeometry, row_offsets, row_position_ids, stack_prefixes
+from fastprompt.prefix.kv import PrefixKV
 from fastprompt.prefix.peft import (
     PREFIX_TYPES,
     SOFT_PROMPT_TYPES,
@@ -39,7 +40,6 @@ from fastprompt.prefix.peft import (
     prefix_tuning_kv,
     virtual_token_embeddings,
 )
-from fastprompt.serving.compile import check_causal, prompt_kv
 
 __all__ = ["BASE", "AdapterRegistry", "BatchPrefix", "adapter_registry", "base_model_of"]
 

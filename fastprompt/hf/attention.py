@@ -8,7 +8,7 @@ on the model or in a global, so two threads or two models never see each other's
 checkpointing replays a layer with the same prefix it ran with.
 
 Positions. Adapters are trained with the real tokens at positions ``P ..``: the model saw ``P`` cached
-prefix tokens. A patched PEFT model passes explicit ``position_ids`` (see :mod:`fastprompt.patching`).
+prefix tokens. A patched PEFT model passes explicit ``position_ids`` (see :mod:`fastprompt.hf.patching`).
 :class:`PrefixCache` reports the ``P`` tokens in its length without holding them, so a plain model that is
 given no ``position_ids`` numbers its tokens after the prefix too, while K and V hold the sequence only.
 
@@ -20,64 +20,33 @@ bottom-right, which also covers decoding with a KV cache (``S > T``). No 4-D mas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import AttentionInterface, DynamicCache
 
 from fastprompt import attention
-from fastprompt.compat import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 from fastprompt.errors import UnsupportedModelError
+from fastprompt.hf.compat import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
+from fastprompt.prefix.kv import PrefixKV
 
-__all__ = ["ATTN_IMPLEMENTATION", "PREFIX_KWARG", "PrefixCache", "PrefixKV", "fastprompt_attention", "fastprompt_mask"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "LAYER_LOG_KWARG",
+    "PREFIX_KWARG",
+    "PrefixCache",
+    "fastprompt_attention",
+    "fastprompt_mask",
+]
 
 ATTN_IMPLEMENTATION = "fastprompt"
 PREFIX_KWARG = "fastprompt_prefix"
+# A set the attention function adds each layer index to that read the prefix: lets the caller check that the
+# prefix reached every attention layer (a model whose layers drop forward kwargs would silently skip it).
+LAYER_LOG_KWARG = "fastprompt_layer_log"
 
 # Attention-function kwargs whose non-default value changes the math in a way the op does not express.
 _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias", "sinks")
-
-
-@dataclass(frozen=True)
-class PrefixKV:
-    """The prefix of one forward: per layer keys and values every query may attend to.
-
-    ``bank``: [L, 2, N, Hkv, P, D], ``bank[l, 0]`` the keys and ``bank[l, 1]`` the values of layer ``l``
-    (any strides; a view of a prompt encoder's output is fine). ``prefix_index``: [B] int, the bank row
-    of each batch row (-1: none); ``None`` means row 0 for every row. ``prefix_lens``: [N] int, valid
-    length of each bank row; ``None`` means all ``P``.
-    """
-
-    bank: torch.Tensor
-    prefix_index: torch.Tensor | None = None
-    prefix_lens: torch.Tensor | None = None
-    # Layers that fetched their block: lets a caller see that the prefix reached every attention layer.
-    layers_used: set[int] = field(default_factory=set, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.bank.dim() != 6 or self.bank.shape[1] != 2:
-            raise ValueError(f"bank must be [layers, 2, N, Hkv, P, D], got shape {tuple(self.bank.shape)}")
-        # Checked once here, so that the layers can skip the value checks (each one a device sync).
-        attention.check_index_values(self.prefix_index, self.prefix_lens, self.bank.shape[2], self.bank.shape[4])
-
-    def every_row_has_full_length(self) -> bool:
-        """Whether every batch row sees a prefix of the full bank width ``P`` (reads values: a sync)."""
-        full_index = self.prefix_index is None or bool((self.prefix_index >= 0).all())
-        full_lens = self.prefix_lens is None or bool((self.prefix_lens == self.length).all())
-        return full_index and full_lens
-
-    @property
-    def length(self) -> int:
-        """``P``, the number of positions the prefix occupies in front of the sequence."""
-        return self.bank.shape[4]
-
-    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of layer ``layer_idx``, each [N, Hkv, P, D]."""
-        if not 0 <= layer_idx < self.bank.shape[0]:
-            raise ValueError(f"layer_idx {layer_idx} is outside the prefix bank's {self.bank.shape[0]} layers")
-        self.layers_used.add(layer_idx)
-        return self.bank[layer_idx, 0], self.bank[layer_idx, 1]
 
 
 class PrefixCache(DynamicCache):
@@ -204,6 +173,9 @@ def fastprompt_attention(
                 f"{type(module).__name__} has no layer_idx, so the layer's prefix block cannot be found"
             )
         prefix_k, prefix_v = prefix.layer(layer_idx)
+        layer_log = kwargs.get(LAYER_LOG_KWARG)
+        if layer_log is not None:
+            layer_log.add(layer_idx)
         if prefix_k.shape[1] != key.shape[1] or prefix_k.shape[3] != key.shape[3]:
             raise ValueError(
                 f"layer {layer_idx}: prefix blocks are [N, {prefix_k.shape[1]}, P, {prefix_k.shape[3]}] but the "

@@ -4,7 +4,7 @@ A plain ``transformers`` model gets the ``"fastprompt"`` attention implementatio
 from the serving APIs through the ``fastprompt_prefix`` forward kwarg). A ``peft.PeftModel`` whose active
 adapter is prompt learning additionally has ``forward`` and ``generate`` replaced on the instance. Neither
 calls PEFT's forward, ``get_prompt``, ``prepare_inputs_for_generation`` or generate plumbing: they read the
-adapter (config, ``prompt_encoder[name]``, ``prompt_tokens``; see :mod:`fastprompt.compat`) and drive the
+adapter (config, ``prompt_encoder[name]``, ``prompt_tokens``; see :mod:`fastprompt.hf.compat`) and drive the
 base model through stable ``transformers`` inputs, following a :class:`ForwardPlan` (per batch row: its
 prefix bank row or none and the number of positions in front of its real tokens; its virtual-token
 embeddings or none):
@@ -37,10 +37,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from fastprompt import compat
 from fastprompt.encoders import encode_prompt
 from fastprompt.errors import UnsupportedModelError
-from fastprompt.integration import ATTN_IMPLEMENTATION, PREFIX_KWARG, PrefixCache, PrefixKV
+from fastprompt.hf import compat
+from fastprompt.hf.attention import ATTN_IMPLEMENTATION, LAYER_LOG_KWARG, PREFIX_KWARG, PrefixCache
+from fastprompt.hf.soft_prompts import prompt_kv
+from fastprompt.prefix.kv import PrefixKV
 
 __all__ = ["ForwardPlan", "patch", "unpatch", "prefix_from_peft", "token_positions"]
 
@@ -237,8 +239,8 @@ def _plan(model: Any, batch: int, device: torch.device, *, serving: bool) -> For
     return ForwardPlan(None, offsets, virtual[None].expand(batch, -1, -1))
 
 
-def _check_prefix_reached_every_layer(base: Any, prefix: PrefixKV) -> None:
-    missing = set(range(prefix.bank.shape[0])) - prefix.layers_used
+def _check_prefix_reached_every_layer(base: Any, prefix: PrefixKV, layer_log: set[int]) -> None:
+    missing = set(range(prefix.bank.shape[0])) - layer_log
     if missing:
         raise UnsupportedModelError(
             f"{type(base).__name__} did not hand the prefix to the attention of layers {sorted(missing)} (its "
@@ -291,9 +293,11 @@ def _patched_forward(
             _check_checkpointing(base)
         if stores:
             kwargs[compat.cache_kwarg(base)] = PrefixCache(plan.prefix, store=True)
+        layer_log: set[int] = set()
         output = base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                      position_ids=positions, labels=labels, **{PREFIX_KWARG: plan.prefix}, **kwargs)
-        _check_prefix_reached_every_layer(base, plan.prefix)
+                      position_ids=positions, labels=labels, **{PREFIX_KWARG: plan.prefix, LAYER_LOG_KWARG: layer_log},
+                      **kwargs)
+        _check_prefix_reached_every_layer(base, plan.prefix, layer_log)
         return output
     count = plan.virtual.shape[1]
     if inputs_embeds is None:
@@ -323,10 +327,7 @@ def _virtual_token_prefix(model: Any) -> PrefixKV:
     """
     base = model.get_base_model()
     prompts = _prompt_encoder_output(model)[None].to(base.dtype)
-    cache = compat.new_dynamic_cache(base.config)
-    # The backbone without its head; positions 0 .. P-1 as in every row.
-    base.base_model(inputs_embeds=prompts, use_cache=True, **{compat.cache_kwarg(base.base_model): cache})
-    return PrefixKV(torch.stack([torch.stack(kv) for kv in compat.cache_layer_kv(cache)]))
+    return PrefixKV(prompt_kv(base, inputs_embeds=prompts)[:, :, None])
 
 
 def _prepare_inputs_with_prefix(base: Any, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
