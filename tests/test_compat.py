@@ -13,6 +13,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from fastprompt.hf import compat
 
+pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
+
 
 @pytest.mark.parametrize(("arch", "task"), [("llama", "causal_lm"), ("gpt2", "seq_cls"), ("bert", "token_cls")])
 def test_cache_kwarg_is_a_name_the_model_or_its_backbone_takes(arch, task):

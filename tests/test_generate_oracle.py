@@ -23,6 +23,8 @@ from models import DECODERS, METHODS, PAD, assert_scaled_close, random_batch, re
 
 import fastprompt
 
+pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
+
 GQA = ("llama", "qwen3", "mistral")
 EOS = 3  # tests/models.py's eos id; min_new_tokens keeps generate from choosing it, and the oracle likewise
 NEW = 5

@@ -34,6 +34,8 @@ from models import (
 
 import fastprompt
 
+pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
+
 GQA = ("llama", "qwen3", "mistral")
 CASES = [
     *[(arch, "causal_lm") for arch in DECODERS],

@@ -44,6 +44,8 @@ from transformers import BertModel, GPT2Model, LlamaModel
 
 import fastprompt
 
+pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
+
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (3e-2, 1e-1)}
 PREFIX_METHODS = ("prefix_projection", "prefix")
 GQA = ("llama", "qwen3", "mistral")  # the others run plain multi-head attention

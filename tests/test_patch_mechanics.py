@@ -36,6 +36,8 @@ from fastprompt.hf import patching
 from fastprompt.hf.attention import PrefixCache
 from fastprompt.prefix.kv import PrefixKV
 
+pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
+
 P, B, T = 5, 3, 7
 
 

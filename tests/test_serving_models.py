@@ -28,6 +28,8 @@ from fastprompt.serving import (
     load_prefix_kv,
 )
 
+pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
+
 # name -> (PEFT method of tests/models.py, number of virtual tokens): every type, every length different
 ADAPTERS = {
     "proj": ("prefix_projection", 5),

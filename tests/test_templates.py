@@ -7,6 +7,8 @@ from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausa
 
 from fastprompt.hf.templates import PromptTemplate, PromptTemplateModel, scatter_prompts
 
+pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
+
 VOCAB = 64
 PLACEHOLDER = VOCAB  # past the vocabulary: never looked up
 TEMPLATE = PromptTemplate(spec=(2, 1, 3), placeholder_id=PLACEHOLDER)

@@ -20,6 +20,8 @@ from transformers import Trainer, TrainingArguments
 import fastprompt
 from fastprompt.hf.compat import ENCODER_FILE, disable_encoder_checkpoints, enable_encoder_checkpoints
 
+pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
+
 TRAIN_ROWS, EVAL_ROWS, LENGTH, BATCH = 8, 4, 10, 2
 # fp32, same kernels on both sides: only the prompt encoder's fused path (the Trainer's model) against
 # PEFT's saved output of its own encoder (the fresh model) differ, by rounding
