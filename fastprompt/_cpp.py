@@ -26,7 +26,7 @@ import torch
 
 from fastprompt.errors import BackendUnavailableError
 
-_SOURCES = ("prefix_attention.cpp",)
+_SOURCES = ("prefix_attention.cpp", "shared_prefix.cpp")
 _ERROR_TAIL_CHARS = 3000
 
 _lock = threading.Lock()
