@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_prefix_attention_cpu(
       const at::Tensor keys = pk_raw[grp.bank][item.hkv].narrow(0, start, len).to(compute);
       const at::Tensor values = pv_raw[grp.bank][item.hkv].narrow(0, start, len).to(compute);
       at::Tensor logits = at::mm(stacked, keys.t()).mul_(scale);  // [M, len]
-      const at::Tensor row_max = std::get<0>(logits.max(1, true));
+      const at::Tensor row_max = logits.amax(1, true);
       logits.sub_(row_max).exp_();
       const at::Tensor total = logits.sum(1, true);
       part_out[i] = at::mm(logits, values).div_(total);     // [M, D]
