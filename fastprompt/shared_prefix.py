@@ -29,7 +29,7 @@ from fastprompt.merge import merge_attention_states
 __all__ = ["SharedPrefixPlan", "grouped_prefix_attention", "shared_prefix_decode"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: fields hold tensors
 class SharedPrefixPlan:
     """Batch rows grouped by the bank row they use, for one batch (built once, kept across decode steps).
 

@@ -202,3 +202,4 @@ assert {{name for name, *_ in seen}} == {{"_grouped_prefix_kernel", "_merge_kern
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    print(proc.stdout)  # kernel, shared memory bytes, registers, stack bytes (spills) per compiled variant
