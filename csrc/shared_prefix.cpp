@@ -13,6 +13,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
@@ -20,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace fastprompt {
@@ -36,6 +39,121 @@ struct Group {
 struct Item {
   int64_t group, hkv, chunk;
 };
+
+struct Problem {
+  at::Tensor q, pk, pv;  // contiguous
+  const int32_t* order;
+  int64_t G;
+  double scale;
+};
+
+// One item: the stacked queries of a group against one chunk of its bank row, for one kv head.
+// Writes the chunk's normalised output [M, D] and lse [M].
+template <typename scalar_t, typename acc_t>
+void attend_chunk(const Problem& p, const Group& grp, const Item& item, int64_t chunk, std::vector<acc_t>& qs,
+                  std::vector<acc_t>& kbuf, std::vector<acc_t>& vbuf, std::vector<acc_t>& scores,
+                  std::vector<acc_t>& out, std::vector<acc_t>& lse) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t Hq = p.q.size(1), T = p.q.size(2), D = p.q.size(3), Hkv = p.pk.size(1), P = p.pk.size(2);
+  const int64_t per_row = p.G * T, M = grp.count * per_row;
+  const int64_t start = item.chunk * chunk, n = std::min(chunk, grp.len - start);
+  const scalar_t* q = p.q.data_ptr<scalar_t>();
+  qs.resize(M * D);
+  for (int64_t r = 0; r < M; ++r) {
+    const int64_t b = p.order[grp.first + r / per_row], hq = item.hkv * p.G + (r / T) % p.G, t = r % T;
+    const scalar_t* src = q + ((b * Hq + hq) * T + t) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      qs[r * D + d] = static_cast<acc_t>(src[d]) * static_cast<acc_t>(p.scale);
+    }
+  }
+  const int64_t offset = ((grp.bank * Hkv + item.hkv) * P + start) * D;
+  const auto as_acc = [&](const at::Tensor& bank, std::vector<acc_t>& buf) -> const acc_t* {
+    const scalar_t* src = bank.data_ptr<scalar_t>() + offset;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return src;
+    } else {
+      buf.resize(n * D);
+      for (int64_t x = 0; x < n * D; ++x) {
+        buf[x] = static_cast<acc_t>(src[x]);
+      }
+      return buf.data();
+    }
+  };
+  const acc_t* keys = as_acc(p.pk, kbuf);
+  const acc_t* values = as_acc(p.pv, vbuf);
+  scores.resize(M * n);
+  out.resize(M * D);
+  // Tensors over the buffers (no copies, no autograd history) for the two GEMMs.
+  const at::TensorOptions acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto view = [&](const acc_t* data, int64_t rows, int64_t cols) {
+    return at::from_blob(const_cast<acc_t*>(data), {rows, cols}, acc_options);
+  };
+  at::Tensor score_view = view(scores.data(), M, n), out_view = view(out.data(), M, D);
+  at::mm_out(score_view, view(qs.data(), M, D), view(keys, n, D).t());
+  lse.resize(M);
+  std::vector<acc_t> inv(M);
+  for (int64_t r = 0; r < M; ++r) {
+    acc_t* row = scores.data() + r * n;
+    const acc_t row_max = at::vec::reduce_all<acc_t>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, row, n);
+    at::vec::map([row_max](Vec x) { return (x - Vec(row_max)).exp(); }, row, row, n);
+    const acc_t total = at::vec::reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, row, n);
+    lse[r] = row_max + std::log(total);
+    inv[r] = acc_t(1) / total;
+  }
+  at::mm_out(out_view, score_view, view(values, n, D));
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t d = 0; d < D; ++d) {
+      out[r * D + d] *= inv[r];
+    }
+  }
+}
+
+template <typename scalar_t>
+void grouped_kernel(const Problem& p, const std::vector<Group>& groups, const std::vector<Item>& items,
+                    int64_t chunk, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t Hq = p.q.size(1), T = p.q.size(2), D = p.q.size(3), Hkv = p.pk.size(1), per_row = p.G * T;
+  std::vector<std::vector<acc_t>> part_out(items.size()), part_lse(items.size());
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard;  // plain arithmetic on buffers: skip autograd dispatch
+    std::vector<acc_t> qs, kbuf, vbuf, scores;
+    for (int64_t i = begin; i < end; ++i) {
+      attend_chunk<scalar_t, acc_t>(p, groups[items[i].group], items[i], chunk, qs, kbuf, vbuf, scores,
+                                    part_out[i], part_lse[i]);
+    }
+  });
+  // Merge the chunks of each (group, kv head) by log-sum-exp and scatter the stacked rows to [B, Hq, T].
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  float* lse_p = lse.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(groups.size()) * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> merged(D);
+    for (int64_t gh = begin; gh < end; ++gh) {
+      const Group& grp = groups[gh / Hkv];
+      const int64_t hkv = gh % Hkv, first = grp.first_item + hkv * grp.chunks;
+      for (int64_t r = 0; r < grp.count * per_row; ++r) {
+        acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t c = 0; c < grp.chunks; ++c) {
+          row_max = std::max(row_max, part_lse[first + c][r]);
+        }
+        std::fill(merged.begin(), merged.end(), acc_t(0));
+        acc_t total = 0;
+        for (int64_t c = 0; c < grp.chunks; ++c) {
+          const acc_t w = std::exp(part_lse[first + c][r] - row_max);
+          total += w;
+          for (int64_t d = 0; d < D; ++d) {
+            merged[d] += w * part_out[first + c][r * D + d];
+          }
+        }
+        const int64_t b = p.order[grp.first + r / per_row], hq = hkv * p.G + (r / T) % p.G, t = r % T;
+        const int64_t row = (b * Hq + hq) * T + t;
+        for (int64_t d = 0; d < D; ++d) {
+          out_p[row * D + d] = static_cast<scalar_t>(merged[d] / total);
+        }
+        lse_p[row] = static_cast<float>(row_max + std::log(total));
+      }
+    }
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor> grouped_prefix_attention_cpu(
     const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& order,
@@ -72,11 +190,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_prefix_attention_cpu(
     TORCH_CHECK(order_p[i] >= 0 && order_p[i] < B, "grouped_prefix_attention_cpu: order[", i, "] is not a row");
   }
 
-  const at::ScalarType compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::TensorOptions opts = q.options().dtype(compute);
-  const int64_t G = Hq / Hkv, per_row = G * T;
-  at::Tensor out = at::zeros({B, Hq, T, D}, opts);
-  at::Tensor lse = at::full({B, Hq, T}, -std::numeric_limits<double>::infinity(), opts);
+  const int64_t G = Hq / Hkv;
 
   int64_t total_keys = 0;
   for (int64_t g = 0; g < n_groups; ++g) {
@@ -101,58 +215,13 @@ std::tuple<at::Tensor, at::Tensor> grouped_prefix_attention_cpu(
       }
     }
   }
-  std::vector<at::Tensor> part_out(items.size()), part_lse(items.size());
-
-  // Tensors over the inputs' memory carry no autograd history, and the workers run in inference mode:
-  // the ATen calls below are plain arithmetic whatever the caller's grad mode.
-  const at::Tensor q_c = q.contiguous(), pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
-  const at::Tensor q_raw = at::from_blob(q_c.data_ptr(), q_c.sizes(), q_c.options());
-  const at::Tensor pk_raw = at::from_blob(pk.data_ptr(), pk.sizes(), pk.options());
-  const at::Tensor pv_raw = at::from_blob(pv.data_ptr(), pv.sizes(), pv.options());
-
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    c10::InferenceMode guard;
-    for (int64_t i = begin; i < end; ++i) {
-      const Item& item = items[i];
-      const Group& grp = groups[item.group];
-      // [rows x T x G, D]: row r is batch row order[first + r / per_row], head hkv * G + (r / T) % G, t = r % T
-      const at::Tensor rows = at::from_blob(const_cast<int32_t*>(order_p + grp.first), {grp.count},
-                                            order.options()).to(at::kLong);
-      const at::Tensor stacked =
-          q_raw.narrow(1, item.hkv * G, G).index_select(0, rows).reshape({grp.count * per_row, D}).to(compute);
-      const int64_t start = item.chunk * chunk, len = std::min(chunk, grp.len - start);
-      const at::Tensor keys = pk_raw[grp.bank][item.hkv].narrow(0, start, len).to(compute);
-      const at::Tensor values = pv_raw[grp.bank][item.hkv].narrow(0, start, len).to(compute);
-      at::Tensor logits = at::mm(stacked, keys.t()).mul_(scale);  // [M, len]
-      const at::Tensor row_max = logits.amax(1, true);
-      logits.sub_(row_max).exp_();
-      const at::Tensor total = logits.sum(1, true);
-      part_out[i] = at::mm(logits, values).div_(total);     // [M, D]
-      part_lse[i] = (row_max + total.log()).squeeze(1);    // [M]
-    }
+  at::Tensor out = at::zeros({B, Hq, T, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::full({B, Hq, T}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+  const Problem problem{q.contiguous(), prefix_k.contiguous(), prefix_v.contiguous(), order_p, G, scale};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "grouped_prefix_attention_cpu", [&] {
+    grouped_kernel<scalar_t>(problem, groups, items, chunk, out, lse);
   });
-
-  // Merge the chunks of each (group, kv head) and scatter the stacked rows back to [B, Hq, T].
-  at::parallel_for(0, static_cast<int64_t>(groups.size()) * Hkv, 1, [&](int64_t begin, int64_t end) {
-    c10::InferenceMode guard;
-    for (int64_t gh = begin; gh < end; ++gh) {
-      const Group& grp = groups[gh / Hkv];
-      const int64_t hkv = gh % Hkv, first_item = grp.first_item + hkv * grp.chunks;
-      at::Tensor merged_out = part_out[first_item], merged_lse = part_lse[first_item];
-      if (grp.chunks > 1) {
-        const at::Tensor lses = at::stack(at::ArrayRef<at::Tensor>(part_lse).slice(first_item, grp.chunks));
-        merged_lse = at::logsumexp(lses, 0);
-        const at::Tensor weights = (lses - merged_lse).exp_().unsqueeze(-1);
-        merged_out = (at::stack(at::ArrayRef<at::Tensor>(part_out).slice(first_item, grp.chunks)) * weights).sum(0);
-      }
-      const at::Tensor rows = at::from_blob(const_cast<int32_t*>(order_p + grp.first), {grp.count},
-                                            order.options()).to(at::kLong);
-      // out[rows, hkv * G : (hkv + 1) * G] = merged (rows of distinct groups and heads never overlap)
-      out.narrow(1, hkv * G, G).index_copy_(0, rows, merged_out.view({grp.count, G, T, D}));
-      lse.narrow(1, hkv * G, G).index_copy_(0, rows, merged_lse.view({grp.count, G, T}));
-    }
-  });
-  return {out.to(q.scalar_type()), lse.to(at::kFloat)};
+  return {out, lse};
 }
 
 }  // namespace

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_prefix_attention import TOLERANCE, _device_for, _expected_here, _max_err, _scale_of, make_case
+from test_prefix_attention import (
+    TOLERANCE,
+    _cpu_tensor_backends,
+    _device_for,
+    _expected_here,
+    _max_err,
+    _scale_of,
+    make_case,
+)
 
 import fastprompt
 from fastprompt.errors import BackendUnavailableError
@@ -103,6 +111,21 @@ def test_half_precision(dtype: torch.dtype, backend: str) -> None:
     ref_out, _ = reference_prefix_attention(q, k, v, pk, pv, **options)
     assert out.dtype == dtype
     _assert_close(out, ref_out, TOLERANCE[dtype][0], "out")
+
+
+@pytest.mark.parametrize("name", ["mixed-decode", "long-prefix"])
+def test_float64_prefix_part(name: str) -> None:
+    (q, _, _, pk, pv), options, plan = _case_and_plan(CASES[name], "cpu", torch.float64, seed=4)
+    no_keys = q.new_empty(q.shape[0], pk.shape[1], 0, q.shape[3])
+    ref_out, ref_lse = reference_prefix_attention(
+        q, no_keys, no_keys, pk, pv, prefix_index=options["prefix_index"], prefix_lens=options.get("prefix_lens"),
+        causal=False,
+    )
+    for backend in _cpu_tensor_backends():
+        out, lse = grouped_prefix_attention(q, pk, pv, plan, backend=backend)
+        assert out.dtype == torch.float64
+        _assert_close(out, ref_out, TOLERANCE[torch.float64][0], f"{backend} out")
+        _assert_close(lse, ref_lse, TOLERANCE[torch.float32][0], f"{backend} lse (float32 by contract)")
 
 
 def test_custom_scale(backend: str) -> None:
