@@ -5,11 +5,11 @@
 // group_lens int32 [G]. Returns out [B, Hq, T, D] (q's dtype) and lse float32 [B, Hq, T]; rows of
 // groups of length 0 (no prefix) get out 0 and lse -inf.
 //
-// One work item = (group, kv head, chunk of the prefix): the queries of every row of the group that read
-// that kv head are stacked into one [rows x T x Hq/Hkv, D] matrix, so the chunk is multiplied once
-// (two GEMMs) for all of them. Chunks give the threads work when groups x heads are fewer than the
-// threads; their (out, lse) partials are merged by log-sum-exp. Every prefix key is visible to every
-// query of its row, so a chunk's softmax needs no mask and its lse is finite. Forward only (decode).
+// One work item = (group, kv head): the queries of every row of the group that read that kv head are
+// stacked into one [rows x T x Hq/Hkv, D] matrix, so each chunk of the bank row is multiplied once (two
+// GEMMs) for all of them; the chunks' (out, lse) partials are merged by log-sum-exp. Every prefix key is
+// visible to every query of its row, so a chunk's softmax needs no mask and its lse is finite. One
+// parallel region (or none): a decode step pays for no extra thread barrier. Forward only (decode).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,16 +28,10 @@
 namespace fastprompt {
 namespace {
 
-constexpr int64_t kChunkAlign = 64;     // keys per chunk are a multiple of this
-constexpr int64_t kMinChunk = 128;      // below this, the GEMMs are too small to pay for a partial
-constexpr int64_t kMaxChunk = 2048;     // bounds the [rows, chunk] score matrix of one item
+constexpr int64_t kChunk = 2048;  // keys per chunk: bounds the [rows, chunk] score matrix of one pair
 
 struct Group {
-  int64_t first, count, bank, len, chunks, first_item;
-};
-
-struct Item {
-  int64_t group, hkv, chunk;
+  int64_t first, count, bank, len, chunks;
 };
 
 struct Problem {
@@ -47,26 +41,26 @@ struct Problem {
   double scale;
 };
 
-// One item: the stacked queries of a group against one chunk of its bank row, for one kv head.
+// The stacked queries of a group that read kv head hkv against one chunk of its bank row.
 // Writes the chunk's normalised output [M, D] and lse [M].
 template <typename scalar_t, typename acc_t>
-void attend_chunk(const Problem& p, const Group& grp, const Item& item, int64_t chunk, std::vector<acc_t>& qs,
+void attend_chunk(const Problem& p, const Group& grp, int64_t hkv, int64_t chunk_index, std::vector<acc_t>& qs,
                   std::vector<acc_t>& kbuf, std::vector<acc_t>& vbuf, std::vector<acc_t>& scores,
                   std::vector<acc_t>& out, std::vector<acc_t>& lse) {
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t Hq = p.q.size(1), T = p.q.size(2), D = p.q.size(3), Hkv = p.pk.size(1), P = p.pk.size(2);
   const int64_t per_row = p.G * T, M = grp.count * per_row;
-  const int64_t start = item.chunk * chunk, n = std::min(chunk, grp.len - start);
+  const int64_t start = chunk_index * kChunk, n = std::min(kChunk, grp.len - start);
   const scalar_t* q = p.q.data_ptr<scalar_t>();
   qs.resize(M * D);
   for (int64_t r = 0; r < M; ++r) {
-    const int64_t b = p.order[grp.first + r / per_row], hq = item.hkv * p.G + (r / T) % p.G, t = r % T;
+    const int64_t b = p.order[grp.first + r / per_row], hq = hkv * p.G + (r / T) % p.G, t = r % T;
     const scalar_t* src = q + ((b * Hq + hq) * T + t) * D;
     for (int64_t d = 0; d < D; ++d) {
       qs[r * D + d] = static_cast<acc_t>(src[d]) * static_cast<acc_t>(p.scale);
     }
   }
-  const int64_t offset = ((grp.bank * Hkv + item.hkv) * P + start) * D;
+  const int64_t offset = ((grp.bank * Hkv + hkv) * P + start) * D;
   const auto as_acc = [&](const at::Tensor& bank, std::vector<acc_t>& buf) -> const acc_t* {
     const scalar_t* src = bank.data_ptr<scalar_t>() + offset;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -109,39 +103,37 @@ void attend_chunk(const Problem& p, const Group& grp, const Item& item, int64_t 
 }
 
 template <typename scalar_t>
-void grouped_kernel(const Problem& p, const std::vector<Group>& groups, const std::vector<Item>& items,
-                    int64_t chunk, at::Tensor& out, at::Tensor& lse) {
+void grouped_kernel(const Problem& p, const std::vector<Group>& groups, at::Tensor& out, at::Tensor& lse) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t Hq = p.q.size(1), T = p.q.size(2), D = p.q.size(3), Hkv = p.pk.size(1), per_row = p.G * T;
-  std::vector<std::vector<acc_t>> part_out(items.size()), part_lse(items.size());
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    c10::InferenceMode guard;  // plain arithmetic on buffers: skip autograd dispatch
-    std::vector<acc_t> qs, kbuf, vbuf, scores;
-    for (int64_t i = begin; i < end; ++i) {
-      attend_chunk<scalar_t, acc_t>(p, groups[items[i].group], items[i], chunk, qs, kbuf, vbuf, scores,
-                                    part_out[i], part_lse[i]);
-    }
-  });
-  // Merge the chunks of each (group, kv head) by log-sum-exp and scatter the stacked rows to [B, Hq, T].
+  const int64_t pairs = static_cast<int64_t>(groups.size()) * Hkv;
   scalar_t* out_p = out.data_ptr<scalar_t>();
   float* lse_p = lse.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(groups.size()) * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> merged(D);
+  const auto attend_pairs = [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard;  // plain arithmetic on buffers: skip autograd dispatch
+    std::vector<acc_t> qs, kbuf, vbuf, scores, merged(D);
+    std::vector<std::vector<acc_t>> part_out, part_lse;
     for (int64_t gh = begin; gh < end; ++gh) {
       const Group& grp = groups[gh / Hkv];
-      const int64_t hkv = gh % Hkv, first = grp.first_item + hkv * grp.chunks;
+      const int64_t hkv = gh % Hkv;
+      part_out.resize(grp.chunks);
+      part_lse.resize(grp.chunks);
+      for (int64_t c = 0; c < grp.chunks; ++c) {
+        attend_chunk<scalar_t, acc_t>(p, grp, hkv, c, qs, kbuf, vbuf, scores, part_out[c], part_lse[c]);
+      }
+      // Merge the chunks by log-sum-exp and scatter the stacked rows to [B, Hq, T].
       for (int64_t r = 0; r < grp.count * per_row; ++r) {
         acc_t row_max = -std::numeric_limits<acc_t>::infinity();
         for (int64_t c = 0; c < grp.chunks; ++c) {
-          row_max = std::max(row_max, part_lse[first + c][r]);
+          row_max = std::max(row_max, part_lse[c][r]);
         }
         std::fill(merged.begin(), merged.end(), acc_t(0));
         acc_t total = 0;
         for (int64_t c = 0; c < grp.chunks; ++c) {
-          const acc_t w = std::exp(part_lse[first + c][r] - row_max);
+          const acc_t w = std::exp(part_lse[c][r] - row_max);
           total += w;
           for (int64_t d = 0; d < D; ++d) {
-            merged[d] += w * part_out[first + c][r * D + d];
+            merged[d] += w * part_out[c][r * D + d];
           }
         }
         const int64_t b = p.order[grp.first + r / per_row], hq = hkv * p.G + (r / T) % p.G, t = r % T;
@@ -152,7 +144,14 @@ void grouped_kernel(const Problem& p, const std::vector<Group>& groups, const st
         lse_p[row] = static_cast<float>(row_max + std::log(total));
       }
     }
-  });
+  };
+  // One (group, kv head) pair per thread when there are enough; otherwise one pair at a time, with each
+  // GEMM spread over the threads by ATen (a parallel region would run it on one thread).
+  if (pairs >= at::get_num_threads()) {
+    at::parallel_for(0, pairs, 1, attend_pairs);
+  } else {
+    attend_pairs(0, pairs);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_prefix_attention_cpu(
@@ -192,34 +191,17 @@ std::tuple<at::Tensor, at::Tensor> grouped_prefix_attention_cpu(
 
   const int64_t G = Hq / Hkv;
 
-  int64_t total_keys = 0;
-  for (int64_t g = 0; g < n_groups; ++g) {
-    total_keys += lens[g];
-  }
-  const int64_t want_items = 2 * at::get_num_threads();
-  int64_t chunk = (total_keys * Hkv + want_items - 1) / want_items;
-  chunk = std::clamp((chunk + kChunkAlign - 1) / kChunkAlign * kChunkAlign, kMinChunk, kMaxChunk);
-
   std::vector<Group> groups;
-  std::vector<Item> items;
   for (int64_t g = 0; g < n_groups; ++g) {
-    if (lens[g] == 0) {
-      continue;
-    }
-    const int64_t chunks = (lens[g] + chunk - 1) / chunk;
-    groups.push_back({starts[g], starts[g + 1] - starts[g], banks[g], lens[g], chunks,
-                      static_cast<int64_t>(items.size())});
-    for (int64_t h = 0; h < Hkv; ++h) {
-      for (int64_t c = 0; c < chunks; ++c) {
-        items.push_back({static_cast<int64_t>(groups.size()) - 1, h, c});
-      }
+    if (lens[g] > 0) {
+      groups.push_back({starts[g], starts[g + 1] - starts[g], banks[g], lens[g], (lens[g] + kChunk - 1) / kChunk});
     }
   }
   at::Tensor out = at::zeros({B, Hq, T, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::full({B, Hq, T}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
   const Problem problem{q.contiguous(), prefix_k.contiguous(), prefix_v.contiguous(), order_p, G, scale};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "grouped_prefix_attention_cpu", [&] {
-    grouped_kernel<scalar_t>(problem, groups, items, chunk, out, lse);
+    grouped_kernel<scalar_t>(problem, groups, out, lse);
   });
   return {out, lse};
 }
