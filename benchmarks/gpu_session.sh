@@ -7,12 +7,14 @@
 #   bash benchmarks/gpu_session.sh encoders    # bench_encoders.py fp32 and bf16 (issue 4's targets)
 #   bash benchmarks/gpu_session.sh bench       # fastprompt bench on its CUDA defaults (the README headline)
 #   bash benchmarks/gpu_session.sh tune        # tune_attention.py: the tile table's candidates, timed
+#   bash benchmarks/gpu_session.sh cuda        # shared-prefix decode: grouped Triton path vs per-row (bf16, fp16)
+#                                              # and its tests on real kernels
 #
 # Each stage writes its full output to $OUT/<stage>.txt (or ./gpu-out/ without $OUT), headed by the GPU,
 # the commit and the versions, and prints the last lines. The tables go under benchmarks/results/ as
 # <device>-<date>-<what>.md, each with the command that printed it.
 set -uo pipefail
-stage=${1:?"usage: gpu_session.sh tests|attention|train|encoders|bench|tune"}
+stage=${1:?"usage: gpu_session.sh tests|attention|train|encoders|bench|tune|cuda"}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 log="$out/$stage.txt"
@@ -40,6 +42,11 @@ case "$stage" in
         done ;;
     bench) fastprompt bench --quiet --json "$out/bench.json" >>"$log" 2>&1 || rc=$? ;;
     tune) python benchmarks/tune_attention.py >>"$log" 2>&1 || rc=$? ;;
+    cuda)
+        python -m pytest -q -x -p no:cacheprovider tests/test_shared_prefix.py >>"$log" 2>&1 || rc=$?
+        for dtype in bfloat16 float16; do
+            python benchmarks/bench_shared_prefix.py --device cuda --dtype "$dtype" >>"$log" 2>&1 || rc=$?
+        done ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 tail -n 60 "$log"

@@ -13,6 +13,10 @@ Kernels (FlashAttention-2 structure, scores in base 2 with ``qk_scale = scale * 
 - ``_decode_kernel`` + ``_merge_kernel`` (T <= 16): the M dimension packs the ``Hq / Hkv`` query heads
   of one kv head (GQA rows share every K/V load); the key columns ``[0, P + S)`` are split across
   programs, each writing a normalised partial output and its log-sum-exp, merged by log-sum-exp.
+- ``_grouped_prefix_kernel`` (decode calls whose rows share bank rows, no dropout): grid (bank rows x
+  Hkv, splits, row tiles); the queries of every row using a bank row are stacked in M, so each prefix
+  tile is loaded once per group instead of once per row. Its splits and those of ``_decode_kernel`` run
+  on the sequence part alone land in one buffer, merged by ``_merge_kernel`` (a cascade).
 - ``_bwd_delta_kernel``: ``delta = rowsum(dO * O)``.
 - ``_bwd_dq_kernel``: grid like the forward; accumulates dq over the prefix and sequence tiles.
 - ``_bwd_dkdv_kernel``: grid (B * Hkv, S / BLOCK_N); one sequence key tile, looping over the query
@@ -27,6 +31,7 @@ every kernel derives the same keep mask from those counters, so backward never s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -36,6 +41,12 @@ import triton
 import triton.language as tl
 
 _DECODE_MAX_T = 16
+# Shortest prefix for which a decode step groups rows by bank row: below it a row reads few prefix tiles,
+# and the grouped path's extra launches (sort, a second kernel) cost more than the shared reads save.
+_GROUP_MIN_PREFIX = 256
+# Most bank rows for which a decode step groups rows: its grid holds a program per (bank row, row tile of
+# the whole batch), mostly empty when many bank rows split the batch, so it grows as N * B / (B / N).
+_GROUP_MAX_BANK_ROWS = 64
 _MAX_SPLITS = 64
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,6 +280,59 @@ def _decode_kernel(
     )
     out, lse = _finish_rows(acc, l_i, m_i)
     part_rows = split.to(tl.int64) * n_rows + rows
+    tl.store(OutPart + part_rows[:, None] * D + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(LsePart + part_rows, lse, mask=r_ok)
+
+
+@triton.jit
+def _grouped_prefix_kernel(
+    Q, PK, PV, PL, Order, GroupStarts, OutPart, LsePart,
+    sqb, sqh, sqt, sqd, spkn, spkh, spkp, spkd, spvn, spvh, spvp, spvd,
+    Hq, T, P, D, N, n_rows, cols_per_split, qk_scale,
+    GROUP: tl.constexpr, HAS_LENS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    gk = tl.program_id(0)
+    split = tl.program_id(1)
+    Hkv = Hq // GROUP
+    g = gk // Hkv  # bank row g; g = N is the group of rows without a prefix, which reads nothing
+    hkv = gk % Hkv
+    first = tl.load(GroupStarts + g)
+    stacked = (tl.load(GroupStarts + g + 1) - first) * GROUP * T
+    length = _bank_len(PL, tl.where(g < N, g, -1), P, HAS_LENS)
+    bank = tl.minimum(g, N - 1)
+
+    # Stacked row r is query t = r % T of head hkv * GROUP + (r // T) % GROUP of batch row
+    # Order[first + r // (GROUP * T)].
+    tile_start = tl.program_id(2) * BLOCK_M
+    offs_r = tile_start + tl.arange(0, BLOCK_M)
+    r_ok = offs_r < stacked
+    b = tl.load(Order + first + offs_r // (GROUP * T), mask=r_ok, other=0)
+    hq = hkv * GROUP + (offs_r // T) % GROUP
+    t = offs_r % T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = _load_rows(Q, b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + t.to(tl.int64) * sqt, r_ok, offs_d, d_ok, sqd)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    col_lo = split * cols_per_split
+    # The grid's row tiles fit the whole batch; a tile past its group's last row reads nothing.
+    col_hi = tl.where(tile_start < stacked, tl.minimum(col_lo + cols_per_split, length), col_lo)
+    pk_base = PK + bank.to(tl.int64) * spkn + hkv.to(tl.int64) * spkh
+    pv_base = PV + bank.to(tl.int64) * spvn + hkv.to(tl.int64) * spvh
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(col_lo, col_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < col_hi
+        k = _load_rows(pk_base, offs_n * spkp, n_ok, offs_d, d_ok, spkd)
+        v = _load_rows(pv_base, offs_n * spvp, n_ok, offs_d, d_ok, spvd)
+        # every prefix key of its bank row is visible to every query of the row
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, r_ok[:, None] & n_ok[None, :], offs_r, offs_n,
+                                      0, 0.0, qk_scale, False, PRECISION)
+    out, lse = _finish_rows(acc, l_i, m_i)
+    part_rows = split.to(tl.int64) * n_rows + (b.to(tl.int64) * Hq + hq) * T + t
     tl.store(OutPart + part_rows[:, None] * D + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
     tl.store(LsePart + part_rows, lse, mask=r_ok)
 
@@ -651,31 +715,51 @@ def _forward_general(args, tiles: TileTable | None = None) -> tuple[torch.Tensor
     return out, lse
 
 
-def _forward_decode(args, tiles: TileTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K forward for short queries: same results as :func:`_forward_general`."""
+class _DecodeGrid(NamedTuple):
+    """How ``_decode_kernel`` covers a call: query rows per program and the split of the key columns."""
+
+    block_m: int
+    row_blocks: int
+    n_splits: int
+    cols_per_split: int
+
+
+def _split_columns(n_cols: int, programs: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, columns per split)``: ``n_cols`` key columns cut in whole tiles, into enough splits that
+    ``programs`` programs per split keep the device busy."""
+    n_cols = max(n_cols, 1)
+    n_splits = max(1, min(triton.cdiv(_target_programs(device), programs), triton.cdiv(n_cols, block_n), _MAX_SPLITS))
+    cols_per_split = triton.cdiv(triton.cdiv(n_cols, n_splits), block_n) * block_n
+    return triton.cdiv(n_cols, cols_per_split), cols_per_split
+
+
+def _decode_grid(args, cfg: Config) -> _DecodeGrid:
+    B, Hq, T, _ = args.q.shape
+    Hkv, S, P = args.k.shape[1], args.k.shape[2], args.prefix_k.shape[2]
+    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(Hq // Hkv * T)))
+    row_blocks = triton.cdiv(Hq // Hkv * T, block_m)
+    return _DecodeGrid(block_m, row_blocks, *_split_columns(P + S, B * Hkv * row_blocks, cfg.block_n, args.q.device))
+
+
+def _launch_decode(args, cfg: Config, grid: _DecodeGrid, out_part: torch.Tensor, lse_part: torch.Tensor) -> None:
+    """``_decode_kernel`` into ``out_part`` [splits, B * Hq * T, D] and ``lse_part`` [splits, B * Hq * T]."""
     q, k, prefix_k = args.q, args.k, args.prefix_k
     B, Hq, T, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[2]
-    group = Hq // Hkv
     ptrs, flags = _common_args(args)
-    cfg = _config(q, "decode", tiles)
-    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(group * T)))
-    row_blocks = triton.cdiv(group * T, block_m)
-    n_cols = P + S
-    n_splits = max(1, min(triton.cdiv(_target_programs(q.device), B * Hkv * row_blocks),
-                          triton.cdiv(n_cols, cfg.block_n), _MAX_SPLITS))
-    cols_per_split = triton.cdiv(triton.cdiv(n_cols, n_splits), cfg.block_n) * cfg.block_n
-    n_splits = triton.cdiv(n_cols, cols_per_split)
-    n_rows = B * Hq * T
-    out_part = torch.empty(n_splits, n_rows, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(n_splits, n_rows, dtype=torch.float32, device=q.device)
-    _decode_kernel[_grid(B * Hkv, n_splits, row_blocks)](
+    _decode_kernel[_grid(B * Hkv, grid.n_splits, grid.row_blocks)](
         *ptrs, out_part, lse_part, *_strides(q, k, args.v, prefix_k, args.prefix_v),
-        Hq, T, S, P, D, n_rows, cols_per_split, args.scale * 1.4426950408889634, args.seed_value, args.dropout_p,
-        GROUP=group, CAUSAL=args.causal, DROPOUT=args.dropout_p > 0.0, **flags,
-        PRECISION=_precision(q), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
+        Hq, T, S, P, D, B * Hq * T, grid.cols_per_split, args.scale * 1.4426950408889634, args.seed_value,
+        args.dropout_p, GROUP=Hq // Hkv, CAUSAL=args.causal, DROPOUT=args.dropout_p > 0.0, **flags,
+        PRECISION=_precision(q), BLOCK_M=grid.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def _merge_splits(out_part: torch.Tensor, lse_part: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every split's partial (out, lse) of a row combined: ``(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T])``."""
+    B, Hq, T, D = q.shape
+    n_splits, n_rows = lse_part.shape
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     block_r = 16
@@ -685,15 +769,102 @@ def _forward_decode(args, tiles: TileTable | None = None) -> tuple[torch.Tensor,
     return out, lse
 
 
-def forward(args, tiles: TileTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _parts(n_splits: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows = q.shape[0] * q.shape[1] * q.shape[2]
+    return (torch.empty(n_splits, n_rows, q.shape[3], dtype=torch.float32, device=q.device),
+            torch.empty(n_splits, n_rows, dtype=torch.float32, device=q.device))
+
+
+def _forward_decode(args, tiles: TileTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K forward for short queries: same results as :func:`_forward_general`."""
+    cfg = _config(args.q, "decode", tiles)
+    grid = _decode_grid(args, cfg)
+    out_part, lse_part = _parts(grid.n_splits, args.q)
+    _launch_decode(args, cfg, grid, out_part, lse_part)
+    return _merge_splits(out_part, lse_part, args.q)
+
+
+def _row_groups(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch rows grouped by bank row, on the device (no host read): ``order`` [B] int32, the rows
+    sorted by bank row (stable), and ``starts`` [N + 2] int32, group ``g`` being
+    ``order[starts[g]:starts[g + 1]]``; group ``N`` holds the rows without a prefix (index -1)."""
+    q, N = args.q, args.prefix_k.shape[0]
+    if args.prefix_index is None:  # every row reads bank row 0 (N = 1)
+        order = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)
+        return order, torch.tensor([0, q.shape[0], q.shape[0]], dtype=torch.int32, device=q.device)
+    key = torch.where(args.prefix_index >= 0, args.prefix_index, N)
+    sorted_key, order = torch.sort(key, stable=True)
+    bounds = torch.arange(N + 2, dtype=sorted_key.dtype, device=q.device)
+    return order.to(torch.int32), torch.searchsorted(sorted_key, bounds, out_int32=True)
+
+
+def _forward_grouped(args, tiles: TileTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K forward for short queries whose rows share bank rows (a cascade): same results as
+    :func:`_forward_decode`, without dropout.
+
+    The prefix part stacks the queries of every row that uses a bank row (rows x T x the query heads of
+    a KV head) so that each prefix tile is loaded once per group and multiplied against all of them
+    (``_grouped_prefix_kernel``); the sequence part is ``_decode_kernel`` with an empty prefix. Both write
+    partial results into one buffer, merged by log-sum-exp in one ``_merge_kernel`` launch.
+    """
+    q, prefix_k = args.q, args.prefix_k
+    B, Hq, T, D = q.shape
+    N, Hkv, P = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
+    group = Hq // Hkv
+    cfg = _config(q, "decode", tiles)
+    empty_k, empty_v = prefix_k[:, :, :0], args.prefix_v[:, :, :0]
+    sequence = dataclasses.replace(args, prefix_k=empty_k, prefix_v=empty_v, prefix_index=None, prefix_lens=None)
+    sequence_grid = _decode_grid(sequence, cfg)
+    # The groups' sizes live on the device: tiles fit the average group (B / N rows), and enough of them
+    # to cover the whole batch in one group; a tile past its group's rows exits at once.
+    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(triton.cdiv(B, N) * group * T)))
+    row_tiles = triton.cdiv(B * group * T, block_m)
+    busy = Hkv * max(min(N, B), row_tiles)
+    prefix_splits, cols_per_split = _split_columns(P, busy, cfg.block_n, q.device)
+    out_part, lse_part = _parts(prefix_splits + sequence_grid.n_splits, q)
+    order, starts = _row_groups(args)
+    lens = q if args.prefix_lens is None else args.prefix_lens  # q stands in for an absent tensor, never read
+    _grouped_prefix_kernel[_grid((N + 1) * Hkv, prefix_splits, row_tiles)](
+        q, prefix_k, args.prefix_v, lens, order, starts, out_part, lse_part,
+        *_strides(q, prefix_k, args.prefix_v), Hq, T, P, D, N, B * Hq * T, cols_per_split,
+        args.scale * 1.4426950408889634,
+        GROUP=group, HAS_LENS=args.prefix_lens is not None, PRECISION=_precision(q),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _launch_decode(sequence, cfg, sequence_grid, out_part[prefix_splits:], lse_part[prefix_splits:])
+    return _merge_splits(out_part, lse_part, q)
+
+
+def groups_rows(args) -> bool:
+    """Whether :func:`forward` takes the grouped decode path: short queries (T <= 16) without dropout, a
+    prefix of at least ``_GROUP_MIN_PREFIX`` keys, and more batch rows than bank rows (so some rows share
+    one), at most ``_GROUP_MAX_BANK_ROWS`` of them. Decided from shapes only, so it reads nothing from
+    the device."""
+    B, _, T, _ = args.q.shape
+    N, _, P, _ = args.prefix_k.shape
+    return (T <= _DECODE_MAX_T and args.dropout_p == 0.0 and P >= _GROUP_MIN_PREFIX
+            and N < B and N <= _GROUP_MAX_BANK_ROWS)
+
+
+def forward(
+    args, tiles: TileTable | None = None, *, group_rows: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Backend forward on the op's argument record (``fastprompt.attention.AttentionArgs``; read by field
     name): ``(out [B, Hq, T, D], lse [B, Hq, T] float32)``.
 
-    Queries of T <= 16 take the split-K decode path, longer ones the tiled kernel. ``tiles`` replaces
-    the shipped config of the kernels it names (for tuning).
+    Queries of T <= 16 take a split-K decode path, longer ones the tiled kernel. Among decode calls, those
+    whose rows share bank rows read each bank row once per group (:func:`groups_rows`; ``group_rows``
+    forces the choice, for tests and benchmarks). ``tiles`` replaces the shipped config of the kernels it
+    names (for tuning).
     """
-    path = _forward_decode if args.q.shape[2] <= _DECODE_MAX_T else _forward_general
-    return path(args, tiles)
+    if args.q.shape[2] > _DECODE_MAX_T:
+        return _forward_general(args, tiles)
+    if group_rows is None:
+        group_rows = groups_rows(args)
+    if group_rows and args.dropout_p > 0.0:
+        raise ValueError("the grouped decode path has no dropout; call it with dropout_p = 0")
+    return (_forward_grouped if group_rows else _forward_decode)(args, tiles)
 
 
 def backward(

@@ -143,6 +143,23 @@ def _attention(dtype: torch.dtype, D: int, full: bool, T: int) -> None:
         pa.backward(args, out, lse, torch.empty_like(out), torch.empty_like(lse) if full else None)
 
 
+def _grouped_decode(dtype: torch.dtype, D: int) -> None:
+    """Launch the grouped decode path (the prefix part per group of rows sharing a bank row, the sequence
+    part per row, one merge) on meta tensors."""
+    from fastprompt.kernels import prefix_attention as pa
+
+    from fastprompt.attention import AttentionArgs
+
+    B, Hq, Hkv, T, S, N, P = 8, 8, 2, 4, 64, 3, 300
+    q = _meta(B, Hq, T, D, dtype=dtype)
+    k, v = _meta(B, Hkv, S, D, dtype=dtype), _meta(B, Hkv, S, D, dtype=dtype)
+    pk, pv = _meta(N, Hkv, P, D, dtype=dtype), _meta(N, Hkv, P, D, dtype=dtype)
+    index, lens = _meta(B, dtype=torch.int32), _meta(N, dtype=torch.int32)
+    args = AttentionArgs(q, k, v, pk, pv, index, lens, _meta(B, S, dtype=torch.bool), True, D**-0.5, 0.0, None)
+    assert pa.groups_rows(args)
+    pa.forward(args)
+
+
 def _mlp(dtype: torch.dtype) -> None:
     from fastprompt.kernels import prompt_encoders as pe
 
@@ -166,13 +183,16 @@ def _lstm(dtype: torch.dtype, H: int) -> None:
 
 def cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     """(name, launch) pairs: the prefix-attention kernels over dtypes, head dims and their constexpr
-    branches (tiled forward + backward at T = 64, decode at T = 4); the fused MLP forward and backward
-    with both activations; the LSTM in its one-launch (H = 64) and per-step (H = 2048) modes."""
+    branches (tiled forward + backward at T = 64, decode at T = 4, per row and grouped); the fused MLP
+    forward and backward with both activations; the LSTM in its one-launch (H = 64) and per-step (H = 2048) modes."""
     dtypes, dims = ((torch.bfloat16, torch.float32), (80, 256)) if quick else (DTYPES, HEAD_DIMS)
     for dtype, D, full in itertools.product(dtypes, dims, (True, False)):
         name = f"attention {_name(dtype)} D={D} {'causal+kpm+dropout' if full else 'plain'}"
         yield f"{name} T=64", functools.partial(_attention, dtype, D, full, 64)
         yield f"{name} T=4 (decode)", functools.partial(_attention, dtype, D, full, 4)
+    for dtype, D in itertools.product(dtypes, dims):
+        yield f"attention {_name(dtype)} D={D} T=4 (decode, rows grouped by bank row)", functools.partial(
+            _grouped_decode, dtype, D)
     for dtype in (torch.float32,) if quick else DTYPES:
         yield f"encoder MLP {_name(dtype)}", functools.partial(_mlp, dtype)
         for H in (64, 2048):

@@ -29,7 +29,8 @@ def test_kernels_compile_for_gpu(arch: int) -> None:
     kernels = {kernel for _, kernel in rows}
     # every kernel the package launches was compiled (a launcher that stopped launching would pass silently)
     assert kernels >= {"_fwd_kernel", "_decode_kernel", "_merge_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel",
-                       "_bwd_dkdv_kernel", "_bwd_dprefix_kernel", "_linear_kernel"}, proc.stdout
+                       "_bwd_dkdv_kernel", "_bwd_dprefix_kernel", "_grouped_prefix_kernel",
+                       "_linear_kernel"}, proc.stdout
     # both LSTM launch modes: one launch for all steps (H = 64) and one launch per step (H = 2048)
     for H in (64, 2048):
         for kernel in ("_lstm_fwd_kernel", "_lstm_bwd_kernel"):
