@@ -427,7 +427,7 @@ def git_commit() -> str:
     Only a checkout whose top level holds this very package counts: an installed copy inside some other
     repository (a virtual environment in a project folder) must not report that project's commit.
     """
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parents[1]  # fastprompt/, above this cli/ subpackage
 
     def git(*args: str) -> str:
         return subprocess.run(
