@@ -118,6 +118,14 @@ class _EncodedEntry:
         if is_prefix and torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters()):
             # Training: the K/V must carry this forward's graph back to the encoder, so they are never reused.
             return prefix_tuning_kv(self.encoder, self.config).to(base.dtype)
+        if not is_prefix and base.training and torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.encoder.parameters()
+        ):
+            raise UnsupportedModelError(
+                f"a {peft_type(self.config)} adapter in adapter_names is served as a compiled soft prompt (keys and "
+                "values computed once, without gradient), so it cannot be trained that way: train it as the "
+                "PeftModel's active adapter without adapter_names, or call model.eval() to serve it"
+            )
         key = self._state(base)
         if self._kv is not None and key == self._key:
             return self._kv
