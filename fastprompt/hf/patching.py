@@ -41,14 +41,14 @@ from transformers import PreTrainedModel
 from fastprompt.encoders import encode_prompt
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
-from fastprompt.hf.adapters import adapter_registry
+from fastprompt.hf.adapters import PATCH_STATE_ATTR, AdapterRegistry, adapter_registry
 from fastprompt.hf.attention import ATTN_IMPLEMENTATION, LAYER_LOG_KWARG, PREFIX_KWARG, PrefixCache
 from fastprompt.hf.soft_prompts import prompt_kv
 from fastprompt.prefix.kv import PrefixKV
 
 __all__ = ["ForwardPlan", "patch", "unpatch", "prefix_from_peft", "token_positions"]
 
-_STATE_ATTR = "_fastprompt_patch_state"
+_STATE_ATTR = PATCH_STATE_ATTR
 _ABSENT = object()
 _PREFIX_TYPES = ("PREFIX_TUNING",)
 _EMBEDDING_TYPES = ("P_TUNING", "PROMPT_TUNING")
@@ -60,6 +60,8 @@ _TOKEN_LABEL_TASKS = ("CAUSAL_LM", "TOKEN_CLS")
 class _PatchState:
     base: PreTrainedModel
     attn_implementation: str
+    # the named prefixes adapter_names can use; they live as long as the patch
+    registry: AdapterRegistry
     # (object, instance attribute, previous value or _ABSENT), in the order they were replaced
     replaced: list[tuple[Any, str, Any]] = field(default_factory=list)
 
@@ -499,7 +501,7 @@ def patch(model: Any) -> Any:
     if peft_model_class is not None and isinstance(model, peft_model_class):
         _check_peft_model(model)
         base = model.get_base_model()
-        state = _PatchState(base, base.config._attn_implementation)
+        state = _PatchState(base, base.config._attn_implementation, AdapterRegistry(model))
         _set_attn_implementation(base, ATTN_IMPLEMENTATION)
         _replace(model, state, "forward", _patched_forward)
         if hasattr(model, "prepare_inputs_for_generation"):  # the task types PEFT lets generate
@@ -507,7 +509,7 @@ def patch(model: Any) -> Any:
     elif isinstance(model, PreTrainedModel):
         _check_transformers_model(model)
         base = model
-        state = _PatchState(base, model.config._attn_implementation)
+        state = _PatchState(base, model.config._attn_implementation, AdapterRegistry(model))
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
         _replace(model, state, "forward", _plain_forward)
         if hasattr(model, "generate"):
