@@ -1,8 +1,12 @@
 """``fastprompt.patch(model)`` / ``fastprompt.unpatch(model)``: one line that puts a model on the fast path.
 
-A plain ``transformers`` model gets the ``"fastprompt"`` attention implementation (its prefixes then come
-from the serving APIs through the ``fastprompt_prefix`` forward kwarg). A ``peft.PeftModel`` whose active
-adapter is prompt learning additionally has ``forward`` and ``generate`` replaced on the instance. Neither
+A plain ``transformers`` model gets the ``"fastprompt"`` attention implementation (a prefix can then be passed
+as the ``fastprompt_prefix`` forward kwarg). A ``peft.PeftModel`` whose active adapter is prompt learning
+additionally has ``forward`` and ``generate`` replaced on the instance. Both kinds of patched model take
+``adapter_names=[...]`` (one name per batch row, ``"__base__"`` for none) in ``forward`` and ``generate``: each
+row then runs with the prefix its name has in the patch's adapter registry (:mod:`fastprompt.hf.adapters`),
+numbered from its own prefix length; P-tuning / prompt-tuning rows read compiled soft prompts (causal models
+only). Without ``adapter_names`` a plain model's ``forward`` and ``generate`` are the originals. Neither
 calls PEFT's forward, ``get_prompt``, ``prepare_inputs_for_generation`` or generate plumbing: they read the
 adapter (config, ``prompt_encoder[name]``, ``prompt_tokens``; see :mod:`fastprompt.hf.compat`) and drive the
 base model through stable ``transformers`` inputs, following a :class:`ForwardPlan` (per batch row: its
@@ -488,8 +492,9 @@ def patch(model: Any) -> Any:
 
     ``model``: a ``peft.PeftModel`` whose active adapter is PREFIX_TUNING (with or without projection),
     P_TUNING (MLP or LSTM encoder) or PROMPT_TUNING, for any task type (causal LM, sequence or token
-    classification); or a plain ``transformers`` ``PreTrainedModel`` (prefixes then come through the
-    ``fastprompt_prefix`` forward kwarg). Results equal the unpatched model's; see the module docstring.
+    classification); or a plain ``transformers`` ``PreTrainedModel``. Results equal the unpatched model's; see
+    the module docstring. Either then serves named prefixes (``fastprompt.load_adapter``, ``cache_prompt``, a
+    PeftModel's own adapters) per batch row through ``adapter_names=[...]`` in ``forward`` and ``generate``.
 
     Raises :class:`~fastprompt.UnsupportedModelError` (saying why) for anything else: attention not
     dispatched through ``ALL_ATTENTION_FUNCTIONS``, sliding-window / chunked / soft-capped attention,
@@ -525,7 +530,8 @@ def patch(model: Any) -> Any:
 
 
 def unpatch(model: Any) -> Any:
-    """Undo :func:`patch` exactly (attention implementation and replaced methods); a no-op if not patched."""
+    """Undo :func:`patch` exactly (attention implementation and replaced methods; the prefixes registered for
+    ``adapter_names`` are dropped with the patch); a no-op if not patched."""
     state: _PatchState | None = model.__dict__.get(_STATE_ATTR)
     if state is None:
         return model
