@@ -369,15 +369,6 @@ def test_prefix_bank_index_values_are_checked_once_at_construction():
         PrefixKV(bank, prefix_index=torch.tensor([0, -1]), prefix_lens=torch.tensor([5, 6, 1]))
 
 
-def test_mixed_adapter_batches_are_refused_not_ignored():
-    torch.manual_seed(0)
-    model = fastprompt.patch(tiny_peft_model("llama", "prefix_projection", num_virtual_tokens=P)).eval()
-    batch = random_batch(B, T)
-    names = ["default"] + ["__base__"] * (B - 1)
-    with pytest.raises(fastprompt.UnsupportedModelError, match="mixed-adapter batches"):
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names)
-
-
 def test_eval_forward_returns_the_cache_peft_returns():
     torch.manual_seed(0)
     model = tiny_peft_model("llama", "prefix_projection", num_virtual_tokens=P).eval()

@@ -1,9 +1,10 @@
 """The serving layer on models: adapters of every prompt-learning type and length, cached prompts and the base
-model mixed in one left-padded batch of a patched plain Llama, through the ``fastprompt_prefix`` forward
-argument and per-row ``position_ids`` built by the model's adapter registry:
+model mixed in one left-padded batch, through ``model(..., adapter_names=...)`` and
+``model.generate(..., adapter_names=...)`` of a patched plain Llama and of a patched ``PeftModel``:
 
 - each row equals that row run alone, unpadded, through PEFT with its adapter (``PeftModel.from_pretrained``
-  on the same base), or through the unpatched model with the prompt's tokens in front for a cached prompt;
+  on the same base), or through the unpatched model with the prompt's tokens in front for a cached prompt,
+  in logits and in greedy tokens;
 - changing one row's adapter changes no other row;
 - compiled soft prompts are computed once and recomputed when their parameters change;
 - exports load back onto a model and serve the same rows;
@@ -14,19 +15,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import PAD, VOCAB, assert_scaled_close, random_batch, tiny_model, tiny_peft_model
+from models import PAD, VOCAB, assert_scaled_close, peft_config, random_batch, tiny_model, tiny_peft_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import fastprompt
 from fastprompt.hf import compat
+from fastprompt.hf.adapters import adapter_registry
 from fastprompt.prefix import ExportedPrefix
-from fastprompt.serving import (
-    adapter_registry,
-    cache_prompt,
-    export_prefix_kv,
-    load_adapter,
-    load_prefix_kv,
-)
+from fastprompt.serving import cache_prompt, export_prefix_kv, load_adapter, load_prefix_kv
 
 pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
 
@@ -75,16 +71,10 @@ def _serving_model(saved_adapters: dict[str, str]) -> torch.nn.Module:
 
 
 def _serve(model, names: list[str], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, T, V] of a mixed batch, the way the patched forward will run ``adapter_names``."""
-    served = adapter_registry(model).batch(names, batch["input_ids"].shape[0])
+    """Logits [B, T, V] of a mixed batch through the patched forward's ``adapter_names``."""
     with torch.no_grad():
-        return model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=served.position_ids(batch["attention_mask"]),
-            fastprompt_prefix=served.prefix,
-            use_cache=False,
-        ).logits
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names,
+                     use_cache=False).logits
 
 
 def _alone(name: str, tokens: torch.Tensor, saved_adapters: dict[str, str], arch: str = "llama") -> torch.Tensor:
@@ -325,8 +315,8 @@ def test_other_adapter_types_and_bidirectional_models_are_refused(tmp_path):
         load_adapter(model, tmp_path / "lora", "lora")
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         load_adapter(model, tmp_path / "nothing", "x")
-    with pytest.raises(fastprompt.UnsupportedModelError, match="is LORA; adapter_names takes prompt-learning"):
-        adapter_registry(lora).batch(["default"], 1)
+    with pytest.raises(fastprompt.UnsupportedModelError, match=r"is not patched: call fastprompt.patch\(model\) first"):
+        cache_prompt(_base(), "p", _prompt())
     tiny_peft_model("bert", "p_tuning_mlp", task="seq_cls").save_pretrained(tmp_path / "bert")
     bert = fastprompt.patch(tiny_model("bert", "seq_cls").eval())
     with pytest.raises(fastprompt.UnsupportedModelError, match="needs a causal \\(decoder\\) model, but Bert"):
@@ -335,48 +325,145 @@ def test_other_adapter_types_and_bidirectional_models_are_refused(tmp_path):
         cache_prompt(bert, "p", torch.full((1, 3), PAD + 5))
 
 
-def _greedy_served(model, names: list[str], batch: dict[str, torch.Tensor], steps: int):
-    """Greedy decoding of a mixed batch through a KV cache that holds real tokens only: ([B, steps] tokens,
-    the cache). Each step passes the batch's prefix and the new column's positions."""
-    from transformers import DynamicCache
-
-    served = adapter_registry(model).batch(names, batch["input_ids"].shape[0])
-    cache = DynamicCache(config=model.config)
-    input_ids, mask, new = batch["input_ids"], batch["attention_mask"], []
-    with torch.no_grad():
-        for _ in range(steps):
-            positions = served.position_ids(mask)[:, -input_ids.shape[1] :]
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           fastprompt_prefix=served.prefix, **{compat.cache_kwarg(model): cache}).logits
-            input_ids = logits[:, -1].argmax(-1, keepdim=True)
-            new.append(input_ids)
-            mask = torch.cat([mask, torch.ones_like(input_ids)], 1)
-    return torch.cat(new, 1), cache
+NEW = 4
+GREEDY = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=PAD, output_logits=True,
+              return_dict_in_generate=True)
 
 
-def test_greedy_decoding_of_mixed_rows_equals_each_row_alone(saved_adapters):
-    torch.manual_seed(0)
-    model = _serving_model(saved_adapters)
-    names = ["lstm", "prompt", "__base__", "proj", "soft"]
+def _alone_greedy(name: str, tokens: torch.Tensor, saved_adapters: dict[str, str]):
+    """Greedy decoding of one unpadded row alone, a full forward through PEFT (or the unpatched model, prompt in
+    front) per new token: ([NEW] tokens, [NEW, V] logits of each step)."""
+    logits = []
+    for _ in range(NEW):
+        logits.append(_alone(name, tokens, saved_adapters)[-1])
+        tokens = torch.cat([tokens, logits[-1].argmax(-1, keepdim=True)])
+    return tokens[-NEW:], torch.stack(logits)
+
+
+def _assert_generate_equals_rows_alone(model, names: list[str], saved_adapters: dict[str, str]) -> None:
     batch = random_batch(len(names), 6, padding="left", seed=5)
-    tokens, cache = _greedy_served(model, names, batch, steps=4)
+    with torch.no_grad():
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             adapter_names=names, **GREEDY)
     for row, name in enumerate(names):
-        sequence = batch["input_ids"][row][batch["attention_mask"][row].bool()]
-        for _ in range(4):  # each row alone, a full forward per token: no cache, no padding
-            sequence = torch.cat([sequence, _alone(name, sequence, saved_adapters)[-1:].argmax(-1)])
-        assert torch.equal(tokens[row], sequence[-4:]), f"row {row} ({name})"
-    assert cache.get_seq_length() == 6 + 3, "the cache holds the real columns only, never a prefix"
+        tokens, logits = _alone_greedy(name, batch["input_ids"][row][batch["attention_mask"][row].bool()],
+                                       saved_adapters)
+        assert torch.equal(out.sequences[row, -NEW:], tokens), f"row {row} ({name}): greedy tokens"
+        assert_scaled_close(torch.stack(out.logits)[:, row], logits, 1e-5, f"row {row} ({name}): step logits")
+    assert out.past_key_values.get_seq_length() == 6 + NEW - 1, "the cache holds the real columns only"
+
+
+def test_generate_of_mixed_rows_equals_each_row_alone(saved_adapters):
+    model = _serving_model(saved_adapters)
+    _assert_generate_equals_rows_alone(model, ["lstm", "prompt", "__base__", "proj", "soft"], saved_adapters)
+
+
+def _peft_serving_model(saved_adapters: dict[str, str], first: str, second: str, loaded: str) -> PeftModel:
+    """A PeftModel holding two adapters of one type (``first`` active), patched, with an adapter ``loaded``
+    through fastprompt and a cached prompt registered on top."""
+    model = PeftModel.from_pretrained(_base(), saved_adapters[first], adapter_name=first)
+    model.load_adapter(saved_adapters[second], adapter_name=second)
+    model = fastprompt.patch(model.eval())
+    load_adapter(model, saved_adapters[loaded], loaded)
+    cache_prompt(model, "prompt", _prompt())
+    return model
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "loaded"), [("proj", "deep", "lstm"), ("mlp", "lstm", "soft")], ids=["prefix", "p-tuning"]
+)
+def test_peft_model_forward_and_generate_serve_mixed_rows(saved_adapters, first, second, loaded):
+    """PEFT's own adapters (prefix tuning; or P-tuning, served compiled) next to one loaded through fastprompt,
+    a cached prompt and the base model; the active adapter without adapter_names is unchanged."""
+    model = _peft_serving_model(saved_adapters, first, second, loaded)
+    names = [second, loaded, "__base__", first, "prompt", second]
+    batch = random_batch(len(names), 7, padding="left")
+    actual = _serve(model, names, batch)
+    for row, name in enumerate(names):
+        real = batch["attention_mask"][row].bool()
+        expected = _alone(name, batch["input_ids"][row][real], saved_adapters)
+        assert_scaled_close(actual[row][real], expected, 1e-5, f"row {row} ({name})")
+    _assert_generate_equals_rows_alone(model, names[:5], saved_adapters)
+    with torch.no_grad():
+        active = model(input_ids=batch["input_ids"][:1]).logits[0, -7:]
+    assert_scaled_close(active, _alone(first, batch["input_ids"][0], saved_adapters), 1e-5, "active adapter")
 
 
 def test_kv_cache_of_32_rows_sharing_a_512_token_prompt_holds_no_copy_of_it():
     model = fastprompt.patch(_base(max_positions=1024))
     cache_prompt(model, "system", torch.randint(4, VOCAB, (1, 512), generator=torch.Generator().manual_seed(0)))
+    kv = adapter_registry(model).kv("system")
     batch = random_batch(32, 8, padding="left")
-    _, cache = _greedy_served(model, ["system"] * 32, batch, steps=2)
+    with torch.no_grad():
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             adapter_names=["system"] * 32, **{**GREEDY, "max_new_tokens": 3, "min_new_tokens": 3})
+    cache = out.past_key_values
     stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     layers, kv_heads, head_dim = 2, 2, 8
-    # rows x real tokens (8 of the batch, 1 decoded and fed back); a copied prompt would add 32 x 512 columns
-    assert stored == layers * 2 * 32 * (8 + 1) * kv_heads * head_dim * 4
+    # rows x real tokens (8 of the batch and 3 - 1 decoded and fed back); a copied prompt would add 32 x 512 columns
+    assert stored == layers * 2 * 32 * (8 + 3 - 1) * kv_heads * head_dim * 4
+    bank = cache.prefix.bank
+    assert bank.shape[2] == 1 and bank.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr(), "no copy"
+
+
+def test_bad_adapter_names_are_refused_in_forward_and_generate(saved_adapters):
+    model = _serving_model(saved_adapters)
+    batch = random_batch(2, 5)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    for run in (model, lambda **kw: model.generate(**kw, max_new_tokens=2, pad_token_id=PAD)):
+        with pytest.raises(ValueError, match=r"unknown adapter name 'nope'; this model serves \['__base__', 'proj'"):
+            run(**inputs, adapter_names=["proj", "nope"])
+        with pytest.raises(ValueError, match="adapter_names has 3 names but the batch has 2 rows"):
+            run(**inputs, adapter_names=["proj", "deep", "soft"])
+        with pytest.raises(ValueError, match="one name per batch row"):
+            run(**inputs, adapter_names="proj")
+    with pytest.raises(fastprompt.UnsupportedModelError, match="num_beams > 1 would multiply the rows"):
+        model.generate(**inputs, adapter_names=["proj", "deep"], num_beams=2, max_new_tokens=2, pad_token_id=PAD)
+    served = adapter_registry(model).batch(["proj", "deep"], 2)
+    with pytest.raises(ValueError, match="either adapter_names or fastprompt_prefix"):
+        model(**inputs, adapter_names=["proj", "deep"], fastprompt_prefix=served.prefix)
+    peft_model = _peft_serving_model(saved_adapters, "proj", "deep", "lstm")
+    with pytest.raises(ValueError, match=r"unknown adapter name 'soft'; this model serves \['__base__', 'lstm', "):
+        peft_model(**inputs, adapter_names=["soft", "deep"])
+    with pytest.raises(ValueError, match="adapter_names has 1 names but the batch has 2 rows"):
+        peft_model.generate(**inputs, adapter_names=["deep"], max_new_tokens=2)
+
+
+def test_soft_prompt_rows_of_a_bidirectional_peft_model_are_refused():
+    model = fastprompt.patch(tiny_peft_model("bert", "p_tuning_mlp", task="seq_cls").eval())
+    batch = random_batch(2, 5)
+    with pytest.raises(fastprompt.UnsupportedModelError, match="needs a causal \\(decoder\\) model, but Bert"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=["default"] * 2)
+
+
+def test_training_through_adapter_names_reaches_each_row_s_adapter_or_is_refused(saved_adapters):
+    """Prefix-tuning rows carry gradients to their own adapter only; a soft prompt cannot be trained compiled."""
+    model = tiny_peft_model("llama", "prefix_projection", gqa=True, num_virtual_tokens=5)
+    model.add_adapter("deep", peft_config("prefix", "causal_lm", num_virtual_tokens=3))
+    model.prompt_encoder.requires_grad_(True)
+    fastprompt.patch(model.train())
+    batch = random_batch(3, 5, padding="left")
+    out = model(**batch, adapter_names=["deep", "__base__", "deep"])
+    out.loss.backward()
+    grads = {name: [p.grad for p in model.prompt_encoder[name].parameters()] for name in ("default", "deep")}
+    assert grads["deep"] and all(g is not None and g.abs().sum() > 0 for g in grads["deep"]), "no gradient"
+    assert all(g is None for g in grads["default"]), "a row's gradient reached an adapter no row named"
+    soft = fastprompt.patch(tiny_peft_model("llama", "p_tuning_mlp", gqa=True).train())
+    with pytest.raises(fastprompt.UnsupportedModelError, match="P_TUNING adapter in adapter_names .* cannot be tra"):
+        soft(**batch, adapter_names=["default"] * 3)
+
+
+def test_unpatch_of_a_plain_model_restores_forward_and_generate_exactly():
+    model = _base()
+    attrs = dict(model.__dict__)
+    batch = random_batch(2, 5, padding="left")
+    fastprompt.patch(model)
+    with torch.no_grad():
+        assert torch.equal(_serve(model, ["__base__"] * 2, batch),
+                           model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits)
+    fastprompt.unpatch(model)
+    assert model.__dict__ == attrs
 
 
 def test_trainable_prefix_adapter_gives_differentiable_kv_after_a_cached_serving_call():

@@ -1,7 +1,8 @@
 """The named prefixes a model serves, and the prefix bank of a batch whose rows name them.
 
-An :class:`AdapterRegistry` belongs to one model instance (:func:`adapter_registry` creates it on first use
-and keeps it on the model, so it lives and dies with the model) and maps names to prefixes:
+An :class:`AdapterRegistry` belongs to one patched model instance: :func:`fastprompt.patch` creates it with the
+patch state and :func:`fastprompt.unpatch` drops it (:func:`adapter_registry` finds it). It maps names to
+prefixes:
 
 - fixed K/V blocks: a loaded prefix-tuning adapter, a cached prompt, a loaded exported prefix;
 - compiled soft prompts: a P-tuning / prompt-tuning adapter whose virtual tokens run once through the
@@ -41,10 +42,11 @@ from fastprompt.prefix.peft import (
     virtual_token_embeddings,
 )
 
-__all__ = ["BASE", "AdapterRegistry", "BatchPrefix", "adapter_registry", "base_model_of"]
+__all__ = ["BASE", "PATCH_STATE_ATTR", "AdapterRegistry", "BatchPrefix", "adapter_registry", "base_model_of"]
 
 BASE = "__base__"
-_REGISTRY_ATTR = "_fastprompt_adapters"
+# The attribute of a patched model that holds its patch state (fastprompt.hf.patching), registry included.
+PATCH_STATE_ATTR = "_fastprompt_patch_state"
 
 
 def _peft_model_class() -> type | None:
@@ -71,13 +73,14 @@ def base_model_of(model: Any) -> PreTrainedModel:
 
 
 def adapter_registry(model: Any) -> AdapterRegistry:
-    """The registry of ``model`` (a ``transformers`` model or ``PeftModel``), created on first use."""
-    registry = model.__dict__.get(_REGISTRY_ATTR)
-    if registry is None:
-        registry = AdapterRegistry(model)
-        # object.__setattr__: nn.Module's own __setattr__ (and PeftModel's forwarding) must not see it.
-        object.__setattr__(model, _REGISTRY_ATTR, registry)
-    return registry
+    """The registry of a model patched by :func:`fastprompt.patch`; it lives as long as the patch."""
+    state = model.__dict__.get(PATCH_STATE_ATTR)
+    if state is None:
+        raise UnsupportedModelError(
+            f"this {type(model).__name__} is not patched: call fastprompt.patch(model) first (its named prefixes "
+            "live on the patch, and only a patched model can serve them)"
+        )
+    return state.registry
 
 
 class _FixedEntry:
@@ -118,6 +121,14 @@ class _EncodedEntry:
         if is_prefix and torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters()):
             # Training: the K/V must carry this forward's graph back to the encoder, so they are never reused.
             return prefix_tuning_kv(self.encoder, self.config).to(base.dtype)
+        if not is_prefix and base.training and torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.encoder.parameters()
+        ):
+            raise UnsupportedModelError(
+                f"a {peft_type(self.config)} adapter in adapter_names is served as a compiled soft prompt (keys and "
+                "values computed once, without gradient), so it cannot be trained that way: train it as the "
+                "PeftModel's active adapter without adapter_names, or call model.eval() to serve it"
+            )
         key = self._state(base)
         if self._kv is not None and key == self._key:
             return self._kv

@@ -1,8 +1,12 @@
 """``fastprompt.patch(model)`` / ``fastprompt.unpatch(model)``: one line that puts a model on the fast path.
 
-A plain ``transformers`` model gets the ``"fastprompt"`` attention implementation (its prefixes then come
-from the serving APIs through the ``fastprompt_prefix`` forward kwarg). A ``peft.PeftModel`` whose active
-adapter is prompt learning additionally has ``forward`` and ``generate`` replaced on the instance. Neither
+A plain ``transformers`` model gets the ``"fastprompt"`` attention implementation (a prefix can then be passed
+as the ``fastprompt_prefix`` forward kwarg). A ``peft.PeftModel`` whose active adapter is prompt learning
+additionally has ``forward`` and ``generate`` replaced on the instance. Both kinds of patched model take
+``adapter_names=[...]`` (one name per batch row, ``"__base__"`` for none) in ``forward`` and ``generate``: each
+row then runs with the prefix its name has in the patch's adapter registry (:mod:`fastprompt.hf.adapters`),
+numbered from its own prefix length; P-tuning / prompt-tuning rows read compiled soft prompts (causal models
+only). Without ``adapter_names`` a plain model's ``forward`` and ``generate`` are the originals. Neither
 calls PEFT's forward, ``get_prompt``, ``prepare_inputs_for_generation`` or generate plumbing: they read the
 adapter (config, ``prompt_encoder[name]``, ``prompt_tokens``; see :mod:`fastprompt.hf.compat`) and drive the
 base model through stable ``transformers`` inputs, following a :class:`ForwardPlan` (per batch row: its
@@ -31,6 +35,7 @@ prompt tuning). ``unpatch`` puts back exactly what was there.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,13 +45,14 @@ from transformers import PreTrainedModel
 from fastprompt.encoders import encode_prompt
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
+from fastprompt.hf.adapters import PATCH_STATE_ATTR, AdapterRegistry, adapter_registry
 from fastprompt.hf.attention import ATTN_IMPLEMENTATION, LAYER_LOG_KWARG, PREFIX_KWARG, PrefixCache
 from fastprompt.hf.soft_prompts import prompt_kv
 from fastprompt.prefix.kv import PrefixKV
 
 __all__ = ["ForwardPlan", "patch", "unpatch", "prefix_from_peft", "token_positions"]
 
-_STATE_ATTR = "_fastprompt_patch_state"
+_STATE_ATTR = PATCH_STATE_ATTR
 _ABSENT = object()
 _PREFIX_TYPES = ("PREFIX_TUNING",)
 _EMBEDDING_TYPES = ("P_TUNING", "PROMPT_TUNING")
@@ -58,6 +64,8 @@ _TOKEN_LABEL_TASKS = ("CAUSAL_LM", "TOKEN_CLS")
 class _PatchState:
     base: PreTrainedModel
     attn_implementation: str
+    # the named prefixes adapter_names can use; they live as long as the patch
+    registry: AdapterRegistry
     # (object, instance attribute, previous value or _ABSENT), in the order they were replaced
     replaced: list[tuple[Any, str, Any]] = field(default_factory=list)
 
@@ -207,14 +215,6 @@ def _check_checkpointing(model: torch.nn.Module) -> None:
             )
 
 
-def _refuse_mixed_adapters(kwargs: dict[str, Any]) -> None:
-    if kwargs.get("adapter_names") is not None:
-        raise UnsupportedModelError(
-            "mixed-adapter batches (adapter_names=...) are not supported by fastprompt.patch yet: the batch would "
-            "silently run the active adapter on every row; run one adapter per batch (or fastprompt.unpatch)"
-        )
-
-
 def _stores_cache(base: Any, use_cache: bool | None) -> bool:
     """Whether the base model would fill a KV cache in this forward, as transformers decides it."""
     if use_cache is not None:
@@ -257,7 +257,6 @@ def _prepend(tensor: torch.Tensor | None, count: int, value: float) -> torch.Ten
 
 
 def _refuse_unsupported_inputs(kwargs: dict[str, Any]) -> None:
-    _refuse_mixed_adapters(kwargs)
     if kwargs.pop("task_ids", None) is not None:
         raise UnsupportedModelError("task_ids (multitask prompt tuning) is not supported by fastprompt.patch")
     if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
@@ -274,10 +273,14 @@ def _patched_forward(
     inputs_embeds: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    adapter_names: list[str] | None = None,
     **kwargs: Any,
 ) -> Any:
     _refuse_unsupported_inputs(kwargs)
     base = model.get_base_model()
+    if adapter_names is not None:
+        return _named_forward(model, base, adapter_names, input_ids=input_ids, attention_mask=attention_mask,
+                              inputs_embeds=inputs_embeds, labels=labels, position_ids=position_ids, **kwargs)
     tokens = input_ids if input_ids is not None else inputs_embeds
     if tokens is None:
         raise ValueError("pass input_ids or inputs_embeds")
@@ -343,7 +346,8 @@ def _prepare_inputs_with_prefix(base: Any, original: Any, *args: Any, **kwargs: 
     return model_inputs
 
 
-def _patched_generate(model: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
+def _patched_generate(model: Any, original: Any, *args: Any, adapter_names: list[str] | None = None,
+                      **kwargs: Any) -> Any:
     _refuse_unsupported_inputs(kwargs)
     if args:
         kwargs["input_ids"] = args[0]
@@ -351,6 +355,8 @@ def _patched_generate(model: Any, original: Any, *args: Any, **kwargs: Any) -> A
     if input_ids is None or kwargs.get("inputs_embeds") is not None:
         raise UnsupportedModelError("generate on a patched PEFT model takes input_ids (not inputs_embeds)")
     base = model.get_base_model()
+    if adapter_names is not None:
+        return _named_generate(model, base, base.generate, adapter_names, kwargs)
     with torch.no_grad():
         plan = _plan(model, input_ids.shape[0], input_ids.device, serving=True)
     kwargs["position_ids"] = token_positions(
@@ -363,10 +369,113 @@ def _patched_generate(model: Any, original: Any, *args: Any, **kwargs: Any) -> A
     return base.generate(**kwargs)
 
 
+def _named_forward(
+    model: Any,
+    base: Any,
+    adapter_names: list[str],
+    *,
+    run: Any = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A forward whose row ``i`` runs with the prefix named ``adapter_names[i]`` (``"__base__"``: none).
+
+    The registry of ``model`` gives the batch's bank (each distinct prefix once) and each row's prefix
+    length; positions are numbered per row from that length and the row's own padding (see the module
+    docstring). ``run`` is the callable that runs ``base`` (default ``base`` itself). P-tuning and prompt
+    tuning rows read compiled soft prompts (causal models only), so outputs have the batch's own ``T``
+    positions, never the virtual tokens'.
+    """
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if tokens is None:
+        raise ValueError("pass input_ids or inputs_embeds")
+    batch, length = tokens.shape[:2]
+    if base.training and torch.is_grad_enabled():
+        _check_checkpointing(base)
+    served = adapter_registry(model).batch(adapter_names, batch)
+    positions = token_positions(attention_mask, position_ids, served.offsets.to(tokens.device), length,
+                                compat.position_rule(base))[:, -length:]
+    stores = _stores_cache(base, kwargs.pop("use_cache", None))
+    if compat.forward_accepts(base, "use_cache"):
+        kwargs["use_cache"] = stores
+    run = base if run is None else run
+    inputs = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+              "position_ids": positions}
+    if served.prefix is None:
+        return run(**inputs, **kwargs)
+    cache_name = compat.cache_kwarg(base)
+    if stores and kwargs.get(cache_name) is None:
+        kwargs[cache_name] = PrefixCache(served.prefix, store=True, count_prefix=False)
+    layer_log: set[int] = set()
+    output = run(**inputs, **{PREFIX_KWARG: served.prefix, LAYER_LOG_KWARG: layer_log}, **kwargs)
+    _check_prefix_reached_every_layer(base, served.prefix, layer_log)
+    return output
+
+
+def _named_generate(model: Any, base: Any, run: Any, adapter_names: list[str], kwargs: dict[str, Any]) -> Any:
+    """``run(**kwargs)`` (a ``generate``) with row ``i`` served by the prefix named ``adapter_names[i]``.
+
+    The rows' prefixes travel in a :class:`PrefixCache` that stores real tokens only; each row's positions
+    start at its own prefix length and skip its own leading padding, and transformers extends them by one
+    per step.
+    """
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None or kwargs.get("inputs_embeds") is not None:
+        raise UnsupportedModelError("generate with adapter_names takes input_ids (not inputs_embeds)")
+    if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
+        raise UnsupportedModelError("generate with adapter_names builds its own KV cache; pass no cache")
+    config = kwargs.get("generation_config") or base.generation_config
+    for name in ("num_beams", "num_return_sequences"):
+        if (kwargs.get(name) or getattr(config, name, 1) or 1) > 1:
+            raise UnsupportedModelError(
+                f"generate with adapter_names runs one sequence per row; {name} > 1 would multiply the rows "
+                "(repeat each row and its name in the batch instead)"
+            )
+    with torch.no_grad():
+        served = adapter_registry(model).batch(adapter_names, input_ids.shape[0])
+    kwargs["position_ids"] = token_positions(
+        kwargs.get("attention_mask"), kwargs.get("position_ids"), served.offsets.to(input_ids.device),
+        input_ids.shape[1], compat.position_rule(base),
+    )
+    if served.prefix is not None:
+        kwargs[compat.cache_kwarg(base)] = PrefixCache(served.prefix, store=True, count_prefix=False)
+    return run(**kwargs)
+
+
+def _plain_forward(model: Any, original: Any, *args: Any, adapter_names: list[str] | None = None,
+                   **kwargs: Any) -> Any:
+    """A patched plain model's forward: as before, or with one named prefix per row (``adapter_names``)."""
+    if adapter_names is None:
+        return original(*args, **kwargs)
+    if kwargs.get(PREFIX_KWARG) is not None:
+        raise ValueError(f"pass either adapter_names or {PREFIX_KWARG}, not both")
+    if args:
+        if len(args) > 1 or "input_ids" in kwargs:
+            raise ValueError("with adapter_names, pass the inputs by keyword (input_ids=..., attention_mask=...)")
+        kwargs["input_ids"] = args[0]
+    return _named_forward(model, model, adapter_names, run=original, **kwargs)
+
+
+def _plain_generate(model: Any, original: Any, *args: Any, adapter_names: list[str] | None = None,
+                    **kwargs: Any) -> Any:
+    """A patched plain model's generate: as before, or with one named prefix per row (``adapter_names``)."""
+    if adapter_names is None:
+        return original(*args, **kwargs)
+    if args:
+        kwargs["input_ids"] = args[0]
+    return _named_generate(model, model, original, adapter_names, kwargs)
+
+
 def _replace(model: Any, state: _PatchState, name: str, wrapper: Any) -> None:
     state.replaced.append((model, name, model.__dict__.get(name, _ABSENT)))
     original = getattr(model, name)
-    object.__setattr__(model, name, functools.partial(wrapper, model, original))
+    replacement = functools.partial(wrapper, model, original)
+    # transformers' generate validates its kwargs against the signature of forward
+    replacement.__signature__ = inspect.signature(original)
+    object.__setattr__(model, name, replacement)
 
 
 def _set_attn_implementation(model: PreTrainedModel, implementation: str) -> None:
@@ -383,8 +492,9 @@ def patch(model: Any) -> Any:
 
     ``model``: a ``peft.PeftModel`` whose active adapter is PREFIX_TUNING (with or without projection),
     P_TUNING (MLP or LSTM encoder) or PROMPT_TUNING, for any task type (causal LM, sequence or token
-    classification); or a plain ``transformers`` ``PreTrainedModel`` (prefixes then come through the
-    ``fastprompt_prefix`` forward kwarg). Results equal the unpatched model's; see the module docstring.
+    classification); or a plain ``transformers`` ``PreTrainedModel``. Results equal the unpatched model's; see
+    the module docstring. Either then serves named prefixes (``fastprompt.load_adapter``, ``cache_prompt``, a
+    PeftModel's own adapters) per batch row through ``adapter_names=[...]`` in ``forward`` and ``generate``.
 
     Raises :class:`~fastprompt.UnsupportedModelError` (saying why) for anything else: attention not
     dispatched through ``ALL_ATTENTION_FUNCTIONS``, sliding-window / chunked / soft-capped attention,
@@ -396,7 +506,7 @@ def patch(model: Any) -> Any:
     if peft_model_class is not None and isinstance(model, peft_model_class):
         _check_peft_model(model)
         base = model.get_base_model()
-        state = _PatchState(base, base.config._attn_implementation)
+        state = _PatchState(base, base.config._attn_implementation, AdapterRegistry(model))
         _set_attn_implementation(base, ATTN_IMPLEMENTATION)
         _replace(model, state, "forward", _patched_forward)
         if hasattr(model, "prepare_inputs_for_generation"):  # the task types PEFT lets generate
@@ -404,8 +514,11 @@ def patch(model: Any) -> Any:
     elif isinstance(model, PreTrainedModel):
         _check_transformers_model(model)
         base = model
-        state = _PatchState(base, model.config._attn_implementation)
+        state = _PatchState(base, model.config._attn_implementation, AdapterRegistry(model))
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
+        _replace(model, state, "forward", _plain_forward)
+        if hasattr(model, "generate"):
+            _replace(model, state, "generate", _plain_generate)
     else:
         raise UnsupportedModelError(
             f"fastprompt.patch takes a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}"
@@ -417,7 +530,8 @@ def patch(model: Any) -> Any:
 
 
 def unpatch(model: Any) -> Any:
-    """Undo :func:`patch` exactly (attention implementation and replaced methods); a no-op if not patched."""
+    """Undo :func:`patch` exactly (attention implementation and replaced methods; the prefixes registered for
+    ``adapter_names`` are dropped with the patch); a no-op if not patched."""
     state: _PatchState | None = model.__dict__.get(_STATE_ATTR)
     if state is None:
         return model

@@ -74,7 +74,8 @@ def load_adapter(model: Any, path: str | os.PathLike[str], name: str) -> None:
     """Register a prompt-learning adapter saved in PEFT's format under ``name`` on ``model``.
 
     Args:
-        model: a (patched) ``transformers`` model or ``peft.PeftModel``. Nothing is injected into it.
+        model: a ``transformers`` model or ``peft.PeftModel`` patched by :func:`fastprompt.patch`. Nothing is
+            injected into it.
         path: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``, as PEFT's
             ``save_pretrained`` writes: PREFIX_TUNING (with or without projection; P-tuning v2), P_TUNING
             (MLP or LSTM encoder) or PROMPT_TUNING.
@@ -106,8 +107,8 @@ def cache_prompt(
     """Run a fixed prompt once through the frozen model and register its per-layer K/V as the prefix ``name``.
 
     Args:
-        model: a (patched) causal ``transformers`` model or ``peft.PeftModel`` (its base model runs, without
-            any adapter), in eval mode.
+        model: a causal ``transformers`` model or ``peft.PeftModel`` patched by :func:`fastprompt.patch` (its
+            base model runs, without any adapter), in eval mode.
         name: the name batch rows use for it; not ``"__base__"`` and not already used on ``model``.
         input_ids: [1, P] token ids, ``P >= 1`` (few-shot demonstrations, a system prompt).
         attention_mask: optional [1, P]; must be all ones (a cached prompt has no padding).
