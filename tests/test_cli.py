@@ -452,3 +452,12 @@ def test_wrong_tokens_are_refused_not_timed(monkeypatch):
     args = cli.build_parser().parse_args(["bench", *SERVING_TINY, "--methods", "shared-generate", "--device", "cpu"])
     with pytest.raises(bench.OutputMismatchError, match=r"shared-generate vs copied cache: generated tokens differ"):
         bench.run(cli.bench_config(cli.build_parser(), args))
+
+
+def test_commit_is_the_checkout_s_own():
+    root = Path(bench.__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        pytest.skip("fastprompt is not running from a git checkout here")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert bench.git_commit().removesuffix("-dirty") == head

@@ -477,14 +477,12 @@ def _few_shot(config: BenchConfig, base: torch.nn.Module, fast: torch.nn.Module,
 def _shared_generate(config: BenchConfig, base: torch.nn.Module, fast: torch.nn.Module, prompt: torch.Tensor,
                      batch: dict[str, torch.Tensor]) -> list[tuple[str, Callable[[], object]]]:
     """(b) Generating after a shared prompt vs its K/V copied into every row's cache, and vs prepending it."""
-    from transformers import DynamicCache
-
     from fastprompt.hf import compat
 
     new_tokens = config.serving.serve_new_tokens
     rows = batch["input_ids"].shape[0]
     with torch.inference_mode():
-        prompt_cache = base(input_ids=prompt, use_cache=True).past_key_values
+        prompt_cache = compat.output_cache(base(input_ids=prompt, use_cache=True))
     prompt_kv = [(layer.keys, layer.values) for layer in prompt_cache.layers]
     prepended = _prepended(prompt, batch)
     # The cached columns come first in every row; the queries' own padding stays where it is.
@@ -494,7 +492,7 @@ def _shared_generate(config: BenchConfig, base: torch.nn.Module, fast: torch.nn.
     }
 
     def copied_cache() -> torch.Tensor:
-        cache = DynamicCache(config=base.config)
+        cache = compat.new_dynamic_cache(base.config)
         for layer, (keys, values) in enumerate(prompt_kv):
             cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
         return _generate(base, new_tokens, **after_cache, **{compat.cache_kwarg(base): cache})
@@ -686,7 +684,7 @@ def git_commit() -> str:
     Only a checkout whose top level holds this very package counts: an installed copy inside some other
     repository (a virtual environment in a project folder) must not report that project's commit.
     """
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parents[1]  # fastprompt/, this module being fastprompt/cli/bench.py
 
     def git(*args: str) -> str:
         return subprocess.run(
