@@ -244,7 +244,8 @@ def test_random_batch_is_random_and_left_padded():
 def test_info_lists_every_backend_with_its_reason():
     from fastprompt.attention import available_backends
 
-    fastprompt_exe = shutil.which("fastprompt")
+    # The console script of this environment, not whichever one is first on PATH.
+    fastprompt_exe = shutil.which("fastprompt", path=str(Path(sys.executable).parent))
     assert fastprompt_exe is not None, "the fastprompt console script is not installed (pip install -e .)"
     proc = subprocess.run([fastprompt_exe, "info"], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
