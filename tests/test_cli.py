@@ -111,7 +111,7 @@ def test_bench_json_has_every_figure(tiny_run):
         "vocab": TINY["--vocab"],
     }
     assert data["config"]["dtype"] == "float32"
-    assert [row["name"] for row in data["rows"]] == list(bench.ROWS)
+    assert [row["name"] for row in data["rows"]] == list(bench.DEFAULT_ROWS)
     for row in data["rows"]:
         assert row["error"] is None, row["error"]
         expected_tokens = TINY["--batch"] * (TINY["--new-tokens"] if row["kind"] == "generate" else TINY["--seq-len"])
@@ -244,7 +244,8 @@ def test_random_batch_is_random_and_left_padded():
 def test_info_lists_every_backend_with_its_reason():
     from fastprompt.attention import available_backends
 
-    fastprompt_exe = shutil.which("fastprompt")
+    # The console script of this environment, not whichever one is first on PATH.
+    fastprompt_exe = shutil.which("fastprompt", path=str(Path(sys.executable).parent))
     assert fastprompt_exe is not None, "the fastprompt console script is not installed (pip install -e .)"
     proc = subprocess.run([fastprompt_exe, "info"], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
@@ -288,6 +289,11 @@ BAD_OPTIONS = [
     (["bench", "--json", "/"], "--json /: is a directory"),
     (["bench", "--json", "/proc/out.json"], "--json /proc/out.json: cannot write there"),
     (["bench", "--vocab", "1"], "vocab must be at least 2"),
+    (["bench", "--prompt-len", "0"], "--prompt-len: expected a positive integer, got '0'"),
+    (
+        ["bench", "--methods", "mixed-adapters", "--serve-batch", "30", "--adapters", "16"],
+        r"serving rows: serve_batch \(30\) must be a multiple of adapters \(16\)",
+    ),
 ]
 
 
@@ -358,4 +364,101 @@ def test_defaults_follow_the_device():
     cpu = bench.DEFAULTS["cpu"]
     assert config.model == cpu["shape"] and config.dtype == cpu["dtype"] and config.device.type == "cpu"
     assert config.batch == 3 and config.seq_len == cpu["seq_len"] and config.prefix_len == cpu["prefix_len"]
-    assert config.rows == bench.ROWS
+    assert config.rows == bench.DEFAULT_ROWS and config.serving == cpu["serving"]
+
+
+SERVING_TINY = [*TINY_ARGS, "--prefix-len", "2", "--serve-batch", "4", "--prompt-len", "9", "--query-len", "5",
+                "--serve-new-tokens", "3", "--adapters", "2"]
+SERVING_LABELS = [
+    "few-shot scoring, cached 9-token prompt, vs prepending it",
+    "generate after a shared 9-token prompt, vs its K/V copied per row",
+    "generate after a shared 9-token prompt, vs prepending it",
+    "2 prefix-tuning adapters in one batch (scoring), vs PEFT, a batch per adapter",
+    "2 prefix-tuning adapters in one batch (scoring), vs one adapter on all rows",
+]
+
+
+def test_serving_rows_are_opt_in_and_complete(tmp_path, capsys):
+    path = tmp_path / "serving.json"
+    argv = ["bench", *SERVING_TINY, "--methods", ",".join(bench.SERVING), "--json", str(path), "--quiet"]
+    assert cli.main(argv) == 0
+    stdout = capsys.readouterr().out
+    rows = _table_rows(stdout)
+    assert list(rows) == SERVING_LABELS
+    assert "checked equal" in stdout and "copied-cache: prompt K/V computed once" in stdout
+    data = json.loads(path.read_text())
+    assert data["config"]["serving"] == {"serve_batch": 4, "prompt_len": 9, "query_len": 5, "serve_new_tokens": 3,
+                                         "adapters": 2}
+    assert [(row["name"], row["baseline"]) for row in data["rows"]] == [
+        ("few-shot", "prepend"),
+        ("shared-generate", "copied-cache"),
+        ("shared-generate", "prepend"),
+        ("mixed-adapters", "peft-per-adapter"),
+        ("mixed-adapters", "single-adapter"),
+    ]
+    tokens = {"few-shot": 4 * 5, "shared-generate": 4 * 3, "mixed-adapters": 4 * 5}
+    for row, (label, cells) in zip(data["rows"], rows.items(), strict=True):
+        assert row["error"] is None and row["tokens_per_call"] == tokens[row["name"]]
+        assert row["speedup"] == pytest.approx(row["naive"]["ms"] / row["fastprompt"]["ms"])
+        assert _number(cells[2]) == pytest.approx(row["speedup"], rel=0.05, abs=0.01), label
+    # one fastprompt measurement per case, shared by the rows of its baselines
+    assert data["rows"][1]["fastprompt"] == data["rows"][2]["fastprompt"]
+    assert data["rows"][3]["fastprompt"] == data["rows"][4]["fastprompt"]
+
+
+def test_prepended_batch_is_the_prompt_then_each_row_left_padded():
+    batch = bench.random_batch(50, 5, 7, device="cpu", seed=1)
+    prompt = torch.randint(1, 50, (1, 4))
+    joined = bench._prepended(prompt, batch)
+    for row in range(5):
+        real = batch["attention_mask"][row].bool()
+        pad = int((~real).sum())
+        assert torch.equal(joined["attention_mask"][row], torch.tensor([0] * pad + [1] * (11 - pad)))
+        assert torch.equal(joined["input_ids"][row, pad:], torch.cat([prompt[0], batch["input_ids"][row][real]]))
+        assert joined["position_ids"][row, pad:].tolist() == list(range(11 - pad))
+
+
+def _cache_another_prompt(monkeypatch):
+    """fastprompt serving K/V other than the prompt's (its values scaled, so that even a tiny random model's
+    greedy tokens change): its outputs must be refused."""
+    import fastprompt
+    from fastprompt.hf.adapters import adapter_registry
+
+    real = fastprompt.cache_prompt
+
+    def wrong(model, name, input_ids):
+        real(model, "right", input_ids)
+        kv = adapter_registry(model).kv("right").clone()
+        kv[:, 1] *= 100
+        adapter_registry(model).add_kv(name, kv, "cached_prompt")
+
+    monkeypatch.setattr(fastprompt, "cache_prompt", wrong)
+
+
+def test_wrong_logits_are_refused_not_timed(monkeypatch, capsys):
+    _cache_another_prompt(monkeypatch)
+    timed = []
+    monkeypatch.setattr(bench, "best_of_rounds", lambda *args, **kwargs: timed.append(1))
+    assert cli.main(["bench", *SERVING_TINY, "--methods", "few-shot", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and not timed
+    assert re.fullmatch(
+        r"fastprompt: bench failed: few-shot vs prepending: logits differ by \S+ \(allowed \S+\); not timed\n",
+        captured.err,
+    )
+
+
+def test_wrong_tokens_are_refused_not_timed(monkeypatch):
+    _cache_another_prompt(monkeypatch)
+    args = cli.build_parser().parse_args(["bench", *SERVING_TINY, "--methods", "shared-generate", "--device", "cpu"])
+    with pytest.raises(bench.OutputMismatchError, match=r"shared-generate vs copied cache: generated tokens differ"):
+        bench.run(cli.bench_config(cli.build_parser(), args))
+
+
+def test_commit_is_the_checkout_s_own():
+    root = Path(bench.__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        pytest.skip("fastprompt is not running from a git checkout here")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert bench.git_commit().removesuffix("-dirty") == head

@@ -22,6 +22,7 @@ from fastprompt.hf import pretrained
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHAPE_OPTIONS = ("hidden", "layers", "heads", "kv_heads", "vocab")
+_SERVING_OPTIONS = ("serve_batch", "prompt_len", "query_len", "serve_new_tokens", "adapters")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +64,12 @@ def _device_defaults(option: str) -> str:
     name = option.removeprefix("--").replace("-", "_")
     values = []
     for device, defaults in bench.DEFAULTS.items():
-        value = getattr(defaults["shape"], name) if name in _SHAPE_OPTIONS else defaults[name]
+        if name in _SHAPE_OPTIONS:
+            value = getattr(defaults["shape"], name)
+        elif name in _SERVING_OPTIONS:
+            value = getattr(defaults["serving"], name)
+        else:
+            value = defaults[name]
         if isinstance(value, torch.dtype):
             value = str(value).removeprefix("torch.")
         values.append(f"{value} on {device.upper()}")
@@ -83,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Time one training step (prefix-tuning, P-tuning v2, P-tuning) and greedy generation with a "
             "prefix-tuned adapter, on the naive PEFT path and after fastprompt.patch, in one run. "
+            f"The serving rows ({', '.join(bench.SERVING)}) are opt-in through --methods: fastprompt's "
+            "adapter_names against the best path without it. "
             "Without options: a small random-weight Llama model on CPU, a 1B-class one (bf16) on CUDA. "
             "Prints a markdown table naming device, versions, commit and this command."
         ),
@@ -90,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--methods",
         type=_row_list,
-        default=bench.ROWS,
+        default=bench.DEFAULT_ROWS,
         metavar="LIST",
-        help=f"comma-separated rows to measure, from {','.join(bench.ROWS)} (default: all)",
+        help=f"comma-separated rows to measure, from {','.join(bench.ROWS)} "
+        f"(default: {','.join(bench.DEFAULT_ROWS)}; the serving rows take minutes on a CPU)",
     )
     b.add_argument(
         "--model",
@@ -120,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("--warmup", _non_negative_int, "untimed calls before timing"),
     ):
         work.add_argument(option, type=kind, help=text + _device_defaults(option))
+    serving = b.add_argument_group(f"serving rows ({', '.join(bench.SERVING)})")
+    for option, text in (
+        ("--serve-batch", "rows of the batch (a multiple of --adapters)"),
+        ("--prompt-len", "tokens of the shared prompt (few-shot, shared-generate)"),
+        ("--query-len", "tokens of each row after the prompt"),
+        ("--serve-new-tokens", "tokens generated per row (shared-generate)"),
+        ("--adapters", "different adapters in the batch (mixed-adapters)"),
+    ):
+        serving.add_argument(option, type=_positive_int, help=text + _device_defaults(option))
     work.add_argument("--dtype", choices=tuple(_DTYPES), help="model dtype" + _device_defaults("--dtype"))
     work.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present")
     out = b.add_argument_group("output")
@@ -208,6 +226,15 @@ def bench_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> b
         value = getattr(args, name)
         return defaults[name] if value is None else value
 
+    serving = bench.ServingShape(
+        **{name: getattr(args, name) or getattr(defaults["serving"], name) for name in _SERVING_OPTIONS}
+    )
+    if any(name in bench.SERVING for name in args.methods):
+        try:
+            serving.check()
+        except ValueError as exc:
+            parser.error(f"serving rows: {exc}")
+
     return bench.BenchConfig(
         rows=args.methods,
         model=model,
@@ -219,6 +246,7 @@ def bench_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> b
         device=device,
         iters=pick("iters"),
         warmup=pick("warmup"),
+        serving=serving,
     )
 
 
@@ -249,6 +277,10 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace, comman
             result = bench.run(config, progress)
         except bench.CheckpointError as exc:
             parser.error(f"--model: {exc}")
+        except bench.OutputMismatchError as exc:
+            # Not a usage error: fastprompt and a baseline disagree, and a timing of wrong outputs is no result.
+            print(f"fastprompt: bench failed: {exc}", file=sys.stderr)
+            return 1
         bar.update(1)
 
     print(bench.format_markdown(result, command), end="")
