@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastprompt.benchutil import Measurement, measure_alternating
 
 from fastprompt.cli import bench
+from fastprompt.cli.benchutil import Measurement, measure_alternating
 from fastprompt.hf import pretrained
 
 METHODS = ("prefix-tuning", "p-tuning-v2", "p-tuning-lstm")
@@ -334,6 +334,278 @@ def run(
     return results, labels, description
 
 
+@dataclass
+class EncoderResult:
+    """P-tuning v2 on the MiniLM classifier: per step k = 1..steps the distance of the fp32 run to the fp64 one
+    and both losses; held-out predictions [N] before and after training (fp32, fp64); one timed step; and
+    PEFT's own forward's error (on transformers 5.24 it refuses BERT prefix tuning)."""
+
+    dist: list[float] = field(default_factory=list)
+    loss32: list[float] = field(default_factory=list)
+    loss64: list[float] = field(default_factory=list)
+    pred_before: torch.Tensor | None = None
+    pred32: torch.Tensor | None = None
+    pred64: torch.Tensor | None = None
+    time: Measurement | None = None
+    peft_error: str | None = None
+
+
+def classifier_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], lr: float) -> float:
+    """One plain SGD step on a sequence classifier's cross-entropy ([CLS] head) over its trainable parameters."""
+    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+                p.grad = None
+    return loss.item()
+
+
+@torch.no_grad()
+def classifier_predictions(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    """Argmax labels [N] of a sequence classifier over ``data`` in chunks of ``batch`` rows."""
+    out = []
+    for start in range(0, data["input_ids"].shape[0], batch):
+        ids, mask = data["input_ids"][start : start + batch], data["attention_mask"][start : start + batch]
+        out.append(model(input_ids=ids, attention_mask=mask).logits.argmax(-1))
+    return torch.cat(out)
+
+
+def run_minilm(
+    settings: Settings, log: Callable[[str], None], lr: float, folder: Path | None = None
+) -> tuple[EncoderResult, torch.Tensor]:
+    """P-tuning v2 (PEFT's prefix tuning without projection) with a fresh [CLS] head on all-MiniLM-L6-v2.
+
+    One initialisation (prefix and head) is trained with SGD at ``lr`` by the patched model in float32 and by a
+    patched float64 copy, the oracle, on the same batches of the same split as the decoder. fastprompt runs the
+    forward itself; PEFT's own forward is tried once and its error recorded. Returns the result and the
+    held-out labels [N].
+    """
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    import fastprompt
+
+    folder = pretrained.minilm_l6() if folder is None else folder
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train_reviews, test_reviews = pretrained.review_split(settings.n_train, settings.n_test, seed=settings.seed)
+
+    def encode_cls(reviews: Sequence[pretrained.Review]) -> dict[str, torch.Tensor]:
+        enc = tokenizer([r.text for r in reviews], padding=True, truncation=True, max_length=settings.max_len,
+                        return_tensors="pt")
+        return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
+                "labels": torch.tensor([r.label for r in reviews])}
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(settings.n_train, generator=gen)[: settings.steps * settings.batch].tolist()
+    batches = [encode_cls([train_reviews[i] for i in order[s : s + settings.batch]])
+               for s in range(0, settings.steps * settings.batch, settings.batch)]
+    test = encode_cls(test_reviews)
+
+    def adapter(dtype: torch.dtype) -> torch.nn.Module:
+        torch.manual_seed(settings.seed)
+        base = BertForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=dtype)
+        config = PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=settings.prefix_len)
+        return get_peft_model(base, config).to(dtype).eval()
+
+    result = EncoderResult()
+    model, model64 = adapter(torch.float32), adapter(torch.float64)
+    start = trainable(model)
+    load_trainable(model64, start)
+    try:
+        classifier_step(model, batches[0], 0.0)
+    except Exception as exc:  # PEFT's refusal, recorded verbatim in the table
+        result.peft_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+    fastprompt.patch(model)
+    fastprompt.patch(model64)
+    result.pred_before = classifier_predictions(model, test, settings.batch)
+    for batch in batches:
+        result.loss32.append(classifier_step(model, batch, lr))
+        result.loss64.append(classifier_step(model64, batch, lr))
+        result.dist.append(relative_update_error(trainable(model), trainable(model64), start))
+    result.pred32 = classifier_predictions(model, test, settings.batch)
+    result.pred64 = classifier_predictions(model64, test, settings.batch)
+    log("minilm: trained in float32 and float64 and evaluated")
+    (result.time,) = measure_alternating(functools.partial(classifier_step, model, batches[0], lr),
+                                         [contextlib.nullcontext], rounds=settings.rounds, warmup=1,
+                                         iters=settings.timing_iters)
+    log("minilm: timed")
+    return result, torch.tensor([r.label for r in test_reviews])
+
+
+def format_minilm(result: EncoderResult, labels: torch.Tensor, settings: Settings, lr: float) -> str:
+    """The MiniLM table (markdown)."""
+    acc = {name: (pred == labels).double().mean().item()
+           for name, pred in (("before", result.pred_before), ("fp32", result.pred32), ("fp64", result.pred64))}
+    peft = f"refused: `{result.peft_error}`" if result.peft_error else "runs (not compared here)"
+    return "\n".join([
+        "### P-tuning v2 on all-MiniLM-L6-v2 ([CLS] head), fastprompt fp32 against fastprompt fp64",
+        "",
+        f"- {settings.prefix_len} virtual tokens per layer, a fresh 2-way head, {settings.steps} SGD steps (lr {lr}) "
+        f"of {settings.batch} rows, the same split; the oracle is the patched model in float64 from the same "
+        f"initialisation; PEFT's own forward on this transformers: {peft}",
+        "",
+        "| | " + " | ".join(f"step {k + 1}" for k in range(len(result.dist))) + " |",
+        "|---|" + "---:|" * len(result.dist),
+        "| distance to float64 | " + " | ".join(f"{d:.1e}" for d in result.dist) + " |",
+        "| loss fp32 / fp64 | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in
+                                               zip(result.loss32, result.loss64, strict=True)) + " |",
+        "",
+        "| accuracy before | fp32 accuracy | fp64 accuracy | differ | fastprompt ms/step | peak MiB |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {acc['before']:.3f} | {acc['fp32']:.3f} | {acc['fp64']:.3f} | "
+        f"{(result.pred32 != result.pred64).double().mean().item():.3f} | {result.time.ms:,.0f} | "
+        f"{result.time.peak_mib:,.0f} |",
+    ]) + "\n"
+
+
+@dataclass
+class FewShotResult:
+    """One row of the few-shot table: ``shots`` demonstrations, the prompt's length in tokens, the held-out
+    predictions [N] (identical on both paths, asserted), each path's margins [N] (positive minus negative
+    verbaliser logit) and the wall time of each path over the held-out split."""
+
+    shots: int
+    prompt_tokens: int
+    pred: torch.Tensor
+    margin_cached: torch.Tensor
+    margin_prepended: torch.Tensor
+    cached_s: float
+    prepended_s: float
+
+
+def demonstrations(tokenizer: Any, reviews: Sequence[pretrained.Review], max_len: int) -> torch.Tensor:
+    """GPT-3-style demonstrations [1, P]: each review in the template, followed by its verbaliser word and a
+    blank line; each review cut like :func:`encode` cuts it."""
+    data = encode(tokenizer, reviews, max_len)
+    ids = []
+    for row, mask, target in zip(data["input_ids"], data["attention_mask"], data["target"], strict=True):
+        ids += row[mask.bool()].tolist() + [int(target)] + tokenizer("\n\n", add_special_tokens=False).input_ids
+    return torch.tensor([ids])
+
+
+def _logits_at(model: torch.nn.Module, last: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    """Next-token logits [B, V] at position ``last[b]`` of each row; only those positions go through the head."""
+    keep, column = torch.unique(last, return_inverse=True)
+    logits = model(**inputs, logits_to_keep=keep).logits
+    return logits[torch.arange(logits.shape[0]), column]
+
+
+@torch.no_grad()
+def few_shot_margins(
+    model: torch.nn.Module,
+    name: str | None,
+    prompt: torch.Tensor,
+    data: dict[str, torch.Tensor],
+    neg_pos: tuple[int, int],
+    batch: int,
+) -> torch.Tensor:
+    """Margins [N], positive minus negative verbaliser logit (> 0 predicts fresh), with the demonstrations
+    ``prompt`` [1, P] in front of every row of ``data``.
+
+    ``name`` given: ``model`` is patched and serves ``prompt`` cached under ``name`` (each row's tokens are
+    numbered from P). ``name`` None: the demonstrations are prepended to every row's tokens and the model runs
+    the whole sequence.
+    """
+    from fastprompt.hf.adapters import adapter_registry
+
+    neg, pos = neg_pos
+    out = []
+    for start in range(0, data["input_ids"].shape[0], batch):
+        ids, mask = data["input_ids"][start : start + batch], data["attention_mask"][start : start + batch]
+        last = mask.sum(1) - 1
+        if name is None:
+            ids = torch.cat([prompt.expand(ids.shape[0], -1), ids], 1)
+            mask = torch.cat([torch.ones_like(prompt).expand(ids.shape[0], -1), mask], 1)
+            logits = _logits_at(model, last + prompt.shape[1], input_ids=ids, attention_mask=mask)
+        else:
+            served = adapter_registry(model).batch([name] * ids.shape[0], ids.shape[0])
+            logits = _logits_at(model, last, input_ids=ids, attention_mask=mask, use_cache=False,
+                                position_ids=served.position_ids(mask), fastprompt_prefix=served.prefix)
+        out.append(logits[:, pos] - logits[:, neg])
+    return torch.cat(out)
+
+
+def run_few_shot(
+    settings: Settings, shots: Sequence[int], log: Callable[[str], None], folder: Path | None = None
+) -> tuple[list[FewShotResult], torch.Tensor]:
+    """Zero-, one- and k-shot classification of the held-out split by plain SmolLM2 (no training).
+
+    The ``k`` demonstrations are the first ``k`` training reviews (alternating rotten / fresh). The cached side
+    runs them once through :func:`fastprompt.cache_prompt` on a patched model; the other prepends them to
+    every row of an unpatched copy. ``folder``: the converted checkpoint (default: converted on first use).
+    Returns the rows and the held-out labels [N].
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import fastprompt
+
+    folder = pretrained.smollm2_135m() if folder is None else folder
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    patched = fastprompt.patch(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+    train_reviews, test_reviews = pretrained.review_split(settings.n_train, settings.n_test, seed=settings.seed)
+    test = encode(tokenizer, test_reviews, settings.max_len)
+    neg_pos = verbaliser_ids(tokenizer)
+    labels = _labels(test_reviews)
+    no_prompt = torch.zeros(1, 0, dtype=torch.long)
+    for model in (plain, patched):  # warm-up: the first patched call loads the attention kernels
+        few_shot_margins(model, None, no_prompt, {k: v[: settings.batch] for k, v in test.items()}, neg_pos,
+                             settings.batch)
+    results = []
+    for k in shots:
+        if k > len(train_reviews):
+            raise ValueError(f"{k} shots but only {len(train_reviews)} training reviews")
+        prompt = demonstrations(tokenizer, train_reviews[:k], settings.max_len) if k else no_prompt
+        started = time.perf_counter()
+        name = None
+        if k:
+            name = f"{k}-shot"
+            fastprompt.cache_prompt(patched, name, prompt)
+        margin_cached = few_shot_margins(patched, name, prompt, test, neg_pos, settings.batch)
+        cached_s = time.perf_counter() - started
+        started = time.perf_counter()
+        margin_prepended = few_shot_margins(plain, None, prompt, test, neg_pos, settings.batch)
+        prepended_s = time.perf_counter() - started
+        cached, prepended = (margin_cached > 0).long(), (margin_prepended > 0).long()
+        if not torch.equal(cached, prepended):
+            differ = (cached != prepended).nonzero().flatten().tolist()
+            raise AssertionError(f"{k}-shot: the cached prompt predicts differently from prepending it, rows {differ}")
+        results.append(
+            FewShotResult(k, prompt.shape[1], cached, margin_cached, margin_prepended, cached_s, prepended_s)
+        )
+        log(f"{k}-shot: {prompt.shape[1]} prompt tokens, accuracy {(cached == labels).double().mean().item():.3f}")
+    return results, labels
+
+
+def _labels(reviews: Sequence[pretrained.Review]) -> torch.Tensor:
+    return torch.tensor([r.label for r in reviews])
+
+
+def format_few_shot(results: Sequence[FewShotResult], labels: torch.Tensor, settings: Settings) -> str:
+    """The few-shot table (markdown), GPT-3 style: accuracy by number of demonstrations, and wall time."""
+    n = labels.numel()
+    lines = [
+        "### Few-shot in-context learning (no training), GPT-3 style",
+        "",
+        f"- plain SmolLM2-135M-Instruct; k demonstrations `Review: <snippet>\\nSentiment: <word>` from the training "
+        f"split in front of each of the {n} held-out rows; prediction: the larger verbaliser logit; binomial "
+        f"standard error about {math.sqrt(0.25 / n):.3f}",
+        "- cached: the demonstrations run once through `fastprompt.cache_prompt` on a patched model, every batch of "
+        f"{settings.batch} rows reads them as a prefix; prepended: the demonstrations prepended to every row of an "
+        "unpatched model. The predictions of the two are identical (asserted); wall time over the held-out split",
+        "",
+        "| shots | prompt tokens | accuracy | cached s | prepended s | speed-up |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        acc = (r.pred == labels).double().mean().item()
+        lines.append(f"| {r.shots} | {r.prompt_tokens} | {acc:.3f} | {r.cached_s:.2f} | {r.prepended_s:.2f} | "
+                     f"{r.prepended_s / r.cached_s:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
@@ -411,9 +683,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--minilm-lr", type=float, default=0.5, help="MiniLM P-tuning v2 section's lr; 0 skips it")
+    parser.add_argument("--shots", default="0,1,4,8", help="few-shot section: comma-separated demonstration counts")
     parser.add_argument("--partial", type=Path, metavar="PATH", help="rewrite the tables so far here after each method")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
+    shots = [int(k) for k in args.shots.split(",") if k]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -426,9 +701,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.partial is not None:
             args.partial.write_text(format_markdown(results, labels, settings, model, command))
 
-    results, labels, model = run(settings, methods, log, done)
-    print(format_markdown(results, labels, settings, model, command), end="")
+    results, labels, model = run(settings, methods, log, done) if methods else ([], None, "")
+    first = format_markdown(results, labels, settings, model, command) if methods else header(command)
+    print(first, end="", flush=True)
+    if args.minilm_lr:
+        minilm, minilm_labels = run_minilm(settings, log, args.minilm_lr)
+        print("\n" + format_minilm(minilm, minilm_labels, settings, args.minilm_lr), end="", flush=True)
+    if shots:
+        few_shot, few_labels = run_few_shot(settings, shots, log)
+        print("\n" + format_few_shot(few_shot, few_labels, settings), end="")
     return 0
+
+
+def header(command: str) -> str:
+    """Device, date, commit, versions and ``command``, for a run without the decoder training section."""
+    env = bench.environment(torch.device("cpu"))
+    v = env["versions"]
+    return (
+        f"## Real models, {env['device_type'].upper()} {env['device']}, {env['date']}\n\n- command: `{command}`\n"
+        f"- fastprompt {v['fastprompt']} (commit {env['commit']}, attention backend {env['backend']}), "
+        f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; the machine is shared with other "
+        "jobs, so timings are noisy\n"
+    )
 
 
 if __name__ == "__main__":
