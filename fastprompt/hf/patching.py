@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from fastprompt.encoders import encode_prompt
+from fastprompt.encoders import encode_prompt, prepare_encoders
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
 from fastprompt.hf.attention import ATTN_IMPLEMENTATION, LAYER_LOG_KWARG, PREFIX_KWARG, PrefixCache
@@ -60,6 +60,8 @@ class _PatchState:
     attn_implementation: str
     # (object, instance attribute, previous value or _ABSENT), in the order they were replaced
     replaced: list[tuple[Any, str, Any]] = field(default_factory=list)
+    # whether patch() turned on compat.enable_encoder_checkpoints (so unpatch() turns it off)
+    encoder_checkpoints: bool = False
 
 
 @dataclass(frozen=True)
@@ -395,8 +397,11 @@ def patch(model: Any) -> Any:
     peft_model_class = _peft_model_class()
     if peft_model_class is not None and isinstance(model, peft_model_class):
         _check_peft_model(model)
+        prepare_encoders(model)
         base = model.get_base_model()
-        state = _PatchState(base, base.config._attn_implementation)
+        state = _PatchState(base, base.config._attn_implementation,
+                            encoder_checkpoints=model.__dict__.get(compat._CHECKPOINTS_ATTR) is None)
+        compat.enable_encoder_checkpoints(model)
         _set_attn_implementation(base, ATTN_IMPLEMENTATION)
         _replace(model, state, "forward", _patched_forward)
         if hasattr(model, "prepare_inputs_for_generation"):  # the task types PEFT lets generate
@@ -426,6 +431,8 @@ def unpatch(model: Any) -> Any:
             owner.__dict__.pop(name, None)
         else:
             object.__setattr__(owner, name, previous)
+    if state.encoder_checkpoints:
+        compat.disable_encoder_checkpoints(model)
     state.base.set_attn_implementation(state.attn_implementation)
     del model.__dict__[_STATE_ATTR]
     return model
