@@ -1,7 +1,8 @@
 """Fused prompt encoders: PEFT's reparameterisation networks run once per forward, with autograd and caching.
 
-Public functions → autograd Functions → backend (``fastprompt.kernels.prompt_encoders`` for triton, the
-``_torch_*`` functions below for CPU). Both backends implement the same four functions::
+Public functions → autograd (an ``autograd.Function`` for the MLP, a ``torch.library`` custom op with a fake
+for the LSTM layer) → backend (``fastprompt.kernels.prompt_encoders`` for triton, the ``_torch_*`` functions
+below for CPU). Both backends implement the same four functions::
 
     mlp_forward(x, idx, weights, biases, act) -> (out, hiddens)
     mlp_backward(grad, x, idx, weights, hiddens, act) -> (dx_rows, dweights, dbiases)
@@ -9,8 +10,12 @@ Public functions → autograd Functions → backend (``fastprompt.kernels.prompt
     lstm_backward(dy, x, idx, params, y, c, gates) -> (dx_rows, dparams)
 
 ``x`` is either the input rows or, with ``idx``, a table whose rows ``idx`` are the input (the embedding
-lookup fused into the first layer). Backends compute and return float32; the Functions cast to the
+lookup fused into the first layer). Backends compute and return float32; the callers cast to the
 parameters' dtype, as PEFT's modules would produce.
+
+Under ``torch.compile`` everything traces without a graph break: the value checks of the token indices and
+the output cache (which read tensor values) apply to eager calls only, and a P-tuning LSTM's parameters
+come from a record on the encoder (see :func:`prepare_encoders`).
 
 Backend choice (``FASTPROMPT_BACKEND``, as for the attention op): ``auto`` takes triton for CUDA tensors and
 the PyTorch path for CPU tensors (there are no C++ encoder kernels, so ``cpu`` also means the PyTorch

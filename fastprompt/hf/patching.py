@@ -388,6 +388,9 @@ def patch(model: Any) -> Any:
     classification); or a plain ``transformers`` ``PreTrainedModel`` (prefixes then come through the
     ``fastprompt_prefix`` forward kwarg). Results equal the unpatched model's; see the module docstring.
 
+    A ``PeftModel``'s checkpoints also keep its prompt encoders (:func:`fastprompt.enable_encoder_checkpoints`),
+    so the ``Trainer``'s ``load_best_model_at_end`` and ``resume_from_checkpoint`` restore what was saved.
+
     Raises :class:`~fastprompt.UnsupportedModelError` (saying why) for anything else: attention not
     dispatched through ``ALL_ATTENTION_FUNCTIONS``, sliding-window / chunked / soft-capped attention,
     encoder-decoder models, adapters of other types.
@@ -422,7 +425,8 @@ def patch(model: Any) -> Any:
 
 
 def unpatch(model: Any) -> Any:
-    """Undo :func:`patch` exactly (attention implementation and replaced methods); a no-op if not patched."""
+    """Undo :func:`patch` exactly (attention implementation, replaced methods, the encoder checkpoints it turned
+    on); a no-op if not patched."""
     state: _PatchState | None = model.__dict__.get(_STATE_ATTR)
     if state is None:
         return model
