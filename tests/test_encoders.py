@@ -300,6 +300,20 @@ def test_bad_inputs():
         fused_lstm(x, [[torch.randn(8, 4)] * 8], dropout=1.5)
 
 
+def test_an_encoder_sharded_as_its_own_fsdp_unit_is_refused():
+    from torch.distributed import HashStore, destroy_process_group, init_process_group
+    from torch.distributed.fsdp import fully_shard
+
+    encoder = _prefix_mlp()
+    init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
+    try:
+        fully_shard(encoder)
+        with pytest.raises(UnsupportedModelError, match=r"sharded DTensors .*fastprompt.shard_prompt_model\(model\)"):
+            encode_prompt(encoder, torch.arange(6))
+    finally:
+        destroy_process_group()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of a forced triton backend")
 def test_forced_triton_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 from models import (
     DECODERS,
     ENCODERS,
@@ -52,13 +51,12 @@ def cpu_backend(monkeypatch):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(("arch", "task"), CASES)
-def test_forward_equals_the_method_definition(arch, task, method):
-    torch.manual_seed(0)
-    model = tiny_peft_model(arch, method, task, gqa=arch in GQA).train()
+def test_forward_equals_the_method_definition(arch, task, method, seed):
+    model = tiny_peft_model(arch, method, task, gqa=arch in GQA, seed=seed).train()
     reference = copy.deepcopy(model).double()
     fastprompt.patch(model)
-    for seed, padding in enumerate(("left", "right")):
-        batch = random_batch(3, 7, padding=padding, task=task, seed=seed)
+    for offset, padding in enumerate(("left", "right")):
+        batch = random_batch(3, 7, padding=padding, task=task, seed=seed + offset)
         ref_logits, ref_loss, ref_grads = loss_and_grads(
             reference, lambda m, batch=batch: reference_forward(m, batch, arch)
         )

@@ -72,13 +72,12 @@ def _attention_spy(monkeypatch) -> list[dict]:
 
 
 @pytest.mark.parametrize(("arch", "task"), [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "seq_cls")])
-def test_prefix_is_one_block_no_concat_no_row_copy_no_4d_mask(arch, task, monkeypatch):
-    torch.manual_seed(0)
+def test_prefix_is_one_block_no_concat_no_row_copy_no_4d_mask(arch, task, monkeypatch, seed):
     model = fastprompt.patch(
-        tiny_peft_model(arch, "prefix_projection", task, gqa=arch == "llama", num_virtual_tokens=P)
+        tiny_peft_model(arch, "prefix_projection", task, gqa=arch == "llama", num_virtual_tokens=P, seed=seed)
     )
     calls = _attention_spy(monkeypatch)
-    forward_and_grads(model, random_batch(B, T, padding="left", task=task))
+    forward_and_grads(model, random_batch(B, T, padding="left", task=task, seed=seed))
     _, kv_heads, head_dim = patching._kv_geometry(model.get_base_model().config)
     assert len(calls) == model.get_base_model().config.num_hidden_layers
     for call in calls:
@@ -89,9 +88,8 @@ def test_prefix_is_one_block_no_concat_no_row_copy_no_4d_mask(arch, task, monkey
 
 
 @pytest.mark.parametrize("method", ["prefix_projection", "prefix", "p_tuning_mlp", "p_tuning_lstm", "prompt_tuning"])
-def test_prompt_encoder_runs_once_per_forward_on_one_row(method, monkeypatch):
-    torch.manual_seed(0)
-    model = fastprompt.patch(tiny_peft_model("llama", method, num_virtual_tokens=P))
+def test_prompt_encoder_runs_once_per_forward_on_one_row(method, monkeypatch, seed):
+    model = fastprompt.patch(tiny_peft_model("llama", method, num_virtual_tokens=P, seed=seed))
     token_shapes = []
     real_encode = patching.encode_prompt
 
@@ -100,7 +98,7 @@ def test_prompt_encoder_runs_once_per_forward_on_one_row(method, monkeypatch):
         return real_encode(encoder, tokens)
 
     monkeypatch.setattr(patching, "encode_prompt", encode)
-    forward_and_grads(model, random_batch(B, T))
+    forward_and_grads(model, random_batch(B, T, seed=seed))
     assert token_shapes == [(P,)]
     if method in ("p_tuning_mlp", "p_tuning_lstm", "prompt_tuning"):
         plan = patching._plan(model, B, torch.device("cpu"), serving=False)
@@ -108,11 +106,10 @@ def test_prompt_encoder_runs_once_per_forward_on_one_row(method, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["prefix_projection", "p_tuning_lstm", "prompt_tuning"])
-def test_peft_forward_and_generate_plumbing_is_never_called(method, monkeypatch):
+def test_peft_forward_and_generate_plumbing_is_never_called(method, monkeypatch, seed):
     """The patched model drives the base model itself: PEFT's forward, get_prompt and generation hooks,
     which break when transformers renames what they introspect, are not on its path."""
-    torch.manual_seed(0)
-    model = fastprompt.patch(tiny_peft_model("llama", method, num_virtual_tokens=P))
+    model = fastprompt.patch(tiny_peft_model("llama", method, num_virtual_tokens=P, seed=seed))
     peft_class = type(model)
 
     def refuse(*args, **kwargs):
@@ -122,20 +119,19 @@ def test_peft_forward_and_generate_plumbing_is_never_called(method, monkeypatch)
         for cls in peft_class.__mro__:
             if name in cls.__dict__ and cls.__module__.startswith("peft"):
                 monkeypatch.setattr(cls, name, refuse)
-    forward_and_grads(model, random_batch(B, T, padding="left"))
-    batch = random_batch(B, T, padding="left")
+    forward_and_grads(model, random_batch(B, T, padding="left", seed=seed))
+    batch = random_batch(B, T, padding="left", seed=seed)
     with torch.no_grad():
         model.eval().generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               max_new_tokens=2, do_sample=False, pad_token_id=PAD)
 
 
-def test_caller_position_ids_are_the_rows_own_numbering_shifted_by_the_prefix():
+def test_caller_position_ids_are_the_rows_own_numbering_shifted_by_the_prefix(seed):
     """Explicit position_ids replace the numbering taken from the mask and are shifted by the prefix length
     (as PEFT 0.21 does for prefix tuning; older PEFT used them unshifted)."""
-    torch.manual_seed(0)
-    model = tiny_peft_model("llama", "prefix", num_virtual_tokens=P).eval()
+    model = tiny_peft_model("llama", "prefix", num_virtual_tokens=P, seed=seed).eval()
     reference = copy.deepcopy(model).double()
-    batch = random_batch(B, T)
+    batch = random_batch(B, T, seed=seed)
     batch["position_ids"] = torch.arange(4, 4 + T)[None].expand(B, -1)
     fastprompt.patch(model)
     with torch.no_grad():
@@ -146,10 +142,10 @@ def test_caller_position_ids_are_the_rows_own_numbering_shifted_by_the_prefix():
     assert (actual - default).abs().max() > 1e-3, "the caller's position_ids were ignored"
 
 
-def test_cache_holds_the_sequence_but_never_the_prefix():
-    torch.manual_seed(0)
-    model = fastprompt.patch(tiny_peft_model("llama", "prefix_projection", gqa=True, num_virtual_tokens=P)).eval()
-    batch = random_batch(B, T, padding="left")
+def test_cache_holds_the_sequence_but_never_the_prefix(seed):
+    model = tiny_peft_model("llama", "prefix_projection", gqa=True, num_virtual_tokens=P, seed=seed)
+    model = fastprompt.patch(model).eval()
+    batch = random_batch(B, T, padding="left", seed=seed)
     layers = model.get_base_model().config.num_hidden_layers
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
@@ -170,12 +166,11 @@ def test_cache_holds_the_sequence_but_never_the_prefix():
 
 
 @pytest.mark.parametrize("method", ["p_tuning_lstm", "prompt_tuning"])
-def test_generate_runs_virtual_tokens_once_as_a_prefix_block(method, monkeypatch):
+def test_generate_runs_virtual_tokens_once_as_a_prefix_block(method, monkeypatch, seed):
     """P-tuning / prompt tuning at serve time: the virtual tokens' K/V are computed once, batch 1."""
-    torch.manual_seed(0)
-    model = fastprompt.patch(tiny_peft_model("qwen3", method, gqa=True, num_virtual_tokens=P)).eval()
+    model = fastprompt.patch(tiny_peft_model("qwen3", method, gqa=True, num_virtual_tokens=P, seed=seed)).eval()
     calls = _attention_spy(monkeypatch)
-    batch = random_batch(B, T, padding="left")
+    batch = random_batch(B, T, padding="left", seed=seed)
     layers = model.get_base_model().config.num_hidden_layers
     with torch.no_grad():
         generated = model.generate(
@@ -202,12 +197,12 @@ def test_generate_runs_virtual_tokens_once_as_a_prefix_block(method, monkeypatch
         ("bert", "seq_cls", "prefix"),
     ],
 )
-def test_gradient_checkpointing_gives_the_same_gradients(arch, task, method):
+def test_gradient_checkpointing_gives_the_same_gradients(arch, task, method, seed):
     """Against the patched model without checkpointing (PEFT cannot run prefix tuning on BERT on every
     transformers version)."""
-    torch.manual_seed(0)
-    model = fastprompt.patch(tiny_peft_model(arch, method, task, gqa=arch == "llama", num_virtual_tokens=P)).train()
-    batch = random_batch(B, T, padding="right", task=task)
+    model = tiny_peft_model(arch, method, task, gqa=arch == "llama", num_virtual_tokens=P, seed=seed)
+    model = fastprompt.patch(model).train()
+    batch = random_batch(B, T, padding="right", task=task, seed=seed)
     expected = forward_and_grads(model, batch)
     model.gradient_checkpointing_enable()
     assert model.get_base_model().is_gradient_checkpointing
@@ -232,10 +227,10 @@ def test_reentrant_checkpointing_is_refused_with_the_fix():
         model(**random_batch(B, T))
 
 
-def test_unpatch_restores_exactly_and_patch_twice_is_harmless():
-    torch.manual_seed(0)
-    model = tiny_peft_model("qwen2", "prefix_projection", gqa=True, num_virtual_tokens=P).eval()
-    batch = random_batch(B, T, padding="right")  # PEFT's positions are the definition's with right padding
+def test_unpatch_restores_exactly_and_patch_twice_is_harmless(seed):
+    model = tiny_peft_model("qwen2", "prefix_projection", gqa=True, num_virtual_tokens=P, seed=seed).eval()
+    # PEFT's positions are the definition's with right padding
+    batch = random_batch(B, T, padding="right", seed=seed)
     with torch.no_grad():
         never_patched = model(**batch).logits
     instance_attrs = dict(model.__dict__)
@@ -258,10 +253,9 @@ def test_unpatch_restores_exactly_and_patch_twice_is_harmless():
         assert torch.equal(model(**batch).logits, never_patched)
 
 
-def test_plain_model_patch_and_unpatch():
-    torch.manual_seed(0)
-    model = tiny_model("mistral", gqa=True).eval()
-    batch = random_batch(B, T, padding="right")
+def test_plain_model_patch_and_unpatch(seed):
+    model = tiny_model("mistral", gqa=True, seed=seed).eval()
+    batch = random_batch(B, T, padding="right", seed=seed)
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         fastprompt.patch(model)
@@ -273,15 +267,14 @@ def test_plain_model_patch_and_unpatch():
     assert_scaled_close(actual[real], expected[real], 1e-5, "logits")
 
 
-def test_plain_model_takes_a_prefix_bank_through_the_forward_kwarg():
+def test_plain_model_takes_a_prefix_bank_through_the_forward_kwarg(seed):
     """Rows pick different bank rows; each equals the unpatched model with that prefix in its KV cache."""
-    torch.manual_seed(0)
-    model = tiny_model("llama", gqa=True).eval()
+    model = tiny_model("llama", gqa=True, seed=seed).eval()
     config = model.config
     layers, kv_heads, head_dim = patching._kv_geometry(config)
     bank = torch.randn(layers, 2, 2, kv_heads, P, head_dim)
     prefix_index = torch.tensor([1, 0, 1], dtype=torch.int32)
-    batch = random_batch(B, T, padding="left")
+    batch = random_batch(B, T, padding="left", seed=seed)
     with torch.no_grad():
         expected = []
         for row in range(B):
@@ -304,10 +297,9 @@ def test_plain_model_takes_a_prefix_bank_through_the_forward_kwarg():
     assert_scaled_close(actual, torch.cat(expected), 1e-5, "logits")
 
 
-def test_concurrent_forwards_of_two_models_stay_separate():
-    torch.manual_seed(0)
+def test_concurrent_forwards_of_two_models_stay_separate(seed):
     models = [fastprompt.patch(tiny_peft_model("llama", "prefix_projection", seed=s)).eval() for s in (0, 7)]
-    batch = random_batch(B, T, padding="left")
+    batch = random_batch(B, T, padding="left", seed=seed)
     with torch.no_grad():
         expected = [m(**batch).logits for m in models]
     results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
@@ -369,10 +361,9 @@ def test_prefix_bank_index_values_are_checked_once_at_construction():
         PrefixKV(bank, prefix_index=torch.tensor([0, -1]), prefix_lens=torch.tensor([5, 6, 1]))
 
 
-def test_eval_forward_returns_the_cache_peft_returns():
-    torch.manual_seed(0)
-    model = tiny_peft_model("llama", "prefix_projection", num_virtual_tokens=P).eval()
-    batch = random_batch(B, T)
+def test_eval_forward_returns_the_cache_peft_returns(seed):
+    model = tiny_peft_model("llama", "prefix_projection", num_virtual_tokens=P, seed=seed).eval()
+    batch = random_batch(B, T, seed=seed)
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).past_key_values
         fastprompt.patch(model)
@@ -393,12 +384,11 @@ def test_prefix_cache_refuses_banks_whose_rows_need_their_own_positions(prefix_i
     assert PrefixCache(prefix, store=False, count_prefix=False).get_seq_length() == 0
 
 
-def test_layers_that_drop_the_prefix_kwarg_are_refused(monkeypatch):
+def test_layers_that_drop_the_prefix_kwarg_are_refused(monkeypatch, seed):
     """A model whose layers do not pass keyword arguments down would silently run without the prefix."""
     from fastprompt.hf.attention import PREFIX_KWARG
 
-    torch.manual_seed(0)
-    model = fastprompt.patch(tiny_peft_model("llama", "prefix", num_virtual_tokens=P))
+    model = fastprompt.patch(tiny_peft_model("llama", "prefix", num_virtual_tokens=P, seed=seed))
     real_attention = AttentionInterface._global_mapping["fastprompt"]
 
     def attention_of_layer_one_loses_kwargs(module, *args, **kwargs):
@@ -410,4 +400,4 @@ def test_layers_that_drop_the_prefix_kwarg_are_refused(monkeypatch):
     with pytest.raises(
         fastprompt.UnsupportedModelError, match=r"did not hand the prefix to the attention of layers \[1\]"
     ):
-        model(**random_batch(B, T))
+        model(**random_batch(B, T, seed=seed))

@@ -54,11 +54,18 @@ def backend(request, monkeypatch) -> str:
     return name
 
 
-def check_against_reference(case: Case, *, with_lse_grad: bool = True, grads_no_worse_than_naive: bool = False) -> None:
+def check_against_reference(
+    case: Case, *, with_lse_grad: bool = True, grads_no_worse_than_naive: bool = False,
+    delta_from_rounded_out: bool = False,
+) -> None:
     """Outputs, lse and the gradients of all five inputs against the float64 oracle.
 
     ``grads_no_worse_than_naive``: a gradient may also be off by up to twice the error of the naive path
     (PEFT's, in the inputs' dtype) on the same inputs.
+    ``delta_from_rounded_out``: the gradients' oracle is that of a backward that takes delta_i = rowsum(dO_i * O_i)
+    from ``out`` as returned (rounded to the inputs' dtype), as FlashAttention-style backwards do. Since
+    dS_ij = P_ij (dP_ij - delta_i) and a gradient c_i on lse_i adds c_i P_ij to dS_ij, that is the float64
+    gradient with c_i lowered by delta_i(out) - delta_i(exact output).
     """
     tol_out, tol_grad = TOLERANCE[case.q.dtype]
     out, lse = fastprompt.prefix_attention(*case.tensors, **case.options, return_lse=True)
@@ -71,14 +78,18 @@ def check_against_reference(case: Case, *, with_lse_grad: bool = True, grads_no_
     lse_tol = max(tol_out, TOLERANCE[torch.float32][0])  # the lse is float32 whatever the input dtype
     assert max_error(lse, ref_lse) <= lse_tol * scale_of(ref_lse)
 
-    grad_out = torch.randn_like(ref_out)
+    grad_out = torch.randn_like(ref_out).to(out.dtype).double()  # the op's output gradient is in its dtype
     grad_lse = torch.randn_like(ref_lse) if with_lse_grad else torch.zeros_like(ref_lse)
+    ref_grad_lse = grad_lse
+    if delta_from_rounded_out:
+        shift = (grad_out * out.double()).sum(-1) - (grad_out * ref_out).sum(-1)
+        ref_grad_lse = grad_lse - torch.where(torch.isinf(ref_lse), 0, shift).detach()
 
-    def loss(o, l):  # noqa: E741
-        return (o.double() * grad_out).sum() + (torch.where(torch.isinf(l), 0, l).double() * grad_lse).sum()
+    def loss(o, l, gl):  # noqa: E741
+        return (o.double() * grad_out).sum() + (torch.where(torch.isinf(l), 0, l).double() * gl).sum()
 
-    grads = torch.autograd.grad(loss(out, lse), case.tensors)
-    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), case.tensors)
+    grads = torch.autograd.grad(loss(out, lse, grad_lse), case.tensors)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse, ref_grad_lse), case.tensors)
     names = ["q", "k", "v", "prefix_k", "prefix_v"]
     floor = dict.fromkeys(names, 0.0)
     if grads_no_worse_than_naive:
@@ -196,8 +207,15 @@ def test_large_logits_do_not_overflow(dtype, backend):
         assert max_error(lse, ref_lse) <= tol_out * scale_of(ref_lse)
         return
     # With a saturated softmax, dq and dk cancel to almost nothing while the terms that cancel are large,
-    # so half-precision rounding of those terms dominates: gradients are held to PEFT's path in the same dtype.
-    check_against_reference(case, with_lse_grad=False, grads_no_worse_than_naive=True)
+    # so half-precision rounding of those terms dominates. The C++ backward computes in fp32 but takes
+    # delta from the output rounded to the dtype: that rounding alone moves dq and dk by up to about their own
+    # scale (1.5x for dprefix_k in bf16 over 40 seeds), everything else stays within a tenth of the
+    # tolerance, so it is held to the oracle of that rounding model. The torch backend recomputes the forward
+    # in fp32; its gradients are held to PEFT's path in the same dtype.
+    if backend == "cpu":
+        check_against_reference(case, with_lse_grad=False, delta_from_rounded_out=True)
+    else:
+        check_against_reference(case, with_lse_grad=False, grads_no_worse_than_naive=True)
 
 
 def test_rows_with_nothing_to_attend_give_zeros(backend):

@@ -43,6 +43,12 @@ class Block:
         return self.marker is None and (self.language == "python" or self.language in SHELLS)
 
 
+def _without_fence_indent(line: str, indent: int) -> str:
+    """A code line of a fence indented by ``indent`` spaces, less up to that many leading spaces (CommonMark):
+    the code's own indentation stays."""
+    return line[min(indent, len(line) - len(line.lstrip(" "))):]
+
+
 def parse_blocks(text: str) -> list[Block]:
     """Fenced code blocks of a markdown text, each with the marker comment above it (blank lines allowed)."""
     lines = text.splitlines()
@@ -55,7 +61,7 @@ def parse_blocks(text: str) -> list[Block]:
             body = []
             i += 1
             while i < len(lines) and not lines[i].strip().startswith(fence):
-                body.append(lines[i][indent:] if lines[i][:indent].isspace() else lines[i].lstrip())
+                body.append(_without_fence_indent(lines[i], indent))
                 i += 1
             blocks.append(Block(opening["language"].lower(), "\n".join(body) + "\n", start, marker))
             marker = None
@@ -140,7 +146,8 @@ def test_parser_sees_markers_fences_and_tables():
     text = (
         "intro\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<!-- setup-command -->\n\n```bash\npip install -e .\n```\n"
         "text\n<!-- test-command -->\nnot a block\n```sh\npytest\n```\n  ~~~python\n  print(1)\n  ~~~\n"
-        "```\nplain\n```\n"
+        "```\nplain\n```\n```python\nif True:\n    x = 1\n\n        y = 2\n```\n"
+        "  ```python\n  for i in ():\n      pass\n short\n  ```\n"
     )
     blocks = parse_blocks(text)
     assert [(b.language, b.code, b.marker) for b in blocks] == [
@@ -148,7 +155,9 @@ def test_parser_sees_markers_fences_and_tables():
         ("sh", "pytest\n", None),
         ("python", "print(1)\n", None),
         ("", "plain\n", None),
+        ("python", "if True:\n    x = 1\n\n        y = 2\n", None),  # a fence at column 0 keeps all indentation
+        ("python", "for i in ():\n    pass\nshort\n", None),  # an indented fence loses at most its own indent
     ]
-    assert [b.runs_here for b in blocks] == [False, True, True, False]
+    assert [b.runs_here for b in blocks] == [False, True, True, False, True, True]
     assert headline_table(text) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
     assert headline_table("```text\n| not | a table |\n```\n| x |\n|---|\n| 3 |\n") == ["| x |", "|---|", "| 3 |"]

@@ -59,8 +59,7 @@ def test_build_places_virtual_tokens_around_segments():
 
 @pytest.mark.parametrize("encoder_type", ["MLP", "LSTM"])
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_forward_equals_explicit_inputs_embeds(kind, encoder_type):
-    torch.manual_seed(0)
+def test_forward_equals_explicit_inputs_embeds(kind, encoder_type, seed):
     model = _wrapped(kind, encoder_type)
     ids, mask = _batch()
     out = model(input_ids=ids, attention_mask=mask).logits
@@ -78,8 +77,7 @@ def test_forward_equals_explicit_inputs_embeds(kind, encoder_type):
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_train_step_then_save_load_round_trip(kind, tmp_path):
-    torch.manual_seed(1)
+def test_train_step_then_save_load_round_trip(kind, tmp_path, seed):
     model = _wrapped(kind, "LSTM")
     ids, mask = _batch()
     labels = ids.masked_fill(mask == 0, -100).clamp(max=VOCAB - 1)

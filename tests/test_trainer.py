@@ -3,8 +3,9 @@ evaluates every step, saves PEFT-format checkpoints (``save_total_limit``), ``lo
 leaves it holding a model with the logits of the best checkpoint loaded fresh (``PeftModel.from_pretrained``
 on a fresh base, then patched), and a run resumed from a checkpoint ends where the uninterrupted run ends.
 
-Without :func:`fastprompt.hf.compat.enable_encoder_checkpoints`, PEFT's checkpoints fail the last
-two for prefix tuning with projection (loading raises) and P-tuning (other logits; see that module).
+``fastprompt.patch`` turns on :func:`fastprompt.hf.compat.enable_encoder_checkpoints` (and ``unpatch`` turns
+it off again); without it PEFT's checkpoints fail the last two for prefix tuning with projection (loading
+raises) and P-tuning (other logits; see that module).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def _rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     return [{key: value[i] for key, value in batch.items()} for i in range(batch["input_ids"].shape[0])]
 
 
-def _patched(method: str) -> PeftModel:
-    return enable_encoder_checkpoints(fastprompt.patch(tiny_peft_model("llama", method, gqa=True)))
+def _patched(method: str, seed: int) -> PeftModel:
+    return fastprompt.patch(tiny_peft_model("llama", method, gqa=True, seed=seed))
 
 
 def _trainer(model: PeftModel, output_dir: str, max_steps: int, **overrides) -> Trainer:
@@ -61,8 +62,8 @@ def _trainable(model: PeftModel) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_trainer_trains_saves_loads_best_and_resumes(method, tmp_path):
-    model = _patched(method)
+def test_trainer_trains_saves_loads_best_and_resumes(method, tmp_path, seed):
+    model = _patched(method, seed)
     initial = _trainable(model)
     trainer = _trainer(model, str(tmp_path / "run"), max_steps=3)
     trainer.train()
@@ -77,18 +78,18 @@ def test_trainer_trains_saves_loads_best_and_resumes(method, tmp_path):
         assert os.path.isfile(os.path.join(best, name)), f"{best} has no {name}"
 
     batch = random_batch(3, LENGTH, padding="left", seed=3)
-    fresh = fastprompt.patch(PeftModel.from_pretrained(tiny_model("llama", gqa=True), best))
+    fresh = fastprompt.patch(PeftModel.from_pretrained(tiny_model("llama", gqa=True, seed=seed), best))
     expected = _logits(fresh, batch)
     assert_scaled_close(_logits(trainer.model, batch), expected, LOGITS_TOL, f"{method}: best model's logits")
     assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, rel=1e-5)
 
     # resume from the last checkpoint (kept by the rotation) and go on to step 5; compare with 5 steps straight
     last = max(checkpoints, key=lambda name: int(name.split("-")[1]))
-    resumed_model = _patched(method)
+    resumed_model = _patched(method, seed)
     _trainer(resumed_model, str(tmp_path / "run"), max_steps=5, load_best_model_at_end=False).train(
         resume_from_checkpoint=str(tmp_path / "run" / last)
     )
-    straight_model = _patched(method)
+    straight_model = _patched(method, seed)
     _trainer(straight_model, str(tmp_path / "straight"), max_steps=5, load_best_model_at_end=False,
              save_strategy="no").train()
     straight = _trainable(straight_model)
@@ -96,17 +97,30 @@ def test_trainer_trains_saves_loads_best_and_resumes(method, tmp_path):
         assert_scaled_close(value - initial[name], straight[name] - initial[name], 1e-5, f"{method}: resumed {name}")
 
 
-def test_without_encoder_checkpoints_peft_cannot_reload_a_p_tuning_checkpoint(tmp_path):
+def test_without_encoder_checkpoints_peft_cannot_reload_a_p_tuning_checkpoint(tmp_path, seed):
     """What the workaround is for: PEFT's load_adapter feeds the saved encoder output back through the encoder."""
-    model = disable_encoder_checkpoints(_patched("p_tuning_mlp"))
+    model = disable_encoder_checkpoints(_patched("p_tuning_mlp", seed))
     model.save_pretrained(str(tmp_path))
     assert not os.path.exists(tmp_path / ENCODER_FILE)
-    batch = random_batch(2, LENGTH, seed=4)
+    batch = random_batch(2, LENGTH, seed=seed)
     before = _logits(model, batch)
     model.load_adapter(str(tmp_path), "default")
     assert not torch.allclose(_logits(model, batch), before, atol=1e-3), "PEFT's reload now keeps the logits"
-    enabled = enable_encoder_checkpoints(_patched("p_tuning_mlp"))
+
+
+def test_patch_turns_encoder_checkpoints_on_and_unpatch_restores_what_was_there(seed):
+    plain = tiny_peft_model("llama", "p_tuning_mlp", gqa=True, seed=seed)
+    before = dict(plain.__dict__)
+    fastprompt.patch(plain)
+    assert "save_pretrained" in plain.__dict__ and "load_adapter" in plain.__dict__
+    fastprompt.unpatch(plain)
+    assert plain.__dict__ == before
+
+    enabled = enable_encoder_checkpoints(tiny_peft_model("llama", "p_tuning_mlp", gqa=True, seed=seed))
     assert enable_encoder_checkpoints(enabled) is enabled
+    before = dict(enabled.__dict__)
+    fastprompt.unpatch(fastprompt.patch(enabled))
+    assert enabled.__dict__ == before, "unpatch turned off checkpoints that were on before patch"
 
 
 def test_enable_encoder_checkpoints_refuses_a_model_that_is_not_peft():

@@ -1,16 +1,21 @@
 """Fused prompt encoders: PEFT's reparameterisation networks run once per forward, with autograd and caching.
 
-Public functions → autograd Functions → backend (``fastprompt.kernels.prompt_encoders`` for triton, the
-``_torch_*`` functions below for CPU). Both backends implement the same four functions::
+Public functions → autograd (an ``autograd.Function`` for the MLP, a ``torch.library`` custom op with a fake
+for the LSTM layer) → backend (``fastprompt.kernels.prompt_encoders`` for triton, the ``_torch_*`` functions
+below for CPU). Both backends implement the same four functions::
 
     mlp_forward(x, idx, weights, biases, act) -> (out, hiddens)
     mlp_backward(grad, x, idx, weights, hiddens, act) -> (dx_rows, dweights, dbiases)
-    lstm_forward(x, idx, params) -> (y, *saved)
-    lstm_backward(dy, x, idx, params, y, *saved) -> (dx_rows, dparams)
+    lstm_forward(x, idx, params) -> (y, c, gates)
+    lstm_backward(dy, x, idx, params, y, c, gates) -> (dx_rows, dparams)
 
 ``x`` is either the input rows or, with ``idx``, a table whose rows ``idx`` are the input (the embedding
-lookup fused into the first layer). Backends compute and return float32; the Functions cast to the
+lookup fused into the first layer). Backends compute and return float32; the callers cast to the
 parameters' dtype, as PEFT's modules would produce.
+
+Under ``torch.compile`` everything traces without a graph break: the value checks of the token indices and
+the output cache (which read tensor values) apply to eager calls only, and a P-tuning LSTM's parameters
+come from a record on the encoder (see :func:`prepare_encoders`).
 
 Backend choice (``FASTPROMPT_BACKEND``, as for the attention op): ``auto`` takes triton for CUDA tensors and
 the PyTorch path for CPU tensors (there are no C++ encoder kernels, so ``cpu`` also means the PyTorch
@@ -32,7 +37,9 @@ from fastprompt.attention import resolve_backend
 from fastprompt.attention.dispatch import requested_backend
 from fastprompt.errors import UnsupportedModelError
 
-__all__ = ["clear_encoder_cache", "encode_prompt", "fused_lstm", "fused_mlp", "resolve_encoder_backend"]
+__all__ = [
+    "clear_encoder_cache", "encode_prompt", "fused_lstm", "fused_mlp", "prepare_encoders", "resolve_encoder_backend"
+]
 
 _ACTS = ("tanh", "relu")
 
@@ -98,12 +105,13 @@ def _torch_lstm_forward(x, idx, params):
             c[:, s].addcmul_(step[:, 1], c[:, s - 1])
         torch.mul(step[:, 3], torch.tanh(c[:, s]), out=h[:, s])
     y = torch.cat([h[0], h[1].flip(0)], dim=1)
-    return y, h, c, gates
+    return y, c, gates
 
 
-def _torch_lstm_backward(dy, x, idx, params, y, h, c, gates):
+def _torch_lstm_backward(dy, x, idx, params, y, c, gates):
     xs = _rows(x, idx)
     P, H = xs.shape[0], params[1].shape[1]
+    h = torch.stack([y[:, :H], y[:, H:].flip(0)])  # step order, as the forward kept it
     w_hh = [params[1].float(), params[5].float()]
     dy_steps = torch.stack([dy[:, :H], dy[:, H:].flip(0)])
     dgates = torch.empty_like(gates)
@@ -197,20 +205,53 @@ class _MLPFunction(torch.autograd.Function):
         return _input_grad(x, idx, dx_rows), None, None, None, *dparams
 
 
-class _LSTMLayerFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, idx, backend, *params):
-        y, *saved = backend.lstm_forward(x, idx, list(params))
-        ctx.save_for_backward(x, idx, y, *params, *saved)
-        ctx.backend = backend
-        return y.to(params[0].dtype)
+# The LSTM layer is a custom op (opaque to torch.compile, shapes from the fake): its PyTorch path writes
+# through ``out=`` into strided slices step by step, which Dynamo cannot trace inside an autograd.Function.
+@torch.library.custom_op("fastprompt::lstm_layer_fwd", mutates_args=())
+def _lstm_layer_fwd(
+    x: torch.Tensor, idx: torch.Tensor | None, params: list[torch.Tensor], backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One bidirectional layer: y [P, 2H], c [2, P, H] and gates [2, P, 4H], float32."""
+    y, c, gates = _backend(backend).lstm_forward(x, idx, params)
+    return y.contiguous(), c.contiguous(), gates.contiguous()
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, idx, y, *rest = ctx.saved_tensors
-        params, saved = rest[:8], rest[8:]
-        dx_rows, dparams = ctx.backend.lstm_backward(grad.float().contiguous(), x, idx, list(params), y, *saved)
-        return _input_grad(x, idx, dx_rows), None, None, *dparams
+
+@_lstm_layer_fwd.register_fake
+def _(x, idx, params, backend):
+    rows, hidden = (x.shape[0] if idx is None else idx.shape[0]), params[1].shape[1]
+    return (x.new_empty(rows, 2 * hidden, dtype=torch.float32), x.new_empty(2, rows, hidden, dtype=torch.float32),
+            x.new_empty(2, rows, 4 * hidden, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastprompt::lstm_layer_bwd", mutates_args=())
+def _lstm_layer_bwd(
+    dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None, params: list[torch.Tensor], y: torch.Tensor,
+    c: torch.Tensor, gates: torch.Tensor, backend: str,
+) -> list[torch.Tensor]:
+    """Gradients of :func:`_lstm_layer_fwd`: d x[idx] [P, D] float32, then one per parameter, like it."""
+    dx_rows, dparams = _backend(backend).lstm_backward(dy, x, idx, params, y, c, gates)
+    return [dx_rows.contiguous(), *(g.contiguous() for g in dparams)]
+
+
+@_lstm_layer_bwd.register_fake
+def _(dy, x, idx, params, y, c, gates, backend):
+    return [x.new_empty(y.shape[0], x.shape[1], dtype=torch.float32), *(p.new_empty(p.shape) for p in params)]
+
+
+def _lstm_setup_context(ctx, inputs, output) -> None:
+    x, idx, params, backend = inputs
+    ctx.save_for_backward(x, idx, *params, *output)
+    ctx.backend = backend
+
+
+def _lstm_layer_backward(ctx, dy, _dc, _dgates):
+    x, idx, *rest = ctx.saved_tensors
+    params, (y, c, gates) = rest[:8], rest[8:]
+    dx_rows, *dparams = _lstm_layer_bwd(dy.float().contiguous(), x, idx, params, y, c, gates, ctx.backend)
+    return _input_grad(x, idx, dx_rows), None, dparams, None
+
+
+_lstm_layer_fwd.register_autograd(_lstm_layer_backward, setup_context=_lstm_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,7 +270,8 @@ def _check_idx(
         raise ValueError(f"{name} must be a 1-D int32/int64 tensor [P], got {_describe(idx)}")
     if idx.device != table.device and not (host_ok and idx.device.type == "cpu"):
         raise ValueError(f"{name} is on {idx.device} but the encoder weights are on {table.device}")
-    if idx.numel():
+    # while compiling, a value check would be a data-dependent branch (a graph break): the eager call checks
+    if idx.numel() and not torch.compiler.is_compiling():
         low, high = torch.stack(torch.aminmax(idx)).tolist()  # one read of a device tensor
         if low < 0 or high >= table.shape[0]:
             raise ValueError(f"{name} values must lie in [0, {table.shape[0]}), got [{low}, {high}]")
@@ -244,6 +286,8 @@ _DEVICE_TOKENS: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
 def _on_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
     if tokens.device == device:
         return tokens
+    if torch.compiler.is_compiling():
+        return tokens.to(device)
     key = (device, tuple(tokens.tolist()))
     if key not in _DEVICE_TOKENS:
         # outside inference mode: a later training forward saves it for backward
@@ -364,10 +408,10 @@ def _fused_lstm(
         if any(t.dtype != x.dtype or t.device != x.device for t in layer):
             raise ValueError(f"layer {i}: parameters must match x's dtype {x.dtype} and device {x.device}")
         width = 2 * hidden
-    be = _backend(resolve_encoder_backend(backend, x.device, x.dtype))
+    name = resolve_encoder_backend(backend, x.device, x.dtype)
     h = x
     for i, layer in enumerate(layers):
-        h = _LSTMLayerFunction.apply(h, idx if i == 0 else None, be, *layer)
+        h = _lstm_layer_fwd(h, idx if i == 0 else None, list(layer), name)[0].to(layer[0].dtype)
         if i < len(layers) - 1 and dropout > 0 and training:
             h = F.dropout(h, dropout, training=True)
     return h
@@ -406,6 +450,32 @@ def _lstm_layers(lstm: torch.nn.LSTM) -> list[list[torch.Tensor]]:
     ]
 
 
+_LSTM_RECORD = "_fastprompt_lstm"
+
+
+def _lstm_record(encoder: torch.nn.Module) -> tuple[list[list[torch.Tensor]], float]:
+    """(per-layer parameters, dropout) of a P-tuning encoder's ``lstm_head``, kept on the encoder.
+
+    Dynamo refuses to hold a ``torch.nn.LSTM`` at all (even to read its parameters), so a compiled forward
+    reads this record instead. Every eager call and :func:`prepare_encoders` (called by ``fastprompt.patch``)
+    rebuild it; after replacing the LSTM's parameter objects, run one of them before compiling.
+    """
+    if torch.compiler.is_compiling() and _LSTM_RECORD in encoder.__dict__:
+        return encoder.__dict__[_LSTM_RECORD]
+    lstm = encoder.lstm_head
+    record = (_lstm_layers(lstm), lstm.dropout)
+    if not torch.compiler.is_compiling():
+        encoder.__dict__[_LSTM_RECORD] = record
+    return record
+
+
+def prepare_encoders(module: torch.nn.Module) -> None:
+    """Make every P-tuning LSTM encoder in ``module`` traceable by ``torch.compile`` (see :func:`_lstm_record`)."""
+    for encoder in module.modules():
+        if isinstance(getattr(encoder, "lstm_head", None), torch.nn.LSTM):
+            _lstm_record(encoder)
+
+
 def _run_encoder(encoder: torch.nn.Module, tokens: torch.Tensor, backend: str | None) -> torch.Tensor:
     """``encoder`` on ``tokens`` [P], which :func:`encode_prompt` checked and put on the weights' device."""
     from peft.tuners.p_tuning.model import PromptEncoder, PromptEncoderReparameterizationType
@@ -429,8 +499,8 @@ def _run_encoder(encoder: torch.nn.Module, tokens: torch.Tensor, backend: str | 
             linears = _linear_stack(encoder.mlp_head, (*relu_mlp, torch.nn.ReLU, torch.nn.Linear), "mlp_head")
             return _fused_mlp(table, *_mlp_of(linears), "relu", tokens, backend)
         if encoder.encoder_type == PromptEncoderReparameterizationType.LSTM:
-            lstm = encoder.lstm_head
-            hidden = _fused_lstm(table, _lstm_layers(lstm), tokens, lstm.dropout, lstm.training, backend)
+            layers, dropout = _lstm_record(encoder)
+            hidden = _fused_lstm(table, layers, tokens, dropout, encoder.training, backend)
             linears = _linear_stack(encoder.mlp_head, relu_mlp, "mlp_head")
             return _fused_mlp(hidden, *_mlp_of(linears), "relu", None, backend)
         raise UnsupportedModelError(f"unknown P-tuning encoder type {encoder.encoder_type!r}")
@@ -468,6 +538,14 @@ def clear_encoder_cache(encoder: torch.nn.Module | None = None) -> None:
         _CACHE.pop(encoder, None)
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def encode_prompt(encoder: torch.nn.Module, prompt_tokens: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Run a PEFT prompt encoder once on its virtual tokens with the fused kernels.
 
@@ -496,9 +574,16 @@ def encode_prompt(encoder: torch.nn.Module, prompt_tokens: torch.Tensor, *, back
     if not isinstance(prompt_tokens, torch.Tensor) or prompt_tokens.dim() != 1:
         raise ValueError(f"prompt_tokens must be a 1-D integer tensor [P], got {_describe(prompt_tokens)}")
     weight = encoder.embedding.weight
+    if _is_sharded(weight):
+        raise UnsupportedModelError(
+            f"the prompt encoder's parameters are sharded DTensors ({type(encoder).__name__} is an FSDP unit of its "
+            "own, whose hooks never fire because it runs as a function of its parameters): shard the model with "
+            "fastprompt.shard_prompt_model(model), which keeps prompt encoders in the root unit"
+        )
     tokens = _check_idx(prompt_tokens, weight, "prompt_tokens", host_ok=True)
     needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
-    if needs_grad or not _deterministic(encoder):
+    # a compiled graph recomputes the encoder: the cache's checks read tensor values and versions
+    if torch.compiler.is_compiling() or needs_grad or not _deterministic(encoder):
         return _run_encoder(encoder, _on_device(tokens, weight.device), backend)
     key = _state_key(encoder, backend)
     hit = _CACHE.get(encoder)

@@ -29,6 +29,7 @@ __all__ = [
     "ENCODER_FILE",
     "disable_encoder_checkpoints",
     "enable_encoder_checkpoints",
+    "encoder_checkpoints_enabled",
     "AttentionMaskInterface",
     "bidirectional_mask_function",
     "cache_kwarg",
@@ -213,6 +214,11 @@ def enable_encoder_checkpoints(model: Any) -> Any:
         object.__setattr__(model, name, functools.partial(wrapper, model, getattr(model, name)))
     object.__setattr__(model, _CHECKPOINTS_ATTR, state)
     return model
+
+
+def encoder_checkpoints_enabled(model: Any) -> bool:
+    """Whether :func:`enable_encoder_checkpoints` is in effect on ``model``."""
+    return model.__dict__.get(_CHECKPOINTS_ATTR) is not None
 
 
 def disable_encoder_checkpoints(model: Any) -> Any:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from fastprompt.encoders import encode_prompt
+from fastprompt.encoders import encode_prompt, prepare_encoders
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
 from fastprompt.hf.adapters import PATCH_STATE_ATTR, AdapterRegistry, adapter_registry
@@ -68,6 +68,8 @@ class _PatchState:
     registry: AdapterRegistry
     # (object, instance attribute, previous value or _ABSENT), in the order they were replaced
     replaced: list[tuple[Any, str, Any]] = field(default_factory=list)
+    # whether patch() turned on compat.enable_encoder_checkpoints (so unpatch() turns it off)
+    encoder_checkpoints: bool = False
 
 
 @dataclass(frozen=True)
@@ -496,6 +498,9 @@ def patch(model: Any) -> Any:
     the module docstring. Either then serves named prefixes (``fastprompt.load_adapter``, ``cache_prompt``, a
     PeftModel's own adapters) per batch row through ``adapter_names=[...]`` in ``forward`` and ``generate``.
 
+    A ``PeftModel``'s checkpoints also keep its prompt encoders (:func:`fastprompt.enable_encoder_checkpoints`),
+    so the ``Trainer``'s ``load_best_model_at_end`` and ``resume_from_checkpoint`` restore what was saved.
+
     Raises :class:`~fastprompt.UnsupportedModelError` (saying why) for anything else: attention not
     dispatched through ``ALL_ATTENTION_FUNCTIONS``, sliding-window / chunked / soft-capped attention,
     encoder-decoder models, adapters of other types.
@@ -505,8 +510,11 @@ def patch(model: Any) -> Any:
     peft_model_class = _peft_model_class()
     if peft_model_class is not None and isinstance(model, peft_model_class):
         _check_peft_model(model)
+        prepare_encoders(model)
         base = model.get_base_model()
-        state = _PatchState(base, base.config._attn_implementation, AdapterRegistry(model))
+        state = _PatchState(base, base.config._attn_implementation, AdapterRegistry(model),
+                            encoder_checkpoints=not compat.encoder_checkpoints_enabled(model))
+        compat.enable_encoder_checkpoints(model)
         _set_attn_implementation(base, ATTN_IMPLEMENTATION)
         _replace(model, state, "forward", _patched_forward)
         if hasattr(model, "prepare_inputs_for_generation"):  # the task types PEFT lets generate
@@ -530,8 +538,8 @@ def patch(model: Any) -> Any:
 
 
 def unpatch(model: Any) -> Any:
-    """Undo :func:`patch` exactly (attention implementation and replaced methods; the prefixes registered for
-    ``adapter_names`` are dropped with the patch); a no-op if not patched."""
+    """Undo :func:`patch` exactly (attention implementation, replaced methods, the encoder checkpoints it turned
+    on; the prefixes registered for ``adapter_names`` are dropped with the patch); a no-op if not patched."""
     state: _PatchState | None = model.__dict__.get(_STATE_ATTR)
     if state is None:
         return model
@@ -540,6 +548,8 @@ def unpatch(model: Any) -> Any:
             owner.__dict__.pop(name, None)
         else:
             object.__setattr__(owner, name, previous)
+    if state.encoder_checkpoints:
+        compat.disable_encoder_checkpoints(model)
     state.base.set_attn_implementation(state.attn_implementation)
     del model.__dict__[_STATE_ATTR]
     return model
