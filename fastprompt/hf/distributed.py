@@ -122,4 +122,6 @@ def save_sharded_adapter(model: torch.nn.Module, save_directory: str, **save_kwa
     with _whole_root(model) as peft_model:
         if writer:
             encoders = {name: p.detach() for name, p in peft_model.named_parameters() if "prompt_encoder." in name}
-            peft_model.save_pretrained(save_directory, state_dict=encoders, **save_kwargs)
+            # PEFT's own method, not the instance's encoder-checkpoint wrapper (fastprompt.patch installs it),
+            # which reads the encoder's state_dict(): sharded parameters have no storage to write
+            type(peft_model).save_pretrained(peft_model, save_directory, state_dict=encoders, **save_kwargs)
