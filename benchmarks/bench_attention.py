@@ -19,10 +19,8 @@ The case builders (:func:`default_cases`, :func:`make_step` with :func:`fastprom
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
-import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -34,8 +32,8 @@ import fastprompt
 from fastprompt.attention import AttentionArgs
 from fastprompt.attention.cases import TOLERANCE, make_case, max_error, scale_of
 from fastprompt.attention.reference import naive_prefix_attention, reference_prefix_attention
-from fastprompt.cli.bench import environment
-from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure
+from fastprompt.cli.bench import environment_lines
+from fastprompt.cli.benchutil import Measurement, best_of_rounds, kernel_bench_options, measure
 
 MODES = ("forward", "forward+backward")
 
@@ -114,7 +112,7 @@ def fastprompt_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def naive_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
-    return naive_prefix_attention(**x, causal=case.causal)
+    return naive_prefix_attention(AttentionArgs(**x, causal=case.causal))
 
 
 def sdpa_flash_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -198,7 +196,7 @@ def check_against_reference(case: Case, dtype: torch.dtype, device: str) -> None
     x = {name: t[:1] if name in ("q", "k", "v") else t for name, t in make_inputs(case, dtype, device, False).items()}
     with torch.no_grad():
         out = fastprompt_call(case, x)
-        expected, _ = reference_prefix_attention(*(t.double() for t in x.values()), causal=case.causal)
+        expected, _ = reference_prefix_attention(AttentionArgs(**x, causal=case.causal))
     err, bound = max_error(out, expected), TOLERANCE[dtype].out * scale_of(expected)
     if err > bound:
         raise RuntimeError(f"{case.label}: fastprompt differs from the float64 oracle by {err:.3g} > {bound:.3g}")
@@ -256,19 +254,11 @@ def format_tflops(case: Case, dtype: torch.dtype, device: str, warmup: int, iter
 
 
 def header(device: str, dtype: torch.dtype, argv: list[str]) -> str:
-    env = environment(torch.device(device), dtype)
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     return "\n".join(
         [
             "# prefix attention: fastprompt vs naive PEFT path",
             "",
-            f"- device: {env['device']}",
-            f"- date: {env['date']}",
-            f"- versions: {versions}",
-            f"- commit: {env['commit']}",
-            f"- backend: {env['backend']} (FASTPROMPT_BACKEND={env['backend_requested']}), "
-            f"dtype: {str(dtype).removeprefix('torch.')}",
-            f"- command: `{shlex.join(['python', *argv])}`",
+            *environment_lines(torch.device(device), dtype, argv),
             "",
             "Median wall time per call, the better of alternating rounds for each side; MiB = peak memory "
             "allocated during one call (fastprompt.cli.benchutil).",
@@ -278,23 +268,7 @@ def header(device: str, dtype: torch.dtype, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 3 cpu, 20 cuda)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating fastprompt/naive rounds; best of each kept")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--csv", metavar="PATH", help="also write every row to this CSV file")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
-    iters = args.iters or (20 if args.device == "cuda" else 3)
-
+    args, dtype, iters = kernel_bench_options(__doc__.split("\n\n")[0], argv, warmup=1, iters=(3, 20), csv=True)
     cases = default_cases(args.device)
     rows = run(cases, dtype, args.device, args.warmup, iters, args.rounds)
     print(header(args.device, dtype, ["benchmarks/bench_attention.py", *argv]))

@@ -22,9 +22,7 @@ Prints a markdown table headed by device, date, versions, commit and the command
 
 from __future__ import annotations
 
-import argparse
 import functools
-import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +32,8 @@ import torch
 import fastprompt
 from fastprompt.attention import AttentionArgs
 from fastprompt.attention.reference import naive_prefix_attention
-from fastprompt.cli.bench import environment
-from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure
+from fastprompt.cli.bench import environment_lines
+from fastprompt.cli.benchutil import Measurement, best_of_rounds, kernel_bench_options, measure
 
 IMPLS = ("op", "baseline", "naive")
 
@@ -83,13 +81,14 @@ def make_step(impl: str, case: Case, dtype: torch.dtype, device: str) -> Callabl
     elif impl == "baseline" and device == "cuda":
         from fastprompt.kernels import prefix_attention as triton_backend
 
-        args = AttentionArgs.build(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index)
+        args = AttentionArgs(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index).validated()
         call = functools.partial(triton_backend.forward, args, group_rows=False)
     elif impl == "baseline":
         call = functools.partial(fastprompt.prefix_attention, q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
                                  backend="torch")
     else:
-        call = functools.partial(naive_prefix_attention, q, k, v, prefix_k, prefix_v, prefix_index=prefix_index)
+        naive_args = AttentionArgs(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index)
+        call = functools.partial(naive_prefix_attention, naive_args)
 
     def step() -> torch.Tensor:
         with torch.inference_mode():
@@ -126,21 +125,13 @@ def format_table(rows: list[tuple[Case, list[Measurement]]]) -> str:
 
 
 def header(cases: list[Case], device: str, dtype: torch.dtype, argv: list[str]) -> str:
-    env = environment(torch.device(device), dtype)
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     c = cases[0]
     return "\n".join(
         [
             "# shared-prefix decode step: the op vs a baseline vs the naive path",
             "",
-            f"- device: {env['device']}",
-            f"- date: {env['date']}",
-            f"- versions: {versions}",
-            f"- commit: {env['commit']}",
-            f"- backend: {env['backend']} (FASTPROMPT_BACKEND={env['backend_requested']}), "
-            f"dtype: {str(dtype).removeprefix('torch.')}",
+            *environment_lines(torch.device(device), dtype, argv),
             f"- shape: Hq={c.Hq}, Hkv={c.Hkv}, D={c.D}, T=1 new token, S={c.S} cached tokens per row",
-            f"- command: `{shlex.join(['python', *argv])}`",
             "",
             "Forward only (inference mode). Median wall time per decode step (one layer's attention), the best "
             "of alternating rounds for each side; MiB = peak memory allocated during one call "
@@ -153,21 +144,7 @@ def header(cases: list[Case], device: str, dtype: torch.dtype, argv: list[str]) 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=None, help="timed calls per measurement (default 10 cpu, 50 cuda)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each side kept")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
-    iters = args.iters or (50 if args.device == "cuda" else 10)
+    args, dtype, iters = kernel_bench_options(__doc__.split("\n\n")[0], argv, warmup=2, iters=(10, 50))
     cases = default_cases(args.device)
     rows = run(cases, dtype, args.device, args.warmup, iters, args.rounds)
     print(header(cases, args.device, dtype, ["benchmarks/bench_shared_prefix.py", *argv]))

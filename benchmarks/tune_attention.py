@@ -51,7 +51,7 @@ def _time(fn) -> float | None:
 def sweep(case: Case, dtype: torch.dtype, device: str = "cuda", timer: Callable = _time) -> list[str]:
     """Table rows for every candidate of every kernel on ``case``; ``timer(fn)`` gives ms or None (does not
     fit). Each candidate is handed to the kernels as a tile table (``tiles=``); nothing global changes."""
-    args = AttentionArgs.build(**make_inputs(case, dtype, device, requires_grad=False), causal=True)
+    args = AttentionArgs(**make_inputs(case, dtype, device, requires_grad=False), causal=True).validated()
     flops = case.flops()
     out, lse = pa.forward(args)
     grad = torch.randn_like(out)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastprompt
-from fastprompt.attention import available_backends
+from fastprompt.attention import AttentionArgs, available_backends
 from fastprompt.attention.cases import TOLERANCE, Case, make_case, max_error, scale_of
 from fastprompt.attention.reference import naive_prefix_attention, reference_prefix_attention
 from fastprompt.errors import BackendUnavailableError
@@ -69,7 +69,7 @@ def check_against_reference(
     """
     tol_out, tol_grad = TOLERANCE[case.q.dtype]
     out, lse = fastprompt.prefix_attention(*case.tensors, **case.options, return_lse=True)
-    ref_out, ref_lse = reference_prefix_attention(*case.tensors, **case.options)
+    ref_out, ref_lse = reference_prefix_attention(case.record())
     assert out.dtype == case.q.dtype and out.shape == case.q.shape
     assert lse.dtype == torch.float32 and lse.shape == case.q.shape[:-1]
     assert not torch.isnan(out).any()
@@ -94,7 +94,7 @@ def check_against_reference(
     floor = dict.fromkeys(names, 0.0)
     if grads_no_worse_than_naive:
         naive_inputs = [x.detach().requires_grad_(True) for x in case.tensors]
-        naive_out = naive_prefix_attention(*naive_inputs, **case.options)
+        naive_out = naive_prefix_attention(case.record().with_inputs(naive_inputs))
         naive_grads = torch.autograd.grad((naive_out.double() * grad_out).sum(), naive_inputs)
         floor = {n: 2 * max_error(g, r) for n, g, r in zip(names, naive_grads, ref_grads, strict=True)}
     for name, g, ref, x in zip(names, grads, ref_grads, case.tensors, strict=True):
@@ -201,7 +201,7 @@ def test_large_logits_do_not_overflow(dtype, backend):
         # delta = rowsum(dO * O) from the output rounded to bf16; with a saturated softmax dq and dk are
         # small differences of large terms and inherit that rounding. Outputs and lse are still exact.
         out, lse = fastprompt.prefix_attention(*case.tensors, **case.options, return_lse=True)
-        ref_out, ref_lse = reference_prefix_attention(*case.tensors, **case.options)
+        ref_out, ref_lse = reference_prefix_attention(case.record())
         tol_out, _ = TOLERANCE[dtype]
         assert max_error(out, ref_out) <= tol_out * scale_of(ref_out)
         assert max_error(lse, ref_lse) <= tol_out * scale_of(ref_lse)
@@ -360,9 +360,9 @@ def test_merge_attention_states_equals_attention_over_the_union():
     case = make_case(B=2, T=5, S=9, P=0, causal=False)
     q, k, v = case.q.double(), case.k.double(), case.v.double()
     empty = case.prefix_k.double()
-    whole, whole_lse = reference_prefix_attention(q, k, v, empty, empty, causal=False)
-    a, a_lse = reference_prefix_attention(q, k[:, :, :4], v[:, :, :4], empty, empty, causal=False)
-    b, b_lse = reference_prefix_attention(q, k[:, :, 4:], v[:, :, 4:], empty, empty, causal=False)
+    whole, whole_lse = reference_prefix_attention(AttentionArgs(q, k, v, empty, empty, causal=False))
+    a, a_lse = reference_prefix_attention(AttentionArgs(q, k[:, :, :4], v[:, :, :4], empty, empty, causal=False))
+    b, b_lse = reference_prefix_attention(AttentionArgs(q, k[:, :, 4:], v[:, :, 4:], empty, empty, causal=False))
     out, lse = fastprompt.merge_attention_states(a, a_lse, b, b_lse)
     torch.testing.assert_close(out, whole)
     torch.testing.assert_close(lse, whole_lse)

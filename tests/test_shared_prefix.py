@@ -52,7 +52,7 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what
 def test_grouped_decode_matches_reference(name: str) -> None:
     case = _case(name)
     out, lse = pa.forward(case.args(), group_rows=True)
-    ref_out, ref_lse = reference_prefix_attention(*case.tensors, **case.options)
+    ref_out, ref_lse = reference_prefix_attention(case.record())
     tol = TOLERANCE[torch.float32].out
     assert out.dtype == case.q.dtype and lse.dtype == torch.float32
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows with nothing to attend to differ"
@@ -68,7 +68,7 @@ def test_grouped_decode_matches_reference(name: str) -> None:
 def test_grouped_decode_half_precision(dtype: torch.dtype) -> None:
     case = _case("mixed-decode", dtype)
     out, lse = pa.forward(case.args(), group_rows=True)
-    ref_out, ref_lse = reference_prefix_attention(*case.tensors, **case.options)
+    ref_out, ref_lse = reference_prefix_attention(case.record())
     assert out.dtype == dtype
     _assert_close(out, ref_out, TOLERANCE[dtype].out, "out")
     _assert_close(lse, ref_lse, max(TOLERANCE[dtype].out, TOLERANCE[torch.float32].out), "lse")
@@ -77,7 +77,7 @@ def test_grouped_decode_half_precision(dtype: torch.dtype) -> None:
 def test_grouped_decode_custom_scale_and_strides() -> None:
     case = _case("mqa-multi-token", strided=True)
     out, _ = pa.forward(case.args(scale=0.3), group_rows=True)
-    ref_out, _ = reference_prefix_attention(*case.tensors, **case.options, scale=0.3)
+    ref_out, _ = reference_prefix_attention(case.record(scale=0.3))
     _assert_close(out, ref_out, TOLERANCE[torch.float32].out, "out")
 
 
@@ -117,7 +117,7 @@ def test_op_takes_the_grouped_path_and_matches_reference(monkeypatch) -> None:
     monkeypatch.setattr(pa, "_forward_grouped", lambda args, tiles=None: launched.append(1) or grouped(args, tiles))
     out, lse = fastprompt.prefix_attention(*case.tensors, **case.options, return_lse=True, backend="triton")
     assert launched == [1]
-    ref_out, ref_lse = reference_prefix_attention(*case.tensors, **case.options)
+    ref_out, ref_lse = reference_prefix_attention(case.record())
     _assert_close(out, ref_out, TOLERANCE[torch.float32].out, "out")
     _assert_close(lse, ref_lse, TOLERANCE[torch.float32].out, "lse")
 
@@ -128,11 +128,12 @@ def test_op_with_grouped_forward_still_trains() -> None:
     args = case.args()
     assert pa.groups_rows(args)
     out = fastprompt.prefix_attention(*case.tensors, **case.options, backend="triton")
-    ref_out, _ = reference_prefix_attention(*case.tensors, **case.options)
+    ref_out, _ = reference_prefix_attention(case.record())
     grad_out = torch.randn_like(ref_out)
     grads = torch.autograd.grad((out.double() * grad_out).sum(), case.tensors)
     leaves = [x.detach().double().requires_grad_(True) for x in case.tensors]
-    ref_grads = torch.autograd.grad((reference_prefix_attention(*leaves, **case.options)[0] * grad_out).sum(), leaves)
+    ref_out, _ = reference_prefix_attention(case.record().with_inputs(leaves))
+    ref_grads = torch.autograd.grad((ref_out * grad_out).sum(), leaves)
     for name, g, ref in zip(("q", "k", "v", "prefix_k", "prefix_v"), grads, ref_grads, strict=True):
         _assert_close(g, ref, TOLERANCE[torch.float32].grad, f"d{name}")
 

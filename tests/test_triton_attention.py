@@ -92,10 +92,7 @@ def run_backward(grad_out, inputs: dict, out, lse, causal: bool, dropout_p: floa
 def reference(inputs: dict, causal: bool, requires_grad: bool = False):
     """Oracle (out, lse) in float64 and the float64 leaves it was computed from."""
     leaves = [inputs[n].detach().double().requires_grad_(requires_grad) for n in TENSORS]
-    out, lse = reference_prefix_attention(
-        *leaves, prefix_index=inputs["prefix_index"], prefix_lens=inputs["prefix_lens"],
-        key_padding_mask=inputs["key_padding_mask"], causal=causal,
-    )
+    out, lse = reference_prefix_attention(_args(inputs, causal, 0.0, 0).with_inputs(leaves))
     return out, lse, leaves
 
 
@@ -292,7 +289,6 @@ def _flash_gradient_and_rounding_bound(inputs: dict, causal: bool, out: torch.Te
       summed back onto k and prefix_k through the same expand-and-concatenate the reference uses.
     """
     u = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[out.dtype]
-    index, lens, kpm = inputs["prefix_index"], inputs["prefix_lens"], inputs["key_padding_mask"]
     ref_out, ref_lse, leaves = reference(inputs, causal, requires_grad=True)
     g = grad_out.double()
     shift = (g * out.double()).sum(-1) - (g * ref_out.detach()).sum(-1)
@@ -301,7 +297,7 @@ def _flash_gradient_and_rounding_bound(inputs: dict, causal: bool, out: torch.Te
 
     q, k, v, pk, pv = (x.detach().clone().requires_grad_(name in ("k", "prefix_k")) for name, x in
                        zip(TENSORS, leaves, strict=True))
-    k_all, v_all, visible = _expand_and_concat(q, k, v, pk, pv, index, lens, kpm, causal)
+    k_all, v_all, visible = _expand_and_concat(_args(inputs, causal, 0.0, 0).with_inputs([q, k, v, pk, pv]))
     scale = q.shape[-1] ** -0.5
     logits = (scale * q @ k_all.detach().transpose(-1, -2)).masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(logits, -1, keepdim=True)

@@ -8,6 +8,7 @@ adding a field here and reading it in each backend, nothing else.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -28,12 +29,14 @@ class Requirements(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class AttentionArgs:
-    """One validated call of the op. Shapes as in :func:`fastprompt.prefix_attention`.
+    """One call of the op. Shapes and meanings as in :func:`fastprompt.prefix_attention`.
 
-    ``prefix_index`` and ``prefix_lens`` are int32 or ``None``: ``None`` means every row uses bank row 0
-    and every bank row is ``P`` long, which each backend handles without materialising a tensor.
-    ``key_padding_mask`` is contiguous bool or ``None``. ``seed`` is a 0-d int64 tensor (the dropout
-    seed; a tensor so that a compiled graph does not bake one value in) or ``None`` without dropout.
+    Built raw from the public arguments, then checked and normalised once by :meth:`validated`; a
+    backend only ever receives a validated record. In a validated record ``prefix_index`` and
+    ``prefix_lens`` are int32 or ``None`` (``None`` means every row uses bank row 0 and every bank row is
+    ``P`` long, which each backend handles without materialising a tensor), ``key_padding_mask`` is
+    contiguous bool or ``None``, ``scale`` is a float, and ``seed`` is a 0-d int64 tensor (the dropout seed;
+    a tensor so that a compiled graph does not bake one value in) or ``None`` without dropout.
     """
 
     q: torch.Tensor  # [B, Hq, T, D]
@@ -41,43 +44,35 @@ class AttentionArgs:
     v: torch.Tensor  # [B, Hkv, S, D]
     prefix_k: torch.Tensor  # [N, Hkv, P, D]
     prefix_v: torch.Tensor  # [N, Hkv, P, D]
-    prefix_index: torch.Tensor | None  # [B] int32
-    prefix_lens: torch.Tensor | None  # [N] int32
-    key_padding_mask: torch.Tensor | None  # [B, S] bool
-    causal: bool
-    scale: float
-    dropout_p: float
-    seed: torch.Tensor | None  # [] int64
+    prefix_index: torch.Tensor | None = None  # [B] int32
+    prefix_lens: torch.Tensor | None = None  # [N] int32
+    key_padding_mask: torch.Tensor | None = None  # [B, S] bool
+    causal: bool = True
+    scale: float | None = None  # None (raw only): D ** -0.5
+    dropout_p: float = 0.0
+    seed: torch.Tensor | None = None  # [] int64
 
     DIFFERENTIABLE = ("q", "k", "v", "prefix_k", "prefix_v")
 
-    @classmethod
-    def build(
-        cls,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        prefix_k: torch.Tensor,
-        prefix_v: torch.Tensor,
-        *,
-        prefix_index: torch.Tensor | None = None,
-        prefix_lens: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        causal: bool = True,
-        scale: float | None = None,
-        dropout_p: float = 0.0,
-        check_values: bool = True,
-    ) -> AttentionArgs:
-        """Check every argument (shapes, dtypes, devices, and with ``check_values`` the index ranges,
-        which reads them: a device sync on CUDA) and normalise them; raises ``TypeError``/``ValueError``."""
-        for name, x in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+    def validated(self, check_values: bool = True) -> AttentionArgs:
+        """The record with every argument checked (shapes, dtypes, devices, and with ``check_values`` the
+        index ranges, which reads them: a device sync on CUDA) and normalised; raises ``TypeError`` or
+        ``ValueError`` naming the argument. A seed is drawn when there is dropout and none was given."""
+        q, k, v, prefix_k, prefix_v = inputs = self.inputs
+        prefix_index, prefix_lens, key_padding_mask = self.prefix_index, self.prefix_lens, self.key_padding_mask
+        causal, scale, dropout_p = self.causal, self.scale, self.dropout_p
+        _check_tensor("q", q, 4)
+        dtype, device = q.dtype, q.device
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {dtype}")
+        for name, x in zip(self.DIFFERENTIABLE[1:], inputs[1:], strict=True):
             _check_tensor(name, x, 4)
-            if x.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-            if x.dtype != q.dtype:
-                raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; all five tensors must share a dtype")
-            if x.device != q.device:
-                raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all tensors must be on one device")
+            if x.dtype != dtype:
+                if x.dtype not in _FLOAT_DTYPES:
+                    raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+                raise TypeError(f"{name} has dtype {x.dtype} but q has {dtype}; all five tensors must share a dtype")
+            if x.device != device:
+                raise ValueError(f"{name} is on {x.device} but q is on {device}; all tensors must be on one device")
         B, Hq, T, D = q.shape
         if k.shape != v.shape:
             raise ValueError(
@@ -133,13 +128,24 @@ class AttentionArgs:
             raise ValueError(f"scale must be a positive finite float, got {scale!r}")
         if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
             raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
-        return cls(
+        seed = self.seed
+        if dropout_p > 0 and seed is None:
+            seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+        return AttentionArgs(
             q, k, v, prefix_k, prefix_v,
             None if prefix_index is None else prefix_index.to(torch.int32).contiguous(),
             None if prefix_lens is None else prefix_lens.to(torch.int32).contiguous(),
-            key_padding_mask, causal, float(scale), float(dropout_p), seed,
+            key_padding_mask, causal, float(scale), float(dropout_p), seed if dropout_p > 0 else None,
         )  # fmt: skip
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """``(q, k, v, prefix_k, prefix_v)``: the differentiable tensors, in :attr:`DIFFERENTIABLE` order."""
+        return (self.q, self.k, self.v, self.prefix_k, self.prefix_v)
+
+    def with_inputs(self, inputs: Sequence[torch.Tensor]) -> AttentionArgs:
+        """The record with ``(q, k, v, prefix_k, prefix_v)`` replaced (e.g. by float64 leaves for an oracle)."""
+        return dataclasses.replace(self, **dict(zip(self.DIFFERENTIABLE, inputs, strict=True)))
 
     @property
     def requirements(self) -> Requirements:
@@ -152,7 +158,7 @@ class AttentionArgs:
 
     def flat(self) -> tuple:
         """The fields in declaration order: the record's part of a custom op's arguments."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        return tuple(getattr(self, name) for name in _FIELD_NAMES)
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
         """The tensor fields (for ``ctx.save_for_backward``); :meth:`with_tensors` puts them back."""
@@ -169,8 +175,17 @@ class AttentionArgs:
         return tuple(by_name.get(f.name) for f in dataclasses.fields(cls))
 
 
-_SCHEMA_TYPES = {"torch.Tensor": "Tensor", "torch.Tensor | None": "Tensor?", "bool": "bool", "float": "float"}
+# A validated record always holds a float scale, so ``float | None`` (raw only) is a plain float in the schema.
+_SCHEMA_TYPES = {
+    "torch.Tensor": "Tensor",
+    "torch.Tensor | None": "Tensor?",
+    "bool": "bool",
+    "float": "float",
+    "float | None": "float",
+}
 _TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionArgs) if f.type.startswith("torch.Tensor"))
+# Read on every call of the op, where dataclasses.fields() would cost microseconds.
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(AttentionArgs))
 
 
 def op_schema(leading: str, returns: str) -> str:

@@ -51,9 +51,13 @@ class Case:
     def tensors(self) -> list[torch.Tensor]:
         return [self.q, self.k, self.v, self.prefix_k, self.prefix_v]
 
+    def record(self, **overrides) -> AttentionArgs:
+        """The case as the op's raw argument record (what the float64 oracle and the naive path take)."""
+        return AttentionArgs(*self.tensors, **{**self.options, **overrides})
+
     def args(self, **overrides) -> AttentionArgs:
         """The validated record a backend's ``forward``/``backward`` takes (for backend-level tests)."""
-        return AttentionArgs.build(*self.tensors, **{**self.options, **overrides})
+        return self.record(**overrides).validated()
 
 
 def make_case(

@@ -27,6 +27,7 @@ from types import ModuleType
 
 import torch
 
+from fastprompt.attention import cpu_backend  # importing builds nothing: the kernels load on first use
 from fastprompt.attention.args import AttentionArgs, Requirements, op_schema
 from fastprompt.errors import BackendUnavailableError
 
@@ -61,15 +62,11 @@ def _triton_dtype_reason(req: Requirements) -> str | None:
 
 
 def _cpu_unavailable(device: torch.device) -> str | None:
-    from fastprompt.attention import cpu_backend
-
     ok, reason = cpu_backend.available()
     return None if ok else reason
 
 
 def _cpu_build(device: torch.device) -> str:
-    from fastprompt.attention import cpu_backend
-
     return f"C++ kernels: {cpu_backend.available()[1]}"
 
 
@@ -188,19 +185,22 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim:
                 f"backend {requested} cannot run these tensors here ({_reasons_text(req)})"
             )
         return requested
-    candidates = [b for b in BACKENDS if req.device.type in b.auto or b.auto == ("*",)]
-    for position, backend in enumerate(candidates):
-        if not backend.not_supported_reasons(req):
-            if position > 0:
-                preferred = candidates[0]
+    preferred = None
+    for backend in BACKENDS:
+        if req.device.type not in backend.auto and backend.auto != ("*",):
+            continue
+        reasons = backend.not_supported_reasons(req)
+        if not reasons:
+            if preferred is not None:
                 warnings.warn(
-                    f"fastprompt: the {preferred.name} backend cannot run these {req.device.type} tensors "
-                    f"({'; '.join(preferred.not_supported_reasons(req))}); using {backend.name}. "
+                    f"fastprompt: the {preferred[0].name} backend cannot run these {req.device.type} tensors "
+                    f"({'; '.join(preferred[1])}); using {backend.name}. "
                     f"Set FASTPROMPT_BACKEND={backend.name} to silence this.",
                     RuntimeWarning,
                     stacklevel=5,
                 )
             return backend.name
+        preferred = preferred or (backend, reasons)
     raise BackendUnavailableError(f"no backend can run these tensors ({_reasons_text(req)})")
 
 
@@ -247,10 +247,14 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, tu
 # ---------------------------------------------------------------------------------------------------
 
 
+def _run_forward(backend: str, args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _BY_NAME[backend].load().forward(args)
+    return out.contiguous(), lse.contiguous()
+
+
 def _forward(backend: str, return_lse: bool, *fields) -> tuple[torch.Tensor, torch.Tensor]:
     # return_lse only tells the autograd whether the lse reached the caller (and so carries a gradient)
-    out, lse = _BY_NAME[backend].load().forward(AttentionArgs(*fields))
-    return out.contiguous(), lse.contiguous()
+    return _run_forward(backend, AttentionArgs(*fields))
 
 
 def _backward(
@@ -320,6 +324,8 @@ def attend(args: AttentionArgs, *, backend: str | None = None, return_lse: bool 
     needs_graph = torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and any(getattr(args, n).requires_grad for n in AttentionArgs.DIFFERENTIABLE)
     )
-    forward = torch.ops.fastprompt.prefix_attention_fwd if needs_graph else _forward
-    out, lse = forward(name, return_lse, *args.flat())
+    if needs_graph:
+        out, lse = torch.ops.fastprompt.prefix_attention_fwd(name, return_lse, *args.flat())
+    else:
+        out, lse = _run_forward(name, args)
     return (out, lse) if return_lse else out

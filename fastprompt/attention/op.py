@@ -60,10 +60,7 @@ def prefix_attention(
         to gives zeros (and ``lse = -inf``). Gradients flow to ``q, k, v, prefix_k, prefix_v``; the prefix
         gradient is summed over the rows that used each bank row.
     """
-    args = AttentionArgs.build(
-        q, k, v, prefix_k, prefix_v,
-        prefix_index=prefix_index, prefix_lens=prefix_lens, key_padding_mask=key_padding_mask,
-        causal=causal, scale=scale, dropout_p=dropout_p,
-        check_values=check_values and not torch.compiler.is_compiling(),
-    )  # fmt: skip
+    args = AttentionArgs(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p
+    ).validated(check_values=check_values and not torch.compiler.is_compiling())
     return attend(args, backend=backend, return_lse=return_lse)

@@ -16,22 +16,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastprompt.attention.args import AttentionArgs
 
-def _expand_and_concat(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    prefix_index: torch.Tensor | None,
-    prefix_lens: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def _expand_and_concat(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concatenated keys/values with GQA heads repeated, and the 4-D visibility mask.
 
     Returns ``k_all, v_all`` of shape [B, Hq, P + S, D] and ``visible`` [B, 1, T, P + S] (bool).
     """
+    q, k, v, prefix_k, prefix_v = args.inputs
+    prefix_index, prefix_lens = args.prefix_index, args.prefix_lens
     B, Hq, T, _ = q.shape
     S, Hkv = k.shape[2], k.shape[1]
     N, _, P, _ = prefix_k.shape
@@ -54,64 +48,39 @@ def _expand_and_concat(
     prefix_visible = torch.arange(P, device=device)[None, :] < row_len[:, None]  # [B, P]
     prefix_visible = prefix_visible[:, None, None, :].expand(B, 1, T, P)
     seq_visible = torch.ones(B, 1, T, S, dtype=torch.bool, device=device)
-    if causal:
+    if args.causal:
         t = torch.arange(T, device=device)[:, None]
         s = torch.arange(S, device=device)[None, :]
         seq_visible = seq_visible & (s <= S - T + t)
-    if key_padding_mask is not None:
-        seq_visible = seq_visible & key_padding_mask.bool()[:, None, None, :]
+    if args.key_padding_mask is not None:
+        seq_visible = seq_visible & args.key_padding_mask.bool()[:, None, None, :]
     visible = torch.cat([prefix_visible, seq_visible], dim=3)
     return k_all, v_all, visible
 
 
-def naive_prefix_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    *,
-    prefix_index: torch.Tensor | None = None,
-    prefix_lens: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    causal: bool = True,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+def naive_prefix_attention(args: AttentionArgs) -> torch.Tensor:
     """PEFT's path: expand the prefix per row, ``torch.cat`` onto K/V, SDPA with a 4-D mask.
 
-    Same arguments and result as :func:`fastprompt.prefix_attention` (the benchmark baseline).
-    Rows with nothing to attend to give whatever SDPA gives (NaN on some backends), as in PEFT.
+    Takes the op's arguments as a record (raw or validated) and gives the result of
+    :func:`fastprompt.prefix_attention` (the benchmark baseline). Rows with nothing to attend to give
+    whatever SDPA gives (NaN on some backends), as in PEFT.
     """
-    k_all, v_all, visible = _expand_and_concat(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal
+    k_all, v_all, visible = _expand_and_concat(args)
+    return F.scaled_dot_product_attention(
+        args.q, k_all, v_all, attn_mask=visible, dropout_p=args.dropout_p, scale=args.scale
     )
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=visible, dropout_p=dropout_p, scale=scale)
 
 
-def reference_prefix_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    *,
-    prefix_index: torch.Tensor | None = None,
-    prefix_lens: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    causal: bool = True,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_prefix_attention(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 oracle: returns ``(out, lse)``, out [B, Hq, T, D] float64, lse [B, Hq, T] float64.
 
-    Differentiable (gradients reach all five tensors). Queries with no visible key give ``out = 0`` and
-    ``lse = -inf``.
+    Takes the op's arguments as a record (raw or validated; dropout is ignored). Differentiable
+    (gradients reach all five tensors). Queries with no visible key give ``out = 0`` and ``lse = -inf``.
     """
-    q, k, v, prefix_k, prefix_v = (x.to(torch.float64) for x in (q, k, v, prefix_k, prefix_v))
-    k_all, v_all, visible = _expand_and_concat(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal
-    )
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    args = args.with_inputs([x.to(torch.float64) for x in args.inputs])
+    k_all, v_all, visible = _expand_and_concat(args)
+    q = args.q
+    scale = q.shape[-1] ** -0.5 if args.scale is None else args.scale
     logits = scale * q @ k_all.transpose(-1, -2)
     logits = logits.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)

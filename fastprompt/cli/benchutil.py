@@ -9,6 +9,7 @@ overhead never reaches the timings.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import os
@@ -133,3 +134,29 @@ def measure_alternating(
             return measure(fn, device=device, warmup=warmup, iters=iters)
 
     return best_of_rounds([functools.partial(under, side) for side in sides], rounds=rounds)
+
+
+def kernel_bench_options(
+    description: str, argv: Sequence[str], *, warmup: int, iters: tuple[int, int], csv: bool = False
+) -> tuple[argparse.Namespace, torch.dtype, int]:
+    """The command line the kernel benchmarks share: ``--device --dtype --warmup --iters --rounds --threads``
+    (and ``--csv PATH`` with ``csv``). Sets the thread count; returns the arguments, the dtype (bfloat16 on
+    CUDA, float32 on CPU unless given) and the timed calls per measurement (``iters`` = (CPU, CUDA) default)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--iters", type=int, default=None,
+                        help=f"timed calls per measurement (default {iters[0]} cpu, {iters[1]} cuda)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each side kept")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    if csv:
+        parser.add_argument("--csv", metavar="PATH", help="also write every row to this CSV file")
+    args = parser.parse_args(list(argv))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    return args, dtype, args.iters or iters[args.device == "cuda"]
