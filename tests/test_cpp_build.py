@@ -34,13 +34,13 @@ def built() -> None:
     assert ok, reason
 
 
-def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+def _run_python(code: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
 
 
@@ -163,6 +163,31 @@ def test_failed_build_reports_compiler_output_once(tmp_path) -> None:
     assert "fastprompt: compiling CPU kernels (first use, about a minute)..." in result.stderr
 
 
+def test_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path) -> None:
+    # A build killed midway leaves cpp_extension's lock file, on which every later build would wait forever.
+    compiler = tmp_path / "broken-c++"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *.cpp*) echo "broken compiler says no" >&2; exit 1;; esac\n'
+        f'exec {shutil.which("c++")} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    script = """
+        from fastprompt.attention import cpu_backend as _cpp
+        from fastprompt.csrc import build
+        isa, cflags, _ = build.build_flags()
+        build_dir = _cpp._build_dir(f"fastprompt_cpu_{isa}", cflags)
+        build_dir.mkdir(parents=True)
+        (build_dir / "lock").touch()
+        print(_cpp._build())
+        """
+    result = _run_python(script, CXX=str(compiler), FASTPROMPT_BUILD_DIR=str(tmp_path / "build"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "left by a build that did not finish" in result.stderr
+    assert result.stdout.startswith("(False, \"building the fastprompt CPU kernels")
+    assert "broken compiler says no" in result.stdout
+
+
 def _args(dtype: torch.dtype, padded_keys: list[int], causal: bool = True, scale: float | None = None,
           dropout_p: float = 0.0, seed: int | None = None, requires_grad: bool = False, **shape) -> AttentionArgs:
     """The record the kernels take; ``padded_keys[b]`` leading keys of row b are padding."""
@@ -216,10 +241,7 @@ def test_matches_float64_oracle(case: str, dtype: torch.dtype, threads: int) -> 
         out, lse = _cpp.forward(args)
 
     leaves = [x.detach().double().requires_grad_() for x in args.tensors()[:5]]
-    ref_out, ref_lse = reference_prefix_attention(
-        *leaves, prefix_index=args.prefix_index, prefix_lens=args.prefix_lens,
-        key_padding_mask=args.key_padding_mask, causal=args.causal, scale=args.scale,
-    )
+    ref_out, ref_lse = reference_prefix_attention(args.with_inputs(leaves))
     grad_out = torch.randn_like(out)
     ref_out.backward(grad_out.double())
     with _threads(threads):

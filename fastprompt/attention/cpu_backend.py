@@ -15,6 +15,7 @@ only registers implementations, whose signatures the dispatcher checks against t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -22,6 +23,7 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -97,21 +99,47 @@ def _build() -> tuple[bool, str]:
     build_dir = _build_dir(name, cflags)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        if not any((build_dir / f"{name}{suffix}").exists() for suffix in (".so", ".pyd")):
-            print("fastprompt: compiling CPU kernels (first use, about a minute)...", file=sys.stderr, flush=True)
-        cpp_extension.load(
-            name=name,
-            sources=[str(_csrc_dir() / source) for source in build.SOURCES],
-            extra_cflags=cflags,
-            extra_ldflags=ldflags,
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
+        with _builder_lock(build_dir):
+            if not any((build_dir / f"{name}{suffix}").exists() for suffix in (".so", ".pyd")):
+                print("fastprompt: compiling CPU kernels (first use, about a minute)...", file=sys.stderr, flush=True)
+            cpp_extension.load(
+                name=name,
+                sources=[str(_csrc_dir() / source) for source in build.SOURCES],
+                extra_cflags=cflags,
+                extra_ldflags=ldflags,
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
     except Exception as error:  # the compiler's output arrives inside whatever cpp_extension raises
         tail = str(error)[-_ERROR_TAIL_CHARS:]
         return False, f"building the fastprompt CPU kernels in {build_dir} failed: {type(error).__name__}: {tail}"
     return True, f"ninja build in {build_dir}"
+
+
+@contextlib.contextmanager
+def _builder_lock(build_dir: Path) -> Iterator[None]:
+    """Hold an OS file lock on ``build_dir`` for a build, across processes.
+
+    cpp_extension marks a build in progress with a plain ``lock`` file and waits, forever, while one exists;
+    a build that was killed leaves it behind. Every fastprompt build holds this lock, which the OS releases
+    when its holder dies, so a ``lock`` file found while holding it belongs to a dead build and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; cpp_extension's own lock file is all there is
+        yield
+        return
+    with open(build_dir / "fastprompt-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            print(f"fastprompt: removing {stale}, left by a build that did not finish", file=sys.stderr, flush=True)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def available() -> tuple[bool, str]:
@@ -132,8 +160,6 @@ def load() -> None:
     ok, reason = available()
     if not ok:
         raise BackendUnavailableError(f"fastprompt cpu backend unavailable: {reason}")
-
-
 
 
 def forward(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
