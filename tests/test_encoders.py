@@ -110,6 +110,25 @@ def test_encode_prompt_matches_peft(name, dtype, backend):
         assert err <= BF16_FACTOR * max(peft_err, BF16_FLOOR), f"{name_}: rel err {err:.3g}, PEFT bf16 {peft_err:.3g}"
 
 
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_encode_prompt_computes_float64_in_float64(name):
+    """A float64 model is the oracle of float32 training: its encoders must be exact to float64 rounding,
+    not computed in float32 and cast (which put float32 error into every float64 run)."""
+    encoder = ENCODERS[name]()
+    _randomize(encoder)
+    encoder = encoder.double().eval()
+    tokens = torch.randperm(encoder.embedding.weight.shape[0])
+    out = encode_prompt(encoder, tokens, backend="torch")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(encoder.parameters()), grad_out)
+    ref_out, ref_grads = _reference(encoder, tokens, grad_out)
+    names = ["output", *(n for n, _ in encoder.named_parameters())]
+    for name_, got, want in zip(names, [out, *grads], [ref_out, *ref_grads], strict=True):
+        assert got.dtype == torch.float64, name_
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, atol=1e-12 * scale, rtol=1e-12, msg=lambda m, n=name_: f"{n}: {m}")
+
+
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 

@@ -51,15 +51,20 @@ _ACTS = ("tanh", "relu")
 # ---------------------------------------------------------------------------------------------------
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half and single precision, float64 for float64 (a float64 run is an oracle: kept exact)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _rows(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    return (x if idx is None else x.index_select(0, idx)).float()
+    return (x if idx is None else x.index_select(0, idx)).to(_compute_dtype(x))
 
 
 def _torch_mlp_forward(x, idx, weights, biases, act):
     h = _rows(x, idx)
     hiddens = []
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-        h = torch.addmm(b.float(), h, w.float().t())
+        h = torch.addmm(b.to(h.dtype), h, w.to(h.dtype).t())
         if i < len(weights) - 1:
             h = torch.tanh_(h) if act == "tanh" else torch.relu_(h)
             hiddens.append(h)
@@ -73,7 +78,7 @@ def _torch_mlp_backward(grad, x, idx, weights, hiddens, act):
     for i in reversed(range(len(weights))):
         dws[i] = (g.t() @ inputs[i]).to(weights[i].dtype)
         dbs[i] = g.sum(0).to(weights[i].dtype)
-        g = g @ weights[i].float()
+        g = g @ weights[i].to(g.dtype)
         if i > 0:
             h = hiddens[i - 1]
             g = g * (1.0 - h * h) if act == "tanh" else g * (h > 0)
@@ -85,13 +90,14 @@ def _torch_lstm_forward(x, idx, params):
     # directions read and write the same step slot and the loop body serves both.
     xs = _rows(x, idx)
     P, H = xs.shape[0], params[1].shape[1]
-    w_hh = [params[1].float(), params[5].float()]
-    gates = torch.empty(2, P, 4 * H, dtype=torch.float32, device=xs.device)
+    dtype = xs.dtype
+    w_hh = [params[1].to(dtype), params[5].to(dtype)]
+    gates = torch.empty(2, P, 4 * H, dtype=dtype, device=xs.device)
     for d in range(2):
         w_ih, _, b_ih, b_hh = params[4 * d : 4 * d + 4]
-        torch.addmm(b_ih.float() + b_hh.float(), xs if d == 0 else xs.flip(0), w_ih.float().t(), out=gates[d])
-    c = torch.empty(2, P, H, dtype=torch.float32, device=xs.device)
-    h = torch.empty(2, P, H, dtype=torch.float32, device=xs.device)
+        torch.addmm(b_ih.to(dtype) + b_hh.to(dtype), xs if d == 0 else xs.flip(0), w_ih.to(dtype).t(), out=gates[d])
+    c = torch.empty(2, P, H, dtype=dtype, device=xs.device)
+    h = torch.empty(2, P, H, dtype=dtype, device=xs.device)
     for s in range(P):
         if s > 0:
             for d in range(2):
@@ -112,11 +118,11 @@ def _torch_lstm_backward(dy, x, idx, params, y, c, gates):
     xs = _rows(x, idx)
     P, H = xs.shape[0], params[1].shape[1]
     h = torch.stack([y[:, :H], y[:, H:].flip(0)])  # step order, as the forward kept it
-    w_hh = [params[1].float(), params[5].float()]
+    w_hh = [params[1].to(xs.dtype), params[5].to(xs.dtype)]
     dy_steps = torch.stack([dy[:, :H], dy[:, H:].flip(0)])
     dgates = torch.empty_like(gates)
-    dh = torch.zeros(2, H, dtype=torch.float32, device=xs.device)
-    dc = torch.zeros(2, H, dtype=torch.float32, device=xs.device)
+    dh = torch.zeros(2, H, dtype=xs.dtype, device=xs.device)
+    dc = torch.zeros(2, H, dtype=xs.dtype, device=xs.device)
     for s in reversed(range(P)):
         step = gates[:, s].view(2, 4, H)
         gate_i, gate_f, gate_g, gate_o = step.unbind(1)
@@ -146,7 +152,7 @@ def _torch_lstm_backward(dy, x, idx, params, y, c, gates):
             db,
             db.clone(),
         ]
-        dx.addmm_(dg_time, w_ih.float())
+        dx.addmm_(dg_time, w_ih.to(xs.dtype))
     return dx, grads
 
 
@@ -182,7 +188,7 @@ def _backend(name: str) -> ModuleType | type[_TorchBackend]:
 def _input_grad(x: torch.Tensor, idx: torch.Tensor | None, dx_rows: torch.Tensor) -> torch.Tensor:
     if idx is None:
         return dx_rows.to(x.dtype)
-    return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, idx, dx_rows).to(x.dtype)
+    return torch.zeros(x.shape, dtype=dx_rows.dtype, device=x.device).index_add_(0, idx, dx_rows).to(x.dtype)
 
 
 class _MLPFunction(torch.autograd.Function):
@@ -199,7 +205,7 @@ class _MLPFunction(torch.autograd.Function):
         x, idx, *rest = ctx.saved_tensors
         params, hiddens = rest[: ctx.n_params], rest[ctx.n_params :]
         dx_rows, dws, dbs = ctx.backend.mlp_backward(
-            grad.float().contiguous(), x, idx, list(params[0::2]), list(hiddens), ctx.act
+            grad.to(_compute_dtype(x)).contiguous(), x, idx, list(params[0::2]), list(hiddens), ctx.act
         )
         dparams = [g for pair in zip(dws, dbs, strict=True) for g in pair]
         return _input_grad(x, idx, dx_rows), None, None, None, *dparams
@@ -211,7 +217,7 @@ class _MLPFunction(torch.autograd.Function):
 def _lstm_layer_fwd(
     x: torch.Tensor, idx: torch.Tensor | None, params: list[torch.Tensor], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One bidirectional layer: y [P, 2H], c [2, P, H] and gates [2, P, 4H], float32."""
+    """One bidirectional layer: y [P, 2H], c [2, P, H] and gates [2, P, 4H], float32 (float64 for float64)."""
     y, c, gates = _backend(backend).lstm_forward(x, idx, params)
     return y.contiguous(), c.contiguous(), gates.contiguous()
 
@@ -219,8 +225,9 @@ def _lstm_layer_fwd(
 @_lstm_layer_fwd.register_fake
 def _(x, idx, params, backend):
     rows, hidden = (x.shape[0] if idx is None else idx.shape[0]), params[1].shape[1]
-    return (x.new_empty(rows, 2 * hidden, dtype=torch.float32), x.new_empty(2, rows, hidden, dtype=torch.float32),
-            x.new_empty(2, rows, 4 * hidden, dtype=torch.float32))
+    dtype = _compute_dtype(x)
+    return (x.new_empty(rows, 2 * hidden, dtype=dtype), x.new_empty(2, rows, hidden, dtype=dtype),
+            x.new_empty(2, rows, 4 * hidden, dtype=dtype))
 
 
 @torch.library.custom_op("fastprompt::lstm_layer_bwd", mutates_args=())
@@ -228,14 +235,14 @@ def _lstm_layer_bwd(
     dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None, params: list[torch.Tensor], y: torch.Tensor,
     c: torch.Tensor, gates: torch.Tensor, backend: str,
 ) -> list[torch.Tensor]:
-    """Gradients of :func:`_lstm_layer_fwd`: d x[idx] [P, D] float32, then one per parameter, like it."""
+    """Gradients of :func:`_lstm_layer_fwd`: d x[idx] [P, D] in its compute dtype, then one per parameter, like it."""
     dx_rows, dparams = _backend(backend).lstm_backward(dy, x, idx, params, y, c, gates)
     return [dx_rows.contiguous(), *(g.contiguous() for g in dparams)]
 
 
 @_lstm_layer_bwd.register_fake
 def _(dy, x, idx, params, y, c, gates, backend):
-    return [x.new_empty(y.shape[0], x.shape[1], dtype=torch.float32), *(p.new_empty(p.shape) for p in params)]
+    return [x.new_empty(y.shape[0], x.shape[1], dtype=y.dtype), *(p.new_empty(p.shape) for p in params)]
 
 
 def _lstm_setup_context(ctx, inputs, output) -> None:
@@ -247,7 +254,7 @@ def _lstm_setup_context(ctx, inputs, output) -> None:
 def _lstm_layer_backward(ctx, dy, _dc, _dgates):
     x, idx, *rest = ctx.saved_tensors
     params, (y, c, gates) = rest[:8], rest[8:]
-    dx_rows, *dparams = _lstm_layer_bwd(dy.float().contiguous(), x, idx, params, y, c, gates, ctx.backend)
+    dx_rows, *dparams = _lstm_layer_bwd(dy.to(y.dtype).contiguous(), x, idx, params, y, c, gates, ctx.backend)
     return _input_grad(x, idx, dx_rows), None, dparams, None
 
 
