@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 
 from fastprompt.encoders import clear_encoder_cache
 from fastprompt.errors import UnsupportedModelError
+from fastprompt.hf import compat
 from fastprompt.hf.soft_prompts import check_causal, prompt_kv
 from fastprompt.prefix.bank import KVGeometry, row_offsets, row_position_ids, stack_prefixes
 from fastprompt.prefix.kv import PrefixKV
@@ -49,22 +50,9 @@ BASE = "__base__"
 PATCH_STATE_ATTR = "_fastprompt_patch_state"
 
 
-def _peft_model_class() -> type | None:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return None
-    return PeftModel
-
-
-def _is_peft_model(model: Any) -> bool:
-    cls = _peft_model_class()
-    return cls is not None and isinstance(model, cls)
-
-
 def base_model_of(model: Any) -> PreTrainedModel:
     """The ``transformers`` model that runs: ``model`` itself, or a ``PeftModel``'s base model."""
-    base = model.get_base_model() if _is_peft_model(model) else model
+    base = model.get_base_model() if compat.is_peft_model(model) else model
     if not isinstance(base, PreTrainedModel):
         raise UnsupportedModelError(
             f"serving takes a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}"
@@ -197,7 +185,7 @@ class AdapterRegistry:
 
     def _peft_configs(self) -> dict[str, Any]:
         model = self.model
-        return dict(model.peft_config) if _is_peft_model(model) else {}
+        return dict(model.peft_config) if compat.is_peft_model(model) else {}
 
     # -- names ----------------------------------------------------------------------------------------
 

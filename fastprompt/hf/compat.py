@@ -25,6 +25,8 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
+from fastprompt.prefix.peft import peft_type  # the one reading of a config's type, shared with prefix/
+
 __all__ = [
     "ENCODER_FILE",
     "disable_encoder_checkpoints",
@@ -36,9 +38,11 @@ __all__ = [
     "cache_layer_kv",
     "causal_mask_function",
     "forward_accepts",
+    "is_peft_model",
     "new_dynamic_cache",
     "output_cache",
     "peft_active_config",
+    "peft_prefix_cache",
     "peft_prompt_encoder",
     "peft_prompt_tokens",
     "peft_type",
@@ -51,7 +55,13 @@ _CACHE_NAMES = ("cache", "past_key_values")
 def forward_accepts(model: torch.nn.Module, name: str) -> bool:
     """Whether ``model.forward`` names ``name`` as a parameter (decorators that keep ``__wrapped__`` are seen
     through)."""
-    return name in inspect.signature(type(model).forward).parameters
+    return name in _forward_parameters(type(model))
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    # Read once per class: the patched forward asks on every call.
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -100,10 +110,25 @@ def position_rule(model: torch.nn.Module) -> tuple[int, int | None]:
     return 0, None
 
 
-def peft_type(peft_config: Any) -> str:
-    """The adapter type of a PEFT config as a string (``"PREFIX_TUNING"``, ...)."""
-    value = peft_config.peft_type
-    return getattr(value, "value", value)
+def peft_prefix_cache(peft_model: Any, batch_size: int) -> DynamicCache:
+    """A prefix-tuning adapter's K/V for ``batch_size`` rows as PEFT builds them (``get_prompt``), in a
+    transformers cache: a ``DynamicCache`` as returned, or one filled from the legacy per-layer tuple."""
+    prompt = peft_model.get_prompt(batch_size=batch_size)
+    if isinstance(prompt, DynamicCache):
+        return prompt
+    cache = new_dynamic_cache(peft_model.get_base_model().config)
+    for layer, (keys, values) in enumerate(prompt):
+        cache.update(keys, values, layer)
+    return cache
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a ``PeftModel`` (False without PEFT installed)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
 
 def peft_active_config(peft_model: Any, adapter_name: str | None = None) -> Any:

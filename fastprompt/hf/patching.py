@@ -88,14 +88,6 @@ class ForwardPlan:
     virtual: torch.Tensor | None = None
 
 
-def _peft_model_class() -> type | None:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return None
-    return PeftModel
-
-
 def _check_transformers_model(model: PreTrainedModel) -> None:
     """Raise :class:`UnsupportedModelError` unless the op can stand in for every attention call."""
     name = type(model).__name__
@@ -507,8 +499,7 @@ def patch(model: Any) -> Any:
     """
     if model.__dict__.get(_STATE_ATTR) is not None:
         return model
-    peft_model_class = _peft_model_class()
-    if peft_model_class is not None and isinstance(model, peft_model_class):
+    if compat.is_peft_model(model):
         _check_peft_model(model)
         prepare_encoders(model)
         base = model.get_base_model()
