@@ -460,6 +460,24 @@ def test_wrong_tokens_are_refused_not_timed(monkeypatch):
         bench.run(cli.bench_config(cli.build_parser(), args))
 
 
+def test_generate_baseline_that_drops_the_prefix_is_refused_not_timed(monkeypatch, capsys):
+    # PEFT 0.21's own generate on transformers 5.24 silently generates without the prefix; a baseline doing the
+    # same must not be timed.
+    monkeypatch.setattr(bench, "peft_prefix_generate", lambda model, batch, new_tokens: bench.generate_step(
+        model.get_base_model(), batch, new_tokens))
+    timed = []
+    monkeypatch.setattr(bench, "best_of_rounds", lambda *args, **kwargs: timed.append(1))
+    # 8 new tokens on 2 rows: the chance that a random prefix changes none of them is negligible
+    assert cli.main(["bench", *TINY_ARGS, "--new-tokens", "8", "--methods", "generate", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and not timed
+    assert re.fullmatch(
+        r"fastprompt: bench failed: generate vs PEFT's prefix in the cache: generated tokens differ in rows "
+        r"\[[0-9, ]+\]; not timed\n",
+        captured.err,
+    )
+
+
 def test_commit_is_the_checkout_s_own():
     root = Path(bench.__file__).resolve().parents[2]
     if not (root / ".git").exists():

@@ -9,7 +9,7 @@ The pieces are reusable on their own (``benchmarks/`` builds its cases with them
 - :func:`build_case`: the three above in one call, ``(peft_model, batch)``;
 - :func:`train_step` and :func:`generate_step`: the work that is timed;
 - :func:`run`: every requested row, naive and patched on the same model object, alternating for
-  :data:`ROUNDS` rounds (:func:`fastprompt.cli.benchutil.measure_alternating`), each side's fastest kept;
+  :data:`ROUNDS` rounds (:func:`fastprompt.cli.benchutil.best_of_rounds`), each side's fastest kept;
 - the serving rows (:data:`SERVING`, opt-in through ``rows``): fastprompt's ``adapter_names`` against the
   best a user can do without it, each side's outputs checked equal before anything is timed;
 - :func:`format_markdown`, :func:`to_json`, :func:`plot`: the report, with device, versions, commit and
@@ -24,6 +24,7 @@ import functools
 import importlib.metadata
 import os
 import platform
+import shlex
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure, measure_alternating
+from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -322,6 +323,33 @@ def generate_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], new_to
         )
 
 
+def peft_prefix_generate(model: torch.nn.Module, batch: dict[str, torch.Tensor], new_tokens: int) -> torch.Tensor:
+    """What PEFT's prefix-tuning ``generate`` does, spelled out: the prefix K/V of every row (PEFT's
+    ``get_prompt``) put in the base model's cache, the mask extended over it, greedy decoding. [B, T + new]
+
+    PEFT 0.21's own ``generate`` hands the prefix to transformers 5.24 under a name it no longer reads and
+    silently generates without it, so it cannot be the baseline; this is the same work done correctly.
+    """
+    from fastprompt.hf import compat
+
+    rows = batch["input_ids"].shape[0]
+    with torch.inference_mode():
+        cache = compat.peft_prefix_cache(model, rows)
+        prefix_len = compat.cache_layer_kv(cache)[0][0].shape[2]
+        mask = batch["attention_mask"]
+        mask = torch.cat([mask.new_ones(rows, prefix_len), mask], dim=1)
+        base = model.get_base_model()
+        return base.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=PAD_TOKEN_ID,
+            **{compat.cache_kwarg(base): cache},
+        )
+
+
 # ---------------------------------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------------------------------
@@ -376,19 +404,31 @@ def patched(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _measure_both(
-    model: torch.nn.Module, fn: Callable[[], object], config: BenchConfig
+    model: torch.nn.Module, fn: Callable[[], object], config: BenchConfig, naive_fn: Callable[[], object]
 ) -> tuple[Measurement, Measurement | None, str | None]:
-    """Time ``fn()`` unpatched and patched, alternating; the patched side reports why fastprompt refused."""
+    """Time ``naive_fn()`` unpatched and ``fn()`` patched, alternating; the patched side reports why fastprompt
+    refused. Where the two differ (generation), their greedy tokens must be equal, else nothing is timed."""
     from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
 
     kwargs = dict(device=config.device, warmup=config.warmup, iters=config.iters)
+
+    def under(side: Callable[[], contextlib.AbstractContextManager], run: Callable[[], object]) -> Measurement:
+        with side():
+            return measure(run, **kwargs)
+
     try:
-        naive, fast = measure_alternating(
-            fn, [contextlib.nullcontext, functools.partial(patched, model)], rounds=ROUNDS, **kwargs
+        if naive_fn is not fn:
+            with patched(model):
+                tokens = fn()
+            _check_equal("generate vs PEFT's prefix in the cache", tokens, naive_fn())
+        naive, fast = best_of_rounds(
+            [functools.partial(under, contextlib.nullcontext, naive_fn),
+             functools.partial(under, functools.partial(patched, model), fn)],
+            rounds=ROUNDS,
         )
         return naive, fast, None
     except (UnsupportedModelError, BackendUnavailableError) as exc:
-        return measure(fn, **kwargs), None, f"{type(exc).__name__}: {exc}"
+        return measure(naive_fn, **kwargs), None, f"{type(exc).__name__}: {exc}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,6 +437,8 @@ def _measure_both(
 
 BASELINES = {
     "peft": "naive PEFT",
+    "peft-prefix-cache": "PEFT's prefix K/V put in the cache by hand (PEFT 0.21's own generate drops it on "
+    "transformers 5.24)",
     "prepend": "prompt prepended to every row",
     "copied-cache": "prompt K/V computed once, copied into every row's cache",
     "peft-per-adapter": "PEFT, one batch per adapter",
@@ -637,14 +679,16 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda stage: Non
             peft_model = wrap("prefix-tuning", base, config.prefix_len).eval()
             prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
             fn = functools.partial(generate_step, peft_model, prompt, config.new_tokens)
-            kind, tokens = "generate", config.batch * config.new_tokens
+            naive_fn = functools.partial(peft_prefix_generate, peft_model, prompt, config.new_tokens)
+            kind, tokens, baseline = "generate", config.batch * config.new_tokens, "peft-prefix-cache"
         else:
             peft_model = wrap(name, base, config.prefix_len).train()
             # one optimizer for both sides: the rounds alternate on the same model and state
-            fn = functools.partial(train_step, peft_model, batch, make_optimizer(peft_model))
-            kind, tokens = "train", config.batch * config.seq_len
-        naive, fast, error = _measure_both(peft_model, fn, config)
-        result.rows.append(Row(name=name, kind=kind, tokens=tokens, naive=naive, fastprompt=fast, error=error))
+            fn = naive_fn = functools.partial(train_step, peft_model, batch, make_optimizer(peft_model))
+            kind, tokens, baseline = "train", config.batch * config.seq_len, "peft"
+        naive, fast, error = _measure_both(peft_model, fn, config, naive_fn)
+        result.rows.append(Row(name=name, kind=kind, tokens=tokens, naive=naive, fastprompt=fast, error=error,
+                               baseline=baseline))
         del peft_model
     return result
 
@@ -721,6 +765,19 @@ def environment(device: torch.device, dtype: torch.dtype = torch.float32) -> dic
     }
 
 
+def environment_lines(device: torch.device, dtype: torch.dtype, argv: Sequence[str]) -> list[str]:
+    """A benchmark table's header lines: device, date, versions, commit, backend and dtype, and the command."""
+    env = environment(device, dtype)
+    return [
+        f"- device: {env['device']}",
+        f"- date: {env['date']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}",
+        f"- commit: {env['commit']}",
+        f"- backend: {env['backend']} (FASTPROMPT_BACKEND={env['backend_requested']}), dtype: {_dtype_name(dtype)}",
+        f"- command: `{shlex.join(['python', *argv])}`",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------------------
@@ -789,7 +846,8 @@ def format_markdown(result: BenchResult, command: str) -> str:
         f"- batch {cfg.batch} x {cfg.seq_len} tokens (left padding on some rows), "
         f"{cfg.prefix_len} virtual tokens; median of {cfg.iters} calls after {cfg.warmup} warm-up, "
         f"naive and fastprompt alternating for {ROUNDS} rounds, the fastest median of each",
-        "- generate: greedy; tokens/s counts new tokens, the time includes the prompt's prefill",
+        "- generate: greedy; tokens/s counts new tokens, the time includes the prompt's prefill; the naive side is "
+        f"{BASELINES['peft-prefix-cache']}, its tokens checked equal to fastprompt's before timing",
         *_serving_lines(result),
         f"- fastprompt {v['fastprompt']} (commit {env['commit']}, attention backend {env['backend']} "
         f"from FASTPROMPT_BACKEND={env['backend_requested']}, "
