@@ -127,15 +127,20 @@ def test_missing_compiler_is_reported_not_raised(tmp_path) -> None:
     assert "raised: fastprompt cpu backend unavailable: no C++ compiler found" in result.stdout
 
 
-def test_failed_build_reports_compiler_output_once(tmp_path) -> None:
-    # Answers version queries like the real compiler, fails on every source file.
-    compiler = tmp_path / "broken-c++"
+def _broken_compiler(folder: Path) -> Path:
+    """A compiler that answers version queries like the real one and fails on every source file."""
+    compiler = folder / "broken-c++"
     compiler.write_text(
         "#!/bin/sh\n"
         'case "$*" in *.cpp*) echo "broken compiler says no" >&2; exit 1;; esac\n'
         f'exec {shutil.which("c++")} "$@"\n'
     )
     compiler.chmod(0o755)
+    return compiler
+
+
+def test_failed_build_reports_compiler_output_once(tmp_path) -> None:
+    compiler = _broken_compiler(tmp_path)
     result = _run_python(
         """
         from torch.utils import cpp_extension
@@ -165,13 +170,7 @@ def test_failed_build_reports_compiler_output_once(tmp_path) -> None:
 
 def test_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path) -> None:
     # A build killed midway leaves cpp_extension's lock file, on which every later build would wait forever.
-    compiler = tmp_path / "broken-c++"
-    compiler.write_text(
-        "#!/bin/sh\n"
-        'case "$*" in *.cpp*) echo "broken compiler says no" >&2; exit 1;; esac\n'
-        f'exec {shutil.which("c++")} "$@"\n'
-    )
-    compiler.chmod(0o755)
+    compiler = _broken_compiler(tmp_path)
     script = """
         from fastprompt.attention import cpu_backend as _cpp
         from fastprompt.csrc import build

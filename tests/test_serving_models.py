@@ -92,15 +92,19 @@ def _alone(name: str, tokens: torch.Tensor, saved_adapters: dict[str, str], arch
 NAMES = ["proj", "lstm", "__base__", "soft", "prompt", "deep", "mlp", "proj"]
 
 
-def test_mixed_batch_rows_equal_each_row_alone_through_peft(saved_adapters):
-    torch.manual_seed(0)
-    model = _serving_model(saved_adapters)
-    batch = random_batch(len(NAMES), 9, padding="left")
-    actual = _serve(model, NAMES, batch)
-    for row, name in enumerate(NAMES):
+def _assert_rows_equal_alone(model, names: list[str], batch: dict, saved_adapters) -> None:
+    """Each row of the mixed batch served with ``names`` equals that row alone through PEFT (logits, 1e-5)."""
+    actual = _serve(model, names, batch)
+    for row, name in enumerate(names):
         real = batch["attention_mask"][row].bool()
         expected = _alone(name, batch["input_ids"][row][real], saved_adapters)
         assert_scaled_close(actual[row][real], expected, 1e-5, f"row {row} ({name})")
+
+
+def test_mixed_batch_rows_equal_each_row_alone_through_peft(saved_adapters):
+    torch.manual_seed(0)
+    model = _serving_model(saved_adapters)
+    _assert_rows_equal_alone(model, NAMES, random_batch(len(NAMES), 9, padding="left"), saved_adapters)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma"])
@@ -378,11 +382,7 @@ def test_peft_model_forward_and_generate_serve_mixed_rows(saved_adapters, first,
     model = _peft_serving_model(saved_adapters, first, second, loaded)
     names = [second, loaded, "__base__", first, "prompt", second]
     batch = random_batch(len(names), 7, padding="left")
-    actual = _serve(model, names, batch)
-    for row, name in enumerate(names):
-        real = batch["attention_mask"][row].bool()
-        expected = _alone(name, batch["input_ids"][row][real], saved_adapters)
-        assert_scaled_close(actual[row][real], expected, 1e-5, f"row {row} ({name})")
+    _assert_rows_equal_alone(model, names, batch, saved_adapters)
     _assert_generate_equals_rows_alone(model, names[:5], saved_adapters)
     with torch.no_grad():
         active = model(input_ids=batch["input_ids"][:1]).logits[0, -7:]

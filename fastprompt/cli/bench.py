@@ -219,7 +219,8 @@ def peft_config(method: str, model_config: Any, prefix_len: int) -> PeftConfig:
     """The PEFT config of ``method`` for a model with ``model_config`` and ``prefix_len`` virtual tokens.
 
     prefix-tuning: a projection MLP as wide as the model (Li & Liang); p-tuning-v2: learned per-layer
-    keys and values, no projection; p-tuning: PEFT's prompt encoder (an MLP) feeding virtual tokens.
+    keys and values, no projection; p-tuning: PEFT's prompt encoder (an MLP) feeding virtual tokens;
+    p-tuning-lstm: the same with the LSTM encoder.
     """
     from peft import PrefixTuningConfig, PromptEncoderConfig
 
@@ -234,14 +235,19 @@ def peft_config(method: str, model_config: Any, prefix_len: int) -> PeftConfig:
         )
     if method == "p-tuning-v2":
         return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_len, prefix_projection=False)
-    if method == "p-tuning":
+    if method in _P_TUNING_ENCODERS:
         return PromptEncoderConfig(
             task_type="CAUSAL_LM",
             num_virtual_tokens=prefix_len,
-            encoder_reparameterization_type="MLP",
+            encoder_reparameterization_type=_P_TUNING_ENCODERS[method],
             encoder_hidden_size=model_config.hidden_size,
         )
-    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    raise ValueError(f"method must be one of {', '.join((*METHODS, 'p-tuning-lstm'))}; got {method!r}")
+
+
+# P-tuning's prompt encoder by method name: the bench rows use PEFT's default MLP; the LSTM one is P-tuning's
+# original encoder (benchmarks/bench_real.py trains it).
+_P_TUNING_ENCODERS = {"p-tuning": "MLP", "p-tuning-lstm": "LSTM"}
 
 
 def wrap(method: str, base: torch.nn.Module, prefix_len: int) -> PeftModel:
