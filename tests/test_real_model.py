@@ -6,6 +6,7 @@ Needs the packages of ``fastprompt.hf.pretrained.INSTALL_LINE``; without them th
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -117,7 +118,8 @@ def test_prefix_tuning_steps_stay_within_float32_noise_of_float64(smollm2):
     base64 = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float64).eval()
     train, _ = pretrained.review_split(settings.n_train, settings.n_test, seed=1)
     batches = [bench_real.encode(tokenizer, train[i : i + BATCH], 16) for i in range(0, len(train), BATCH)]
-    result, _ = bench_real.train_three_ways("prefix-tuning", base, base64, batches, settings)
+    loss_fn = functools.partial(bench_real.verbaliser_loss, neg_pos=bench_real.verbaliser_ids(tokenizer))
+    result, _ = bench_real.train_three_ways("prefix-tuning", base, base64, batches, settings, loss_fn)
     print(f"distance to float64 per step: PEFT {result.dist_peft}, fastprompt {result.dist_fast}")
     assert all(0 < d < 1e-2 for d in result.dist_peft + result.dist_fast)
     steps = enumerate(zip(result.dist_fast, result.dist_peft, strict=True), start=1)
