@@ -65,7 +65,7 @@ class Settings:
     max_len: int = 40
     prefix_len: int = 8
     lr: float = 0.005
-    momentum: float = 0.9
+    momentum: float = 0.0
     seed: int = 0
     timing_iters: int = 1
     rounds: int = 2
@@ -79,6 +79,7 @@ class MethodResult:
     method: str
     dist_fast: list[float] = field(default_factory=list)
     dist_peft: list[float] = field(default_factory=list)
+    dist_between: list[float] = field(default_factory=list)
     loss_peft: list[float] = field(default_factory=list)
     loss_fast: list[float] = field(default_factory=list)
     pred_before: torch.Tensor | None = None
@@ -215,11 +216,16 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def relative_update_error(
-    theta: dict[str, torch.Tensor], oracle: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
+    theta: dict[str, torch.Tensor],
+    oracle: dict[str, torch.Tensor],
+    start: dict[str, torch.Tensor],
+    scale: dict[str, torch.Tensor] | None = None,
 ) -> float:
-    """|(theta - start) - (oracle - start)| / |oracle - start| over all parameters (float64)."""
+    """|(theta - start) - (oracle - start)| / |scale - start| over all parameters (float64); ``scale`` defaults
+    to ``oracle``."""
+    scale = oracle if scale is None else scale
     diff = math.sqrt(sum(((theta[n] - oracle[n]) ** 2).sum().item() for n in start))
-    update = math.sqrt(sum(((oracle[n] - start[n]) ** 2).sum().item() for n in start))
+    update = math.sqrt(sum(((scale[n] - start[n]) ** 2).sum().item() for n in start))
     return diff / update
 
 
@@ -279,6 +285,8 @@ def train_three_ways(
     for k in range(len(batches)):
         result.dist_peft.append(relative_update_error(peft_states[k], oracle[k], start))
         result.dist_fast.append(relative_update_error(fast_states[k], oracle[k], start))
+        # the two float32 runs against each other, on the float64 update's scale
+        result.dist_between.append(relative_update_error(fast_states[k], peft_states[k], start, scale=oracle[k]))
     return result, model
 
 
@@ -648,14 +656,15 @@ def format_markdown(
         f"PEFT and fastprompt alternating for {settings.rounds} rounds; peak memory from the CPU profiler; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when the tables were written",
         "",
-        "### Distance to the float64 run, per step (PEFT fp32 / fastprompt fp32)",
+        "### Distance to the float64 run, per step (PEFT fp32 / fastprompt fp32 / the two fp32 runs from each other)",
         "",
         "| method | " + " | ".join(f"step {k}" for k in shown)
         + " | fastprompt closer | fastprompt / PEFT: median, max |",
         "|---|" + "---:|" * len(shown) + "---|---|",
     ]
     for r in results:
-        cells = " | ".join(f"{r.dist_peft[k - 1]:.1e} / {r.dist_fast[k - 1]:.1e}" for k in shown)
+        cells = " | ".join(f"{r.dist_peft[k - 1]:.1e} / {r.dist_fast[k - 1]:.1e} / {r.dist_between[k - 1]:.1e}"
+                           for k in shown)
         ratios = [f / p for p, f in zip(r.dist_peft, r.dist_fast, strict=True)]
         closer = sum(ratio <= 1 for ratio in ratios)
         lines.append(f"| {r.method} | {cells} | {closer} of {len(ratios)} steps | "
@@ -699,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
-    parser.add_argument("--minilm-lr", type=float, default=0.1, help="MiniLM P-tuning v2 section's lr; 0 skips it")
+    parser.add_argument("--minilm-lr", type=float, default=1.0, help="MiniLM P-tuning v2 section's lr; 0 skips it")
     parser.add_argument("--minilm-steps", type=int, default=150, help="MiniLM section's steps (it is cheap)")
     parser.add_argument("--shots", default="0,1,4,8", help="few-shot section: comma-separated demonstration counts")
     parser.add_argument("--partial", type=Path, metavar="PATH", help="rewrite the tables so far here after each method")
