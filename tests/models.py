@@ -159,16 +159,24 @@ def forward_and_grads(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch
     return loss_and_grads(model, lambda m: m(**batch))
 
 
-def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    """``max |actual - expected| <= tol * max |expected|``: an absolute bound relative to the tensor's own scale.
+def assert_scaled_close(
+    actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, rounding: float = 0.0
+) -> None:
+    """``max |actual - expected| <= max(tol * max |expected|, 2 * rounding)``: an absolute bound relative to the
+    tensor's own scale.
 
-    No floor: a gradient of size 1e-6 is held to 1e-6 * tol, so a wrong small gradient cannot pass.
+    No fixed floor: a gradient of size 1e-6 is held to 1e-6 * tol, so a wrong small gradient cannot pass.
+    ``rounding``: the error of the same definition computed in the lower precision (measured, not assumed);
+    where a gradient is a small difference of large terms, that rounding can exceed ``tol`` of its size.
     """
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     scale = expected.abs().max().item()
     assert scale > 0, f"{what}: the reference is all zeros, so the comparison could not fail"
     err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max abs diff {err:.3e} > {tol:.0e} * {scale:.3g}"
+    assert err <= max(tol * scale, 2 * rounding), (
+        f"{what}: max abs diff {err:.3e} > {tol:.0e} * {scale:.3g} (and > twice the reference's own rounding, "
+        f"{rounding:.3e})"
+    )
 
 
 def cache_argument(model: Any) -> str:
