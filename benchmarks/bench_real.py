@@ -6,7 +6,7 @@ words' logits and the prediction the larger of them, as verbaliser-based prompt 
 language model. Methods: prefix tuning with its projection MLP, P-tuning v2 (deep prompts), P-tuning with
 PEFT's LSTM encoder.
 
-For each method one adapter initialisation is trained three times on the same batches with SGD (momentum):
+For each method one adapter initialisation is trained three times on the same batches with SGD:
 PEFT in float32, fastprompt (the same model object, patched) in float32, and PEFT in float64 on a float64
 copy of the model: the oracle. Rounding grows with every step, so "the same as PEFT" is measured as the
 distance of each float32 run to the float64 one, step by step:
@@ -212,10 +212,9 @@ real words' activations): PEFT's random per-layer table takes SmolLM2 from 0.77 
 def init_from_real_tokens(model: torch.nn.Module, ids: torch.Tensor) -> None:
     """Set a P-tuning v2 adapter's table [P, layers * 2 * Hkv * D] to the K/V that ``ids`` [1, P] leave in the base
     model's cache, in PEFT's layout (per virtual token: layer-major, key then value, heads, head dim)."""
-    from fastprompt.hf import compat
+    from fastprompt.hf.soft_prompts import prompt_kv
 
-    cache = compat.output_cache(model.get_base_model()(input_ids=ids, use_cache=True))
-    kv = torch.stack([torch.stack([k[0], v[0]]) for k, v in compat.cache_layer_kv(cache)])  # [L, 2, Hkv, P, D]
+    kv = prompt_kv(model.get_base_model(), input_ids=ids)  # [L, 2, Hkv, P, D]
     table = model.prompt_encoder[model.active_adapter].embedding.weight
     if kv.shape[3] != table.shape[0]:
         raise ValueError(f"{kv.shape[3]} init tokens for a prefix of {table.shape[0]}")
@@ -416,7 +415,7 @@ def run_minilm(
 ) -> tuple[EncoderResult, torch.Tensor]:
     """P-tuning v2 (PEFT's prefix tuning without projection) with a fresh [CLS] head on all-MiniLM-L6-v2.
 
-    One initialisation (prefix and head) is trained with SGD (momentum) at ``lr`` by the patched model in float32
+    One initialisation (prefix and head) is trained with SGD at ``lr`` by the patched model in float32
     and by a patched float64 copy, the oracle, on the same batches of the same split as the decoder. fastprompt runs the
     forward itself; PEFT's own forward is tried once and its error recorded. Returns the result and the
     held-out labels [N].
@@ -486,7 +485,7 @@ def format_minilm(result: EncoderResult, labels: torch.Tensor, settings: Setting
     return "\n".join([
         "### P-tuning v2 on all-MiniLM-L6-v2 ([CLS] head), fastprompt fp32 against fastprompt fp64",
         "",
-        f"- {settings.prefix_len} virtual tokens per layer, a fresh 2-way head, {settings.steps} SGD steps (lr {lr}, "
+        f"- {settings.prefix_len} virtual tokens per layer, a fresh 2-way head, {len(result.dist)} SGD steps (lr {lr}, "
         f"momentum {settings.momentum}) "
         f"of {settings.batch} rows, the same split; the oracle is the patched model in float64 from the same "
         f"initialisation; PEFT's own forward on this transformers: {peft}",
@@ -759,8 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(first, end="", flush=True)
     if args.minilm_lr:
         minilm, minilm_labels = run_minilm(settings, log, args.minilm_lr, args.minilm_steps)
-        minilm_settings = dataclasses.replace(settings, steps=args.minilm_steps)
-        print("\n" + format_minilm(minilm, minilm_labels, minilm_settings, args.minilm_lr), end="", flush=True)
+        print("\n" + format_minilm(minilm, minilm_labels, settings, args.minilm_lr), end="", flush=True)
     if shots:
         few_shot, few_labels = run_few_shot(settings, shots, log)
         print("\n" + format_few_shot(few_shot, few_labels, settings), end="")

@@ -128,14 +128,14 @@ class AttentionArgs:
             raise ValueError(f"scale must be a positive finite float, got {scale!r}")
         if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
             raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-        seed = self.seed
-        if dropout_p > 0 and seed is None:
-            seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+        seed = None
+        if dropout_p > 0:
+            seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if self.seed is None else self.seed
         return AttentionArgs(
             q, k, v, prefix_k, prefix_v,
             None if prefix_index is None else prefix_index.to(torch.int32).contiguous(),
             None if prefix_lens is None else prefix_lens.to(torch.int32).contiguous(),
-            key_padding_mask, causal, float(scale), float(dropout_p), seed if dropout_p > 0 else None,
+            key_padding_mask, causal, float(scale), float(dropout_p), seed,
         )  # fmt: skip
 
     @property

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure
+from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure, measure_pairs
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -417,20 +417,13 @@ def _measure_both(
     from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
 
     kwargs = dict(device=config.device, warmup=config.warmup, iters=config.iters)
-
-    def under(side: Callable[[], contextlib.AbstractContextManager], run: Callable[[], object]) -> Measurement:
-        with side():
-            return measure(run, **kwargs)
-
     try:
         if naive_fn is not fn:
             with patched(model):
                 tokens = fn()
             _check_equal("generate vs PEFT's prefix in the cache", tokens, naive_fn())
-        naive, fast = best_of_rounds(
-            [functools.partial(under, contextlib.nullcontext, naive_fn),
-             functools.partial(under, functools.partial(patched, model), fn)],
-            rounds=ROUNDS,
+        naive, fast = measure_pairs(
+            [(contextlib.nullcontext, naive_fn), (functools.partial(patched, model), fn)], rounds=ROUNDS, **kwargs
         )
         return naive, fast, None
     except (UnsupportedModelError, BackendUnavailableError) as exc:
@@ -526,12 +519,11 @@ def _shared_generate(config: BenchConfig, base: torch.nn.Module, fast: torch.nn.
                      batch: dict[str, torch.Tensor]) -> list[tuple[str, Callable[[], object]]]:
     """(b) Generating after a shared prompt vs its K/V copied into every row's cache, and vs prepending it."""
     from fastprompt.hf import compat
+    from fastprompt.hf.soft_prompts import prompt_kv
 
     new_tokens = config.serving.serve_new_tokens
     rows = batch["input_ids"].shape[0]
-    with torch.inference_mode():
-        prompt_cache = compat.output_cache(base(input_ids=prompt, use_cache=True))
-    prompt_kv = [(layer.keys, layer.values) for layer in prompt_cache.layers]
+    kv = prompt_kv(base, input_ids=prompt)  # [L, 2, Hkv, P, D]
     prepended = _prepended(prompt, batch)
     # The cached columns come first in every row; the queries' own padding stays where it is.
     after_cache = {
@@ -541,7 +533,7 @@ def _shared_generate(config: BenchConfig, base: torch.nn.Module, fast: torch.nn.
 
     def copied_cache() -> torch.Tensor:
         cache = compat.new_dynamic_cache(base.config)
-        for layer, (keys, values) in enumerate(prompt_kv):
+        for layer, (keys, values) in enumerate(kv):
             cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
         return _generate(base, new_tokens, **after_cache, **{compat.cache_kwarg(base): cache})
 

@@ -128,12 +128,25 @@ def measure_alternating(
 ) -> list[Measurement]:
     """Time ``fn()`` under each of ``sides`` (context-manager factories, e.g. unpatched and patched) in turn,
     as :func:`best_of_rounds` does; entering and leaving a side is not timed. Returns one per side."""
+    return measure_pairs([(side, fn) for side in sides], rounds=rounds, device=device, warmup=warmup, iters=iters)
 
-    def under(side: Callable[[], contextlib.AbstractContextManager]) -> Measurement:
+
+def measure_pairs(
+    pairs: Sequence[tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], object]]],
+    *,
+    rounds: int = 3,
+    device: torch.device | str = "cpu",
+    warmup: int = 2,
+    iters: int = 5,
+) -> list[Measurement]:
+    """Time each ``(side, fn)`` pair's ``fn()`` under its ``side()`` context in turn, as :func:`best_of_rounds`
+    does (sides whose work differs, e.g. PEFT's path unpatched and fastprompt's patched). One per pair."""
+
+    def under(side: Callable[[], contextlib.AbstractContextManager], fn: Callable[[], object]) -> Measurement:
         with side():
             return measure(fn, device=device, warmup=warmup, iters=iters)
 
-    return best_of_rounds([functools.partial(under, side) for side in sides], rounds=rounds)
+    return best_of_rounds([functools.partial(under, side, fn) for side, fn in pairs], rounds=rounds)
 
 
 def kernel_bench_options(
