@@ -791,7 +791,9 @@ def _row_groups(args) -> tuple[torch.Tensor, torch.Tensor]:
     q, N = args.q, args.prefix_k.shape[0]
     if args.prefix_index is None:  # every row reads bank row 0 (N = 1)
         order = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)
-        return order, torch.tensor([0, q.shape[0], q.shape[0]], dtype=torch.int32, device=q.device)
+        # [0, B, B] made on the device: a tensor from a Python list would be a blocking host-to-device copy
+        starts = torch.arange(3, dtype=torch.int32, device=q.device).clamp_(max=1).mul_(q.shape[0])
+        return order, starts
     key = torch.where(args.prefix_index >= 0, args.prefix_index, N)
     sorted_key, order = torch.sort(key, stable=True)
     bounds = torch.arange(N + 2, dtype=sorted_key.dtype, device=q.device)

@@ -505,3 +505,17 @@ def test_index_on_another_device_is_rejected():
     tensors = [args.pop(name) for name in ["q", "k", "v", "prefix_k", "prefix_v"]]
     with pytest.raises(ValueError, match="prefix_index is on meta but q is on cpu"):
         fastprompt.prefix_attention(*tensors, **args)
+
+
+def test_resolvers_and_index_check_name_bad_arguments():
+    from fastprompt.encoders import resolve_encoder_backend
+
+    with pytest.raises(TypeError, match=r"dtype must be a torch.dtype, got 'float16'"):
+        fastprompt.resolve_backend("cpu", "float16")
+    assert resolve_encoder_backend(None, "cpu", torch.float32) == "torch"  # a device given by name
+    with pytest.raises(TypeError, match=r"prefix_index must be a torch.Tensor, got list"):
+        fastprompt.check_index_values([0, 1], None, 2, 4)
+    with pytest.raises(TypeError, match=r"prefix_lens must be an integer tensor, got torch.float32"):
+        fastprompt.check_index_values(None, torch.tensor([1.0]), 1, 4)
+    with pytest.raises(ValueError, match=r"prefix_lens values must be in \[0, P\]"):
+        fastprompt.check_index_values(None, torch.tensor([5]), 1, 4)

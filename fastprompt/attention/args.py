@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["AttentionArgs", "Requirements", "check_index_values", "op_schema"]
+__all__ = ["FLOAT_DTYPES", "AttentionArgs", "Requirements", "check_index_values", "op_schema"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class Requirements(NamedTuple):
@@ -63,12 +63,12 @@ class AttentionArgs:
         causal, scale, dropout_p = self.causal, self.scale, self.dropout_p
         _check_tensor("q", q, 4)
         dtype, device = q.dtype, q.device
-        if dtype not in _FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {dtype}")
         for name, x in zip(self.DIFFERENTIABLE[1:], inputs[1:], strict=True):
             _check_tensor(name, x, 4)
             if x.dtype != dtype:
-                if x.dtype not in _FLOAT_DTYPES:
+                if x.dtype not in FLOAT_DTYPES:
                     raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
                 raise TypeError(f"{name} has dtype {x.dtype} but q has {dtype}; all five tensors must share a dtype")
             if x.device != device:
@@ -206,10 +206,14 @@ def _check_tensor(name: str, x: object, ndim: int) -> torch.Tensor:
     return x
 
 
-def _check_index_tensor(name: str, x: object, length: int, length_name: str, device: torch.device) -> torch.Tensor:
-    x = _check_tensor(name, x, 1)
+def _check_integer(name: str, x: torch.Tensor) -> torch.Tensor:
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    return x
+
+
+def _check_index_tensor(name: str, x: object, length: int, length_name: str, device: torch.device) -> torch.Tensor:
+    x = _check_integer(name, _check_tensor(name, x, 1))
     if x.shape[0] != length:
         raise ValueError(f"{name} must have shape [{length_name}] = [{length}], got {tuple(x.shape)}")
     if x.device != device:
@@ -225,6 +229,9 @@ def check_index_values(
     These read tensor values (a device sync on CUDA); callers that run the op many times with the same
     index tensors (every layer of a model) check once and then pass ``check_values=False``.
     """
+    for name, x in (("prefix_index", prefix_index), ("prefix_lens", prefix_lens)):
+        if x is not None:
+            _check_integer(name, _check_tensor(name, x, 1))
     if prefix_index is not None and prefix_index.numel() > 0:
         lo, hi = torch.stack(torch.aminmax(prefix_index)).tolist()  # one read of the device
         if lo < -1 or hi >= num_prefixes:

@@ -28,7 +28,7 @@ from types import ModuleType
 import torch
 
 from fastprompt.attention import cpu_backend  # importing builds nothing: the kernels load on first use
-from fastprompt.attention.args import AttentionArgs, Requirements, op_schema
+from fastprompt.attention.args import FLOAT_DTYPES, AttentionArgs, Requirements, op_schema
 from fastprompt.errors import BackendUnavailableError
 
 __all__ = ["BACKENDS", "Backend", "attend", "available_backends", "requested_backend", "resolve_backend"]
@@ -116,8 +116,6 @@ class Backend:
         return importlib.import_module(self.module)
 
 
-_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 BACKENDS: tuple[Backend, ...] = (
     Backend(
         name="triton",
@@ -135,7 +133,7 @@ BACKENDS: tuple[Backend, ...] = (
         module="fastprompt.attention.cpu_backend",
         devices=("cpu",),
         auto=("cpu",),
-        dtypes=_ALL_DTYPES,
+        dtypes=FLOAT_DTYPES,
         max_head_dim=None,
         features=frozenset({"dropout"}),
         unavailable=_cpu_unavailable,
@@ -146,7 +144,7 @@ BACKENDS: tuple[Backend, ...] = (
         module="fastprompt.attention.torch_backend",
         devices=("*",),
         auto=("*",),
-        dtypes=_ALL_DTYPES,
+        dtypes=FLOAT_DTYPES,
         max_head_dim=None,
         features=frozenset({"dropout"}),
     ),
@@ -219,6 +217,8 @@ def resolve_backend(
     :class:`~fastprompt.errors.BackendUnavailableError` (with every backend's reasons) when a named
     backend cannot run such a call.
     """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     return _resolve(requested_backend(backend), torch.device(device), dtype, head_dim, dropout)
 
 

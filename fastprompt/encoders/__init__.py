@@ -163,10 +163,11 @@ class _TorchBackend:
     lstm_backward = staticmethod(_torch_lstm_backward)
 
 
-def resolve_encoder_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_encoder_backend(backend: str | None, device: torch.device | str, dtype: torch.dtype) -> str:
     """The backend the encoders run: the attention op's choice (:func:`fastprompt.resolve_backend`), with
     one difference: the encoders have no C++ kernels, so where the op would run ``cpu`` (asked for, or
     ``auto`` on a CPU tensor) they run PyTorch."""
+    device = torch.device(device)
     requested = requested_backend(backend)
     if requested == "cpu" or (requested == "auto" and device.type != "cuda"):
         return "torch"

@@ -81,7 +81,6 @@ def shard_prompt_model(model: torch.nn.Module, *, fsdp_version: int = 2, **fsdp_
     raise ValueError(f"fsdp_version must be 1 or 2, got {fsdp_version!r}")
 
 
-
 @contextlib.contextmanager
 def _whole_root(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The unwrapped model, with the parameters of the root unit whole for the duration (collective)."""

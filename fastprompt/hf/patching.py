@@ -49,13 +49,12 @@ from fastprompt.hf.adapters import PATCH_STATE_ATTR, AdapterRegistry, adapter_re
 from fastprompt.hf.attention import ATTN_IMPLEMENTATION, LAYER_LOG_KWARG, PREFIX_KWARG, PrefixCache
 from fastprompt.hf.soft_prompts import prompt_kv
 from fastprompt.prefix.kv import PrefixKV
+from fastprompt.prefix.peft import PREFIX_TYPES, SOFT_PROMPT_TYPES
 
 __all__ = ["ForwardPlan", "patch", "unpatch", "prefix_from_peft", "token_positions"]
 
 _STATE_ATTR = PATCH_STATE_ATTR
 _ABSENT = object()
-_PREFIX_TYPES = ("PREFIX_TUNING",)
-_EMBEDDING_TYPES = ("P_TUNING", "PROMPT_TUNING")
 # Task types whose labels are per token, so PEFT widens them by the virtual tokens.
 _TOKEN_LABEL_TASKS = ("CAUSAL_LM", "TOKEN_CLS")
 
@@ -128,7 +127,7 @@ def _kv_geometry(config: Any) -> tuple[int, int, int]:
 def _check_peft_model(model: Any) -> None:
     peft_config = model.active_peft_config
     peft_type = compat.peft_type(peft_config)
-    if peft_type not in _PREFIX_TYPES + _EMBEDDING_TYPES:
+    if peft_type not in PREFIX_TYPES + SOFT_PROMPT_TYPES:
         raise UnsupportedModelError(
             f"the active adapter {model.active_adapter!r} is {peft_type}; fastprompt accelerates "
             "PREFIX_TUNING, P_TUNING and PROMPT_TUNING adapters"
@@ -136,7 +135,7 @@ def _check_peft_model(model: Any) -> None:
     if (peft_config.num_transformer_submodules or 1) != 1:
         raise UnsupportedModelError("prompt learning on encoder-decoder models is not supported")
     _check_transformers_model(model.get_base_model())
-    if peft_type in _PREFIX_TYPES:
+    if peft_type in PREFIX_TYPES:
         layers, kv_heads, head_dim = _kv_geometry(model.get_base_model().config)
         want = (peft_config.num_layers, peft_config.num_attention_heads,
                 peft_config.token_dim // peft_config.num_attention_heads)
@@ -225,7 +224,7 @@ def _plan(model: Any, batch: int, device: torch.device, *, serving: bool) -> For
     """
     peft_config = compat.peft_active_config(model)
     offsets = torch.full((batch,), peft_config.num_virtual_tokens, dtype=torch.long, device=device)
-    if compat.peft_type(peft_config) in _PREFIX_TYPES:
+    if compat.peft_type(peft_config) in PREFIX_TYPES:
         return ForwardPlan(prefix_from_peft(model), offsets)
     if serving:
         return ForwardPlan(_virtual_token_prefix(model), offsets)
