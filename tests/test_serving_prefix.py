@@ -13,6 +13,7 @@ import torch
 from models import assert_scaled_close, tiny_config, tiny_peft_model
 from safetensors.torch import save_file
 
+from fastprompt.hf.patching import token_positions
 from fastprompt.prefix import (
     ExportedPrefix,
     KVGeometry,
@@ -84,6 +85,16 @@ def test_row_offsets_and_positions_follow_prefix_length_and_padding():
     assert positions[3][real[3]].tolist() == [3, 4, 5]
     with pytest.raises(ValueError, match=r"attention_mask must be \[B, S\] and offsets \[B\]"):
         row_position_ids(offsets[:3], mask)
+
+
+def test_serving_and_patched_forward_number_a_row_alike():
+    """One numbering rule: a hole inside a row keeps its column's number, trailing padding continues the count,
+    leading padding is skipped; the patched forward's positions are the serving helper's."""
+    offsets = torch.tensor([0, 4, 2])
+    mask = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 1], [1, 1, 0, 0]])
+    positions = row_position_ids(offsets, mask)
+    assert positions.tolist() == [[0, 1, 2, 3], [4, 4, 5, 6], [2, 3, 4, 5]]
+    torch.testing.assert_close(token_positions(mask, None, offsets, 4), positions, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["prefix_projection", "prefix"])

@@ -48,6 +48,7 @@ from fastprompt.hf import compat
 from fastprompt.hf.adapters import PATCH_STATE_ATTR, AdapterRegistry, adapter_registry
 from fastprompt.hf.attention import ATTN_IMPLEMENTATION, LAYER_LOG_KWARG, PREFIX_KWARG, PrefixCache
 from fastprompt.hf.soft_prompts import prompt_kv
+from fastprompt.prefix.bank import row_position_ids
 from fastprompt.prefix.kv import PrefixKV
 from fastprompt.prefix.peft import PREFIX_TYPES, SOFT_PROMPT_TYPES
 
@@ -181,13 +182,13 @@ def token_positions(
     """
     if position_ids is not None:
         steps = position_ids.to(offsets.device).expand(offsets.shape[0], -1)
+        positions = steps + offsets[:, None]
     elif attention_mask is None:
-        steps = torch.arange(length, device=offsets.device).expand(offsets.shape[0], -1)
+        positions = torch.arange(length, device=offsets.device) + offsets[:, None]
     else:
-        started = attention_mask.cumsum(-1) > 0  # from the row's first real token on
-        steps = (started.cumsum(-1) - 1).clamp(min=0)
+        positions = row_position_ids(offsets, attention_mask)
     first, padding = rule
-    positions = steps + (offsets[:, None] + first)
+    positions = positions + first
     if padding is not None and attention_mask is not None:
         positions = positions.masked_fill(attention_mask == 0, padding)
     return positions

@@ -121,18 +121,22 @@ def row_offsets(prefix_index: torch.Tensor, prefix_lens: torch.Tensor) -> torch.
 
 
 def row_position_ids(offsets: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of every column of a padded batch: the row's offset plus its count of earlier real tokens.
+    """Position ids of every column of a padded batch: the row's offset plus the columns since its first real token.
 
     ``offsets`` [B] integer (from :func:`row_offsets`); ``attention_mask`` [B, S] (1 = real token; left
     or right padding) covering every token of the rows so far, cached ones included. Returns [B, S] int64:
-    a row's real tokens are numbered ``offset, offset + 1, ...`` whatever padding precedes them, so a padded
-    row is numbered as it would be alone; a padding column repeats a neighbouring real token's position
-    (never seen by a real token, but in range). A decoding step takes the last ``T`` columns.
+    leading padding is skipped and every later column counts, so a left-padded row is numbered
+    ``offset, offset + 1, ...`` as it would be alone, and a right-padded one as an unpadded forward numbers it
+    (padding after the row continues the count; a hole inside a row keeps its column's number). Leading
+    padding takes the offset (never seen by a real token, but in range). A decoding step takes the last ``T``
+    columns. This is the one numbering rule of the package (:func:`fastprompt.hf.patching.token_positions`
+    adds a caller's own numbering and RoBERTa-style models' first id to it).
     """
     if attention_mask.dim() != 2 or offsets.shape != attention_mask.shape[:1]:
         raise ValueError(
             f"attention_mask must be [B, S] and offsets [B], got {tuple(attention_mask.shape)} and "
             f"{tuple(offsets.shape)}"
         )
-    seen = attention_mask.to(torch.int64).cumsum(-1) - 1
-    return offsets.to(torch.int64)[:, None] + seen.clamp(min=0)
+    started = attention_mask.cumsum(-1) > 0  # from the row's first real token on
+    steps = started.to(torch.int64).cumsum(-1) - 1
+    return offsets.to(torch.int64)[:, None] + steps.clamp(min=0)
