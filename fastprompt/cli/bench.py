@@ -329,30 +329,35 @@ def generate_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], new_to
         )
 
 
+def peft_prefix_inputs(model: torch.nn.Module, attention_mask: torch.Tensor) -> dict[str, Any]:
+    """The base model's inputs that carry a PEFT prefix-tuning adapter the way PEFT hands it over: the prefix
+    K/V of every row (PEFT's ``get_prompt``) in a KV cache under the model's cache argument, and
+    ``attention_mask`` [B, T] widened to [B, P + T] by ones in front. The base model numbers the tokens after
+    its cache, as it does for PEFT. Differentiable: gradients reach the adapter."""
+    from fastprompt.hf import compat
+
+    rows = attention_mask.shape[0]
+    cache = compat.peft_prefix_cache(model, rows)
+    prefix_len = compat.cache_layer_kv(cache)[0][0].shape[2]
+    mask = torch.cat([attention_mask.new_ones(rows, prefix_len), attention_mask], dim=1)
+    return {"attention_mask": mask, compat.cache_kwarg(model.get_base_model()): cache}
+
+
 def peft_prefix_generate(model: torch.nn.Module, batch: dict[str, torch.Tensor], new_tokens: int) -> torch.Tensor:
-    """What PEFT's prefix-tuning ``generate`` does, spelled out: the prefix K/V of every row (PEFT's
-    ``get_prompt``) put in the base model's cache, the mask extended over it, greedy decoding. [B, T + new]
+    """What PEFT's prefix-tuning ``generate`` does, spelled out (:func:`peft_prefix_inputs`), greedy.
+    [B, T + new]
 
     PEFT 0.21's own ``generate`` hands the prefix to transformers 5.24 under a name it no longer reads and
     silently generates without it, so it cannot be the baseline; this is the same work done correctly.
     """
-    from fastprompt.hf import compat
-
-    rows = batch["input_ids"].shape[0]
     with torch.inference_mode():
-        cache = compat.peft_prefix_cache(model, rows)
-        prefix_len = compat.cache_layer_kv(cache)[0][0].shape[2]
-        mask = batch["attention_mask"]
-        mask = torch.cat([mask.new_ones(rows, prefix_len), mask], dim=1)
-        base = model.get_base_model()
-        return base.generate(
+        return model.get_base_model().generate(
             input_ids=batch["input_ids"],
-            attention_mask=mask,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=PAD_TOKEN_ID,
-            **{compat.cache_kwarg(base): cache},
+            **peft_prefix_inputs(model, batch["attention_mask"]),
         )
 
 
@@ -465,13 +470,15 @@ def _generate(model: torch.nn.Module, new_tokens: int, **inputs: Any) -> torch.T
 def _prepended(prompt: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``prompt`` [1, P] in front of every row of a left-padded ``batch`` [B, Q], left-padded again: [B, P + Q]
     ids and mask, and the positions each row takes alone (its first real token is 0)."""
+    from fastprompt.prefix.bank import row_position_ids
+
     rows = batch["input_ids"].shape[0]
     ids = torch.cat([prompt.expand(rows, -1), batch["input_ids"]], dim=1)
     mask = torch.cat([torch.ones_like(prompt).expand(rows, -1), batch["attention_mask"]], dim=1)
     # Sorting each row's mask puts its padding in front: the prompt, then its own tokens, contiguous.
     order = mask.argsort(dim=1, stable=True)
     ids, mask = ids.gather(1, order), mask.gather(1, order)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    positions = row_position_ids(torch.zeros(rows, dtype=torch.int64), mask)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
