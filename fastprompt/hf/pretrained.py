@@ -186,8 +186,9 @@ def movie_reviews() -> list[Review]:
 
 
 def review_split(n_train: int, n_test: int, *, seed: int = 0) -> tuple[list[Review], list[Review]]:
-    """A fixed, class-balanced split: ``n_train`` and ``n_test`` reviews (each half fresh, half rotten),
-    disjoint, drawn with ``seed``; duplicates of a text are kept once. Even sizes only."""
+    """A fixed, class-balanced split: ``n_train`` and ``n_test`` reviews (each half fresh, half rotten,
+    alternating rotten / fresh), disjoint, drawn with ``seed``; duplicates of a text are kept once. The held-out
+    rows depend on ``n_test`` and ``seed`` only, not on ``n_train``. Even sizes only."""
     if n_train < 2 or n_test < 2 or n_train % 2 or n_test % 2:
         raise ValueError(f"n_train and n_test must be even and >= 2, got {n_train} and {n_test}")
     unique = {review.text: review for review in movie_reviews()}
@@ -200,7 +201,8 @@ def review_split(n_train: int, n_test: int, *, seed: int = 0) -> tuple[list[Revi
     available = min(len(reviews) for reviews in by_label.values())
     if half_train + half_test > available:
         raise ValueError(f"asked for {half_train + half_test} reviews per class; the corpus has {available}")
-    train = [r for pair in zip(by_label[0][:half_train], by_label[1][:half_train], strict=True) for r in pair]
-    test_rows = [by_label[label][half_train:half_train + half_test] for label in (0, 1)]
-    test = [r for pair in zip(*test_rows, strict=True) for r in pair]
+    # held-out rows first, so that they do not depend on the training size
+    test = [r for pair in zip(by_label[0][:half_test], by_label[1][:half_test], strict=True) for r in pair]
+    train_rows = [by_label[label][half_test:half_test + half_train] for label in (0, 1)]
+    train = [r for pair in zip(*train_rows, strict=True) for r in pair]
     return train, test
