@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
+from fastprompt.hf.swaps import Swaps
 from fastprompt.prefix.peft import peft_type  # the one reading of a config's type, shared with prefix/
 
 __all__ = [
@@ -175,12 +176,11 @@ def peft_prompt_tokens(peft_model: Any, adapter_name: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 ENCODER_FILE = "fastprompt_prompt_encoder.safetensors"
 _CHECKPOINTS_ATTR = "_fastprompt_encoder_checkpoints"
-_ABSENT = object()
 
 
 @dataclass
 class _CheckpointState:
-    replaced: dict[str, Any] = field(default_factory=dict)  # instance attribute -> previous value or _ABSENT
+    swaps: Swaps = field(default_factory=Swaps)  # save_pretrained and load_adapter, wrapped
 
 
 def _training_prompt_adapter(model: Any, adapter_name: str) -> bool:
@@ -235,8 +235,7 @@ def enable_encoder_checkpoints(model: Any) -> Any:
         return model
     state = _CheckpointState()
     for name, wrapper in (("save_pretrained", _save_pretrained), ("load_adapter", _load_adapter)):
-        state.replaced[name] = model.__dict__.get(name, _ABSENT)
-        object.__setattr__(model, name, functools.partial(wrapper, model, getattr(model, name)))
+        state.swaps.wrap(model, name, wrapper)
     object.__setattr__(model, _CHECKPOINTS_ATTR, state)
     return model
 
@@ -251,9 +250,5 @@ def disable_encoder_checkpoints(model: Any) -> Any:
     state: _CheckpointState | None = model.__dict__.pop(_CHECKPOINTS_ATTR, None)
     if state is None:
         return model
-    for name, previous in state.replaced.items():
-        if previous is _ABSENT:
-            model.__dict__.pop(name, None)
-        else:
-            object.__setattr__(model, name, previous)
+    state.swaps.restore()
     return model
