@@ -35,7 +35,6 @@ prompt tuning). ``unpatch`` puts back exactly what was there.
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +47,7 @@ from fastprompt.hf import compat
 from fastprompt.hf.adapters import PATCH_STATE_ATTR, AdapterRegistry, adapter_registry
 from fastprompt.hf.attention import ATTN_IMPLEMENTATION, LAYER_LOG_KWARG, PREFIX_KWARG, PrefixCache
 from fastprompt.hf.soft_prompts import prompt_kv
+from fastprompt.hf.swaps import Swaps
 from fastprompt.prefix.bank import row_position_ids
 from fastprompt.prefix.kv import PrefixKV
 from fastprompt.prefix.peft import PREFIX_TYPES, SOFT_PROMPT_TYPES
@@ -55,7 +55,6 @@ from fastprompt.prefix.peft import PREFIX_TYPES, SOFT_PROMPT_TYPES
 __all__ = ["ForwardPlan", "patch", "unpatch", "prefix_from_peft", "token_positions"]
 
 _STATE_ATTR = PATCH_STATE_ATTR
-_ABSENT = object()
 # Task types whose labels are per token, so PEFT widens them by the virtual tokens.
 _TOKEN_LABEL_TASKS = ("CAUSAL_LM", "TOKEN_CLS")
 
@@ -66,8 +65,8 @@ class _PatchState:
     attn_implementation: str
     # the named prefixes adapter_names can use; they live as long as the patch
     registry: AdapterRegistry
-    # (object, instance attribute, previous value or _ABSENT), in the order they were replaced
-    replaced: list[tuple[Any, str, Any]] = field(default_factory=list)
+    # the methods replaced on the model (and its base model)
+    swaps: Swaps = field(default_factory=Swaps)
     # whether patch() turned on compat.enable_encoder_checkpoints (so unpatch() turns it off)
     encoder_checkpoints: bool = False
 
@@ -282,20 +281,14 @@ def _patched_forward(
     plan = _plan(model, batch, tokens.device, serving=False)
     rule = compat.position_rule(base)
     positions = token_positions(attention_mask, position_ids, plan.offsets, length, rule)
-    stores = _stores_cache(base, kwargs.pop("use_cache", None))
-    if compat.forward_accepts(base, "use_cache"):
-        kwargs["use_cache"] = stores
+    stores = _use_cache(base, kwargs)
     if plan.prefix is not None:
         if base.training and torch.is_grad_enabled():
             _check_checkpointing(base)
         if stores:
             kwargs[compat.cache_kwarg(base)] = PrefixCache(plan.prefix, store=True)
-        layer_log: set[int] = set()
-        output = base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                      position_ids=positions, labels=labels, **{PREFIX_KWARG: plan.prefix, LAYER_LOG_KWARG: layer_log},
-                      **kwargs)
-        _check_prefix_reached_every_layer(base, plan.prefix, layer_log)
-        return output
+        return _run_with_prefix(base, base, plan.prefix, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                attention_mask=attention_mask, position_ids=positions, labels=labels, **kwargs)
     count = plan.virtual.shape[1]
     if inputs_embeds is None:
         inputs_embeds = base.get_input_embeddings()(input_ids)
@@ -353,14 +346,7 @@ def _patched_generate(model: Any, original: Any, *args: Any, adapter_names: list
         return _named_generate(model, base, base.generate, adapter_names, kwargs)
     with torch.no_grad():
         plan = _plan(model, input_ids.shape[0], input_ids.device, serving=True)
-    kwargs["position_ids"] = token_positions(
-        kwargs.get("attention_mask"), kwargs.get("position_ids"), plan.offsets, input_ids.shape[1],
-        compat.position_rule(base),
-    )
-    # Positions are explicit, so the cache counts the stored tokens only: transformers releases that take
-    # the prompt's uncached part from the cache length then feed the whole prompt on the first step.
-    kwargs[compat.cache_kwarg(base)] = PrefixCache(plan.prefix, store=True, count_prefix=False)
-    return base.generate(**kwargs)
+    return _generate_with_prefix(base, base.generate, plan.prefix, plan.offsets, kwargs)
 
 
 def _named_forward(
@@ -392,9 +378,7 @@ def _named_forward(
     served = adapter_registry(model).batch(adapter_names, batch)
     positions = token_positions(attention_mask, position_ids, served.offsets.to(tokens.device), length,
                                 compat.position_rule(base))[:, -length:]
-    stores = _stores_cache(base, kwargs.pop("use_cache", None))
-    if compat.forward_accepts(base, "use_cache"):
-        kwargs["use_cache"] = stores
+    stores = _use_cache(base, kwargs)
     run = base if run is None else run
     inputs = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
               "position_ids": positions}
@@ -403,10 +387,7 @@ def _named_forward(
     cache_name = compat.cache_kwarg(base)
     if stores and kwargs.get(cache_name) is None:
         kwargs[cache_name] = PrefixCache(served.prefix, store=True, count_prefix=False)
-    layer_log: set[int] = set()
-    output = run(**inputs, **{PREFIX_KWARG: served.prefix, LAYER_LOG_KWARG: layer_log}, **kwargs)
-    _check_prefix_reached_every_layer(base, served.prefix, layer_log)
-    return output
+    return _run_with_prefix(base, run, served.prefix, **inputs, **kwargs)
 
 
 def _named_generate(model: Any, base: Any, run: Any, adapter_names: list[str], kwargs: dict[str, Any]) -> Any:
@@ -430,12 +411,41 @@ def _named_generate(model: Any, base: Any, run: Any, adapter_names: list[str], k
             )
     with torch.no_grad():
         served = adapter_registry(model).batch(adapter_names, input_ids.shape[0])
+    return _generate_with_prefix(base, run, served.prefix, served.offsets, kwargs)
+
+
+def _use_cache(base: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether this forward stores a KV cache (the caller's ``use_cache`` or the model's default); sets
+    ``use_cache`` in ``kwargs`` where ``base``'s forward takes it."""
+    stores = _stores_cache(base, kwargs.pop("use_cache", None))
+    if compat.forward_accepts(base, "use_cache"):
+        kwargs["use_cache"] = stores
+    return stores
+
+
+def _run_with_prefix(base: Any, run: Any, prefix: PrefixKV, /, **inputs: Any) -> Any:
+    """``run(**inputs)`` (``base`` or its original forward) with ``prefix`` handed to every attention layer, and
+    a check that every layer received it."""
+    layer_log: set[int] = set()
+    output = run(**inputs, **{PREFIX_KWARG: prefix, LAYER_LOG_KWARG: layer_log})
+    _check_prefix_reached_every_layer(base, prefix, layer_log)
+    return output
+
+
+def _generate_with_prefix(
+    base: Any, run: Any, prefix: PrefixKV | None, offsets: torch.Tensor, kwargs: dict[str, Any]
+) -> Any:
+    """``run(**kwargs)`` (a ``generate``) with each row numbered after its ``offsets`` [B] positions and
+    ``prefix`` (if any) travelling in a cache that stores real tokens only."""
+    input_ids = kwargs["input_ids"]
     kwargs["position_ids"] = token_positions(
-        kwargs.get("attention_mask"), kwargs.get("position_ids"), served.offsets.to(input_ids.device),
+        kwargs.get("attention_mask"), kwargs.get("position_ids"), offsets.to(input_ids.device),
         input_ids.shape[1], compat.position_rule(base),
     )
-    if served.prefix is not None:
-        kwargs[compat.cache_kwarg(base)] = PrefixCache(served.prefix, store=True, count_prefix=False)
+    # Positions are explicit, so the cache counts the stored tokens only: transformers releases that take
+    # the prompt's uncached part from the cache length then feed the whole prompt on the first step.
+    if prefix is not None:
+        kwargs[compat.cache_kwarg(base)] = PrefixCache(prefix, store=True, count_prefix=False)
     return run(**kwargs)
 
 
@@ -464,12 +474,7 @@ def _plain_generate(model: Any, original: Any, *args: Any, adapter_names: list[s
 
 
 def _replace(model: Any, state: _PatchState, name: str, wrapper: Any) -> None:
-    state.replaced.append((model, name, model.__dict__.get(name, _ABSENT)))
-    original = getattr(model, name)
-    replacement = functools.partial(wrapper, model, original)
-    # transformers' generate validates its kwargs against the signature of forward
-    replacement.__signature__ = inspect.signature(original)
-    object.__setattr__(model, name, replacement)
+    state.swaps.wrap(model, name, wrapper, keep_signature=True)
 
 
 def _set_attn_implementation(model: PreTrainedModel, implementation: str) -> None:
@@ -534,11 +539,7 @@ def unpatch(model: Any) -> Any:
     state: _PatchState | None = model.__dict__.get(_STATE_ATTR)
     if state is None:
         return model
-    for owner, name, previous in reversed(state.replaced):
-        if previous is _ABSENT:
-            owner.__dict__.pop(name, None)
-        else:
-            object.__setattr__(owner, name, previous)
+    state.swaps.restore()
     if state.encoder_checkpoints:
         compat.disable_encoder_checkpoints(model)
     state.base.set_attn_implementation(state.attn_implementation)
