@@ -34,7 +34,8 @@ class AttentionArgs:
     Built raw from the public arguments, then checked and normalised once by :meth:`validated`; a
     backend only ever receives a validated record. In a validated record ``prefix_index`` and
     ``prefix_lens`` are int32 or ``None`` (``None`` means every row uses bank row 0 and every bank row is
-    ``P`` long, which each backend handles without materialising a tensor), ``key_padding_mask`` is
+    ``P`` long; the torch backend then skips the per-row gather and scatter, the C++ one makes its [B] zero
+    index itself, the Triton one reads row 0), ``key_padding_mask`` is
     contiguous bool or ``None``, ``scale`` is a float, and ``seed`` is a 0-d int64 tensor (the dropout seed;
     a tensor so that a compiled graph does not bake one value in) or ``None`` without dropout.
     """

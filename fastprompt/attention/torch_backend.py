@@ -93,22 +93,28 @@ def _attend(
     else:
         used = torch.unique(prefix_index[prefix_index >= 0]).tolist()
     for n in used:
-        rows = torch.arange(B, device=q.device) if prefix_index is None else (prefix_index == n).nonzero().squeeze(1)
-        R = rows.numel()
+        # every row reads bank row 0 without an index: no gather of the queries, no scatter of the results
+        rows = None if prefix_index is None else (prefix_index == n).nonzero().squeeze(1)
+        R = B if rows is None else rows.numel()
         # The rows become extra query rows of one [Hkv, R * group * T, D] @ [Hkv, D, P] product: a
         # broadcast batch dimension would make matmul materialise the prefix once per row.
-        q_rows = qg[rows].transpose(0, 1).reshape(Hkv, R * group * T, D)
+        q_rows = (qg if rows is None else qg[rows]).transpose(0, 1).reshape(Hkv, R * group * T, D)
         row_logits = scale * q_rows @ prefix_k[n].to(compute).transpose(-1, -2)
         row_hidden = []
         if args.prefix_lens is not None:
             row_hidden.append((torch.arange(P, device=q.device) >= args.prefix_lens[n])[None, None, :])
         row_keep = None
         if prefix_keep is not None:
-            row_keep = prefix_keep[rows].transpose(0, 1).reshape(Hkv, R * group * T, P)
+            row_keep = (prefix_keep if rows is None else prefix_keep[rows]).transpose(0, 1).reshape(
+                Hkv, R * group * T, P)
         row_probs, row_lse = _softmax_block(row_logits, row_hidden, row_keep, dropout_p)
         row_out = (row_probs @ prefix_v[n].to(compute)).reshape(Hkv, R, group * T, D).transpose(0, 1)
-        prefix_out = prefix_out.index_copy(0, rows, row_out)
-        prefix_lse = prefix_lse.index_copy(0, rows, row_lse.reshape(Hkv, R, group * T).transpose(0, 1))
+        row_lse = row_lse.reshape(Hkv, R, group * T).transpose(0, 1)
+        if rows is None:
+            prefix_out, prefix_lse = row_out, row_lse
+        else:
+            prefix_out = prefix_out.index_copy(0, rows, row_out)
+            prefix_lse = prefix_lse.index_copy(0, rows, row_lse)
 
     out, lse = merge_attention_states(prefix_out, prefix_lse, seq_out, seq_lse)
     return out.reshape(B, Hq, T, D), lse.reshape(B, Hq, T)
