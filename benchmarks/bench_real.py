@@ -70,6 +70,7 @@ class Settings:
     lstm_lr: float = 0.001
     momentum: float = 0.0
     optimizer: str = "sgd"
+    grad_every: int = 1
     seed: int = 0
     timing_iters: int = 1
     rounds: int = 2
@@ -77,8 +78,9 @@ class Settings:
 
 @dataclass
 class MethodResult:
-    """Per step k = 1..steps: ``dist_fast[k-1]``, ``dist_peft[k-1]``, the losses; held-out predictions [N]
-    (1 = positive) before training and after each float32 run; timings; refusals of PEFT's own path, verbatim."""
+    """Per step k = 1..steps: ``dist_fast[k-1]``, ``dist_peft[k-1]``, the losses; at the steps ``grad_steps``
+    the relative error of each float32 gradient taken at the float64 run's parameters; held-out class scores [N, 2]
+    (float64) before training and after each float32 run; timings; refusals of PEFT's own path, verbatim."""
 
     method: str
     lr: float
@@ -87,9 +89,12 @@ class MethodResult:
     dist_between: list[float] = field(default_factory=list)
     loss_peft: list[float] = field(default_factory=list)
     loss_fast: list[float] = field(default_factory=list)
-    pred_before: torch.Tensor | None = None
-    pred_peft: torch.Tensor | None = None
-    pred_fast: torch.Tensor | None = None
+    grad_steps: list[int] = field(default_factory=list)
+    grad_peft: list[float] = field(default_factory=list)
+    grad_fast: list[float] = field(default_factory=list)
+    held_before: torch.Tensor | None = None
+    held_peft: torch.Tensor | None = None
+    held_fast: torch.Tensor | None = None
     peft_time: Measurement | None = None
     fast_time: Measurement | None = None
     checkpointed: Measurement | None = None
@@ -208,12 +213,22 @@ def trainer(model: torch.nn.Module, scores: Scores, settings: Settings) -> Calla
 
 
 @torch.no_grad()
-def predictions(model: torch.nn.Module, scores: Scores, data: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
-    """Predicted labels [N] (1 = fresh / positive) over ``data`` in chunks of ``batch`` rows."""
+def held_out_scores(model: torch.nn.Module, scores: Scores, data: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    """Class scores [N, 2] (float64) over ``data`` in chunks of ``batch`` rows."""
     out = []
     for start in range(0, data["input_ids"].shape[0], batch):
-        out.append(scores(model, {k: v[start : start + batch] for k, v in data.items()}).argmax(-1))
+        out.append(scores(model, {k: v[start : start + batch] for k, v in data.items()}).double())
     return torch.cat(out)
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose larger score [N, 2] is their label [N]."""
+    return (scores.argmax(-1) == labels).double().mean().item()
+
+
+def mean_loss(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean cross-entropy of scores [N, 2] against labels [N]: the training loss on held-out rows."""
+    return torch.nn.functional.cross_entropy(scores, labels).item()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,6 +266,11 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """|a - b| over all tensors of ``a`` together (float64)."""
+    return math.sqrt(sum(((a[n] - b[n]) ** 2).sum().item() for n in a))
+
+
 def relative_update_error(
     theta: dict[str, torch.Tensor],
     oracle: dict[str, torch.Tensor],
@@ -259,10 +279,27 @@ def relative_update_error(
 ) -> float:
     """|(theta - start) - (oracle - start)| / |scale - start| over all parameters (float64); ``scale`` defaults
     to ``oracle``."""
-    scale = oracle if scale is None else scale
-    diff = math.sqrt(sum(((theta[n] - oracle[n]) ** 2).sum().item() for n in start))
-    update = math.sqrt(sum(((scale[n] - start[n]) ** 2).sum().item() for n in start))
-    return diff / update
+    return distance(theta, oracle) / distance(oracle if scale is None else scale, start)
+
+
+def gradient(model: torch.nn.Module, scores: Scores, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The training loss's gradient (float64 copies, by name) with respect to ``model``'s trainable parameters."""
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(scores(model, batch), batch["labels"]).backward()
+    grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def relative_error(value: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
+    """|value - exact| / |exact| over all tensors together (float64)."""
+    return distance(value, exact) / distance(exact, {n: torch.zeros_like(t) for n, t in exact.items()})
+
+
+def gradient_steps(steps: int, every: int) -> list[int]:
+    """The steps (1-based) whose gradient is checked along the float64 trajectory: every ``every``-th and the
+    ones a table shows."""
+    return sorted(set(range(every, steps + 1, every)) | set(shown_steps(steps)))
 
 
 def train(
@@ -302,7 +339,7 @@ def train_three_ways(
     """One adapter initialisation trained by PEFT fp32, fastprompt fp32 and PEFT fp64 (the oracle) on
     ``batches``, at ``task.lr``.
 
-    Returns the per-step distances and losses, the predictions on ``test`` before training and after each
+    Returns the per-step distances and losses, the class scores on ``test`` before training and after each
     float32 run (when given), and the float32 adapter (unpatched, holding fastprompt's trained state) for timing.
     """
     settings = dataclasses.replace(settings, lr=task.lr)
@@ -316,15 +353,26 @@ def train_three_ways(
     oracle, _ = train(trainer(model64, task.peft_scores, settings), model64, batches)
 
     if test is not None:
-        result.pred_before = predictions(model, task.peft_scores, test, settings.batch)
+        result.held_before = held_out_scores(model, task.peft_scores, test, settings.batch)
     peft_states, result.loss_peft = train(trainer(model, task.peft_scores, settings), model, batches)
     if test is not None:
-        result.pred_peft = predictions(model, task.peft_scores, test, settings.batch)
+        result.held_peft = held_out_scores(model, task.peft_scores, test, settings.batch)
     load_trainable(model, start)
     with bench.patched(model):
         fast_states, result.loss_fast = train(trainer(model, task.fast_scores, settings), model, batches)
         if test is not None:
-            result.pred_fast = predictions(model, task.fast_scores, test, settings.batch)
+            result.held_fast = held_out_scores(model, task.fast_scores, test, settings.batch)
+    result.grad_steps = gradient_steps(len(batches), settings.grad_every)
+    for k in result.grad_steps:
+        # the float64 run's parameters before step k, rounded to float32 so that every side starts from them
+        point = {n: v.float().double() for n, v in (start if k == 1 else oracle[k - 2]).items()}
+        load_trainable(model64, point)
+        load_trainable(model, point)
+        exact = gradient(model64, task.peft_scores, batches[k - 1])
+        result.grad_peft.append(relative_error(gradient(model, task.peft_scores, batches[k - 1]), exact))
+        with bench.patched(model):
+            result.grad_fast.append(relative_error(gradient(model, task.fast_scores, batches[k - 1]), exact))
+    load_trainable(model, fast_states[-1])
     for k in range(len(batches)):
         result.dist_peft.append(relative_update_error(peft_states[k], oracle[k], start))
         result.dist_fast.append(relative_update_error(fast_states[k], oracle[k], start))
@@ -432,7 +480,7 @@ def run(
 SMOLLM2 = "SmolLM2-135M-Instruct (float32 weights dequantised from its Q4_1 GGUF)"
 MINILM = "all-MiniLM-L6-v2"
 
-MINILM_SETTINGS = dict(n_train=1024, batch=16, steps=256, optimizer="adam", lr=0.01)
+MINILM_SETTINGS = dict(n_train=1024, batch=16, steps=256, optimizer="adam", lr=0.01, grad_every=16)
 """The MiniLM section's own training: its fresh head and 384-wide [CLS] features need more rows than the decoder's
 verbaliser (a linear probe on the frozen pooled features reaches 0.65 from 256 rows), and Adam (plain SGD
 oscillates: the head and the prefix want learning rates far apart)."""
@@ -643,6 +691,11 @@ def format_few_shot(results: Sequence[FewShotResult], labels: torch.Tensor, sett
 # ---------------------------------------------------------------------------------------------------
 
 
+UNSTABLE = 1e-2
+"""A float32 run this far from the float64 one (relative to the update) has left float32 noise behind: rounding
+differences are being amplified, not merely accumulated."""
+
+
 def format_training(
     title: str, about: Sequence[str], results: Sequence[MethodResult], labels: torch.Tensor, settings: Settings
 ) -> str:
@@ -680,33 +733,54 @@ def format_training(
         closer = sum(ratio <= 1 for ratio in ratios)
         lines.append(f"| {r.method} | {r.lr:g} | {cells} | {closer} of {len(ratios)} steps | "
                      f"{statistics.median(ratios):.2f}, {max(ratios):.2f} |")
+    shown_grad = [k for k in shown if results and k in results[0].grad_steps]
+    lines += [
+        "",
+        "Each float32 gradient at the float64 run's parameters before step k (rounded to float32), relative error "
+        "against the float64 gradient there (PEFT / fastprompt): the accuracy of every step, free of what earlier "
+        "steps amplified:",
+        "",
+        "| method | " + " | ".join(f"step {k}" for k in shown_grad)
+        + " | fastprompt at least as accurate | fastprompt / PEFT: median, max |",
+        "|---|" + "---:|" * len(shown_grad) + "---|---|",
+    ]
+    for r in results:
+        at = dict(zip(r.grad_steps, zip(r.grad_peft, r.grad_fast, strict=True), strict=True))
+        cells = " | ".join(f"{at[k][0]:.1e} / {at[k][1]:.1e}" for k in shown_grad)
+        ratios = [f / p for p, f in zip(r.grad_peft, r.grad_fast, strict=True)]
+        lines.append(f"| {r.method} | {cells} | {sum(x <= 1 for x in ratios)} of {len(ratios)} checked steps | "
+                     f"{statistics.median(ratios):.2f}, {max(ratios):.2f} |")
     lines += [
         "",
         "Accuracy, time per step and peak memory:",
         "",
-        "| method | accuracy before | PEFT accuracy | fastprompt accuracy | differ | final loss PEFT / fastprompt "
-        "| PEFT ms/step | fastprompt ms/step | speed-up | PEFT peak MiB | fastprompt peak MiB |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| method | accuracy before | PEFT accuracy | fastprompt accuracy | differ | held-out loss before "
+        "| PEFT / fastprompt | PEFT ms/step | fastprompt ms/step | speed-up | PEFT peak MiB | fastprompt peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for r in results:
         pt, ft = r.peft_time, r.fast_time
-        acc = {name: (pred == labels).double().mean().item()
-               for name, pred in (("before", r.pred_before), ("peft", r.pred_peft), ("fast", r.pred_fast))}
-        differ = (r.pred_peft != r.pred_fast).double().mean().item()
+        differ = (r.held_peft.argmax(-1) != r.held_fast.argmax(-1)).double().mean().item()
         lines.append(
-            f"| {r.method} | {acc['before']:.3f} | {acc['peft']:.3f} | {acc['fast']:.3f} | {differ:.3f} | "
-            f"{r.loss_peft[-1]:.3f} / {r.loss_fast[-1]:.3f} | {pt.ms:,.0f} | {ft.ms:,.0f} | {pt.ms / ft.ms:.2f}x | "
-            f"{pt.peak_mib:,.0f} | {ft.peak_mib:,.0f} |"
+            f"| {r.method} | {accuracy(r.held_before, labels):.3f} | {accuracy(r.held_peft, labels):.3f} | "
+            f"{accuracy(r.held_fast, labels):.3f} | {differ:.3f} | {mean_loss(r.held_before, labels):.3f} | "
+            f"{mean_loss(r.held_peft, labels):.3f} / {mean_loss(r.held_fast, labels):.3f} | "
+            f"{pt.ms:,.0f} | {ft.ms:,.0f} | {pt.ms / ft.ms:.2f}x | {pt.peak_mib:,.0f} | {ft.peak_mib:,.0f} |"
         )
         if r.checkpointed is not None:
             c, pc = r.checkpointed, r.peft_checkpointed
             peft_cells = ("refused", "", "refused") if pc is None else (
                 f"{pc.ms:,.0f}", f"{pc.ms / c.ms:.2f}x", f"{pc.peak_mib:,.0f}")
             lines.append(
-                f"| {r.method}, gradient checkpointing | | | | | | {peft_cells[0]} | {c.ms:,.0f} | {peft_cells[1]} | "
+                f"| {r.method}, gradient checkpointing | | | | | | | {peft_cells[0]} | {c.ms:,.0f} | {peft_cells[1]} | "
                 f"{peft_cells[2]} | {c.peak_mib:,.0f} ({c.peak_mib / ft.peak_mib:.2f}x of fastprompt without) |"
             )
+        parted = [k for k, pair in enumerate(zip(r.dist_peft, r.dist_fast, strict=True), 1) if max(pair) > UNSTABLE]
+        if parted:
+            notes.append(f"- {r.method} at lr {r.lr:g}: a float32 run is more than {UNSTABLE:g} away from float64 "
+                         f"from step {parted[0]} on: the training amplifies rounding there (unstable at this "
+                         "learning rate), and which float32 run lands closer is chance")
         if r.peft_checkpointing_error:
             notes.append(f"- PEFT with gradient checkpointing, {r.method}: `{r.peft_checkpointing_error}`")
         if r.peft_forward_error:

@@ -133,6 +133,12 @@ def assert_within_float32_noise(result: bench_real.MethodResult) -> None:
     apart = [(k, fast, peft) for k, (fast, peft) in enumerate(steps, 1)
              if max(fast / peft, peft / fast) > FP32_NOISE_RATIO]
     assert not apart, f"(step, fastprompt, PEFT) distances to float64 farther apart than float32 noise: {apart}"
+    # each step's gradient, taken at the float64 run's parameters
+    assert result.grad_steps == list(range(1, len(result.dist_fast) + 1))
+    assert all(0 < e < 1e-3 for e in result.grad_peft + result.grad_fast), (result.grad_peft, result.grad_fast)
+    checked = zip(result.grad_steps, result.grad_fast, result.grad_peft, strict=True)
+    worse = [(k, fast, peft) for k, fast, peft in checked if fast > FP32_NOISE_RATIO * peft]
+    assert not worse, f"(step, fastprompt, PEFT) gradient errors: fastprompt's beyond float32 noise of PEFT's: {worse}"
     assert result.loss_fast == pytest.approx(result.loss_peft, rel=1e-4)
 
 
@@ -156,7 +162,7 @@ def test_minilm_p_tuning_v2_steps_stay_within_float32_noise_of_float64(tmp_path_
     result, labels = bench_real.run_minilm(settings, lambda text: None, folder=folder)
     assert result.method == "p-tuning-v2" and labels.tolist().count(1) == 2
     assert_within_float32_noise(result)
-    assert result.fast_time.ms > 0 and result.pred_fast.shape == labels.shape
+    assert result.fast_time.ms > 0 and result.held_fast.shape == (*labels.shape, 2)
 
 
 def test_few_shot_cached_demonstrations_predict_as_prepending_them(smollm2):
