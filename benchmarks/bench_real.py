@@ -37,7 +37,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,23 +78,28 @@ class Settings:
 
 @dataclass
 class MethodResult:
-    """Per step k = 1..steps: ``dist_fast[k-1]``, ``dist_peft[k-1]``, the losses; at the steps ``grad_steps``
-    the relative error of each float32 gradient taken at the float64 run's parameters; held-out class scores [N, 2]
-    (float64) before training and after each float32 run; timings; refusals of PEFT's own path, verbatim."""
+    """Per step k = 1..steps: ``dist_fast[k-1]``, ``dist_peft[k-1]``, ``dist_control[k-1]``, the losses; at the
+    steps ``grad_steps`` the relative error of each float32 gradient taken at the float64 run's parameters;
+    held-out class scores [N, 2] (float64) before training and after each float32 run; timings; refusals of
+    PEFT's own path, verbatim. The control is PEFT's path once more with the base model's other attention
+    implementation (``attention`` = (PEFT's, the control's)): float32 that differs from PEFT's only in rounding."""
 
     method: str
     lr: float
     dist_fast: list[float] = field(default_factory=list)
     dist_peft: list[float] = field(default_factory=list)
-    dist_between: list[float] = field(default_factory=list)
     loss_peft: list[float] = field(default_factory=list)
     loss_fast: list[float] = field(default_factory=list)
+    dist_control: list[float] = field(default_factory=list)
     grad_steps: list[int] = field(default_factory=list)
     grad_peft: list[float] = field(default_factory=list)
     grad_fast: list[float] = field(default_factory=list)
+    grad_control: list[float] = field(default_factory=list)
     held_before: torch.Tensor | None = None
     held_peft: torch.Tensor | None = None
     held_fast: torch.Tensor | None = None
+    held_control: torch.Tensor | None = None
+    attention: tuple[str, str] = ("", "")
     peft_time: Measurement | None = None
     fast_time: Measurement | None = None
     checkpointed: Measurement | None = None
@@ -272,14 +277,10 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def relative_update_error(
-    theta: dict[str, torch.Tensor],
-    oracle: dict[str, torch.Tensor],
-    start: dict[str, torch.Tensor],
-    scale: dict[str, torch.Tensor] | None = None,
+    theta: dict[str, torch.Tensor], oracle: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
 ) -> float:
-    """|(theta - start) - (oracle - start)| / |scale - start| over all parameters (float64); ``scale`` defaults
-    to ``oracle``."""
-    return distance(theta, oracle) / distance(oracle if scale is None else scale, start)
+    """|(theta - start) - (oracle - start)| / |oracle - start| over all parameters (float64)."""
+    return distance(theta, oracle) / distance(oracle, start)
 
 
 def gradient(model: torch.nn.Module, scores: Scores, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -336,8 +337,9 @@ def train_three_ways(
     task: Task, batches: Sequence[dict[str, torch.Tensor]], settings: Settings,
     test: dict[str, torch.Tensor] | None = None,
 ) -> tuple[MethodResult, torch.nn.Module]:
-    """One adapter initialisation trained by PEFT fp32, fastprompt fp32 and PEFT fp64 (the oracle) on
-    ``batches``, at ``task.lr``.
+    """One adapter initialisation trained by PEFT fp32, fastprompt fp32, PEFT fp32 with the other attention
+    implementation (the control, :func:`other_attention`) and PEFT fp64 (the oracle) on ``batches``, at
+    ``task.lr``.
 
     Returns the per-step distances and losses, the class scores on ``test`` before training and after each
     float32 run (when given), and the float32 adapter (unpatched, holding fastprompt's trained state) for timing.
@@ -358,6 +360,12 @@ def train_three_ways(
     if test is not None:
         result.held_peft = held_out_scores(model, task.peft_scores, test, settings.batch)
     load_trainable(model, start)
+    control = functools.partial(other_attention, model)
+    with control() as result.attention:
+        control_states, _ = train(trainer(model, task.peft_scores, settings), model, batches)
+        if test is not None:
+            result.held_control = held_out_scores(model, task.peft_scores, test, settings.batch)
+    load_trainable(model, start)
     with bench.patched(model):
         fast_states, result.loss_fast = train(trainer(model, task.fast_scores, settings), model, batches)
         if test is not None:
@@ -372,13 +380,28 @@ def train_three_ways(
         result.grad_peft.append(relative_error(gradient(model, task.peft_scores, batches[k - 1]), exact))
         with bench.patched(model):
             result.grad_fast.append(relative_error(gradient(model, task.fast_scores, batches[k - 1]), exact))
+        with control():
+            result.grad_control.append(relative_error(gradient(model, task.peft_scores, batches[k - 1]), exact))
     load_trainable(model, fast_states[-1])
     for k in range(len(batches)):
         result.dist_peft.append(relative_update_error(peft_states[k], oracle[k], start))
         result.dist_fast.append(relative_update_error(fast_states[k], oracle[k], start))
-        # the two float32 runs against each other, on the float64 update's scale
-        result.dist_between.append(relative_update_error(fast_states[k], peft_states[k], start, scale=oracle[k]))
+        result.dist_control.append(relative_update_error(control_states[k], oracle[k], start))
     return result, model
+
+
+@contextlib.contextmanager
+def other_attention(model: torch.nn.Module) -> Iterator[tuple[str, str]]:
+    """Inside the block the base model of ``model`` runs its other stock attention (``eager`` if it was on
+    ``sdpa``, else ``sdpa``): the same arithmetic in another summation order. Yields (before, inside)."""
+    base = model.get_base_model()
+    before = base.config._attn_implementation
+    inside = "sdpa" if before == "eager" else "eager"
+    base.set_attn_implementation(inside)
+    try:
+        yield before, inside
+    finally:
+        base.set_attn_implementation(before)
 
 
 def run_method(
@@ -691,6 +714,15 @@ def format_few_shot(results: Sequence[FewShotResult], labels: torch.Tensor, sett
 # ---------------------------------------------------------------------------------------------------
 
 
+def _as_close(errors: Sequence[float], peft: Sequence[float]) -> str:
+    return f"{sum(e <= p for e, p in zip(errors, peft, strict=True))} of {len(peft)}"
+
+
+def _ratios(errors: Sequence[float], peft: Sequence[float]) -> str:
+    ratios = [e / p for e, p in zip(errors, peft, strict=True)]
+    return f"{statistics.median(ratios):.2f}, {max(ratios):.2f}"
+
+
 UNSTABLE = 1e-2
 """A float32 run this far from the float64 one (relative to the update) has left float32 noise behind: rounding
 differences are being amplified, not merely accumulated."""
@@ -703,6 +735,7 @@ def format_training(
     distance and the accuracy / time / memory tables; ``labels`` [N] are the held-out labels."""
     n = labels.numel()
     shown = shown_steps(settings.steps)
+    attention = results[0].attention if results else ("", "")
     optimiser = "SGD" if settings.optimizer == "sgd" else "Adam"
     momentum = f" (momentum {settings.momentum})" if settings.optimizer == "sgd" else ""
     lines = [
@@ -716,45 +749,48 @@ def format_training(
         "- distance to float64: relative error of the accumulated adapter update against a float64 run of PEFT's "
         "path from the same initialisation on the same batches (smaller is closer)",
         f"- accuracy: held-out, chance 0.50; binomial standard error at n={n} is about {math.sqrt(0.25 / n):.3f}; "
-        "'differ' is the share of held-out rows the two fp32 runs predict differently",
+        "'differ' is the share of held-out rows fastprompt's and PEFT's fp32 runs predict differently (in brackets "
+        "the control's and PEFT's); held-out loss: the training loss's mean over the held-out rows",
         f"- time: one training step (batch {settings.batch}), median of {settings.timing_iters} after 1 warm-up, "
         f"PEFT and fastprompt alternating for {settings.rounds} rounds; peak memory from the CPU profiler",
         "",
-        "Distance to the float64 run, per step (PEFT fp32 / fastprompt fp32 / the two fp32 runs from each other):",
+        "Distance to the float64 run, per step (PEFT fp32 / control fp32 / fastprompt fp32). The control is PEFT's "
+        f"path again with the model's `{attention[1]}` attention instead of `{attention[0]}`: float32 that differs "
+        "from PEFT's only in rounding, so the share of steps on which it is at least as close as PEFT is what "
+        "chance gives:",
         "",
         "| method | lr | " + " | ".join(f"step {k}" for k in shown)
-        + " | fastprompt closer | fastprompt / PEFT: median, max |",
-        "|---|---:|" + "---:|" * len(shown) + "---|---|",
+        + " | fastprompt at least as close as PEFT | control at least as close as PEFT "
+        "| fastprompt / PEFT: median, max |",
+        "|---|---:|" + "---:|" * len(shown) + "---|---|---|",
     ]
     for r in results:
-        cells = " | ".join(f"{r.dist_peft[k - 1]:.1e} / {r.dist_fast[k - 1]:.1e} / {r.dist_between[k - 1]:.1e}"
+        cells = " | ".join(f"{r.dist_peft[k - 1]:.1e} / {r.dist_control[k - 1]:.1e} / {r.dist_fast[k - 1]:.1e}"
                            for k in shown)
-        ratios = [f / p for p, f in zip(r.dist_peft, r.dist_fast, strict=True)]
-        closer = sum(ratio <= 1 for ratio in ratios)
-        lines.append(f"| {r.method} | {r.lr:g} | {cells} | {closer} of {len(ratios)} steps | "
-                     f"{statistics.median(ratios):.2f}, {max(ratios):.2f} |")
+        lines.append(f"| {r.method} | {r.lr:g} | {cells} | {_as_close(r.dist_fast, r.dist_peft)} | "
+                     f"{_as_close(r.dist_control, r.dist_peft)} | {_ratios(r.dist_fast, r.dist_peft)} |")
     shown_grad = [k for k in shown if results and k in results[0].grad_steps]
     lines += [
         "",
         "Each float32 gradient at the float64 run's parameters before step k (rounded to float32), relative error "
-        "against the float64 gradient there (PEFT / fastprompt): the accuracy of every step, free of what earlier "
-        "steps amplified:",
+        "against the float64 gradient there (PEFT / control / fastprompt): the accuracy of every step, free of what "
+        f"earlier steps amplified ({len(results[0].grad_steps) if results else 0} steps checked):",
         "",
         "| method | " + " | ".join(f"step {k}" for k in shown_grad)
-        + " | fastprompt at least as accurate | fastprompt / PEFT: median, max |",
-        "|---|" + "---:|" * len(shown_grad) + "---|---|",
+        + " | fastprompt at least as accurate as PEFT | control at least as accurate as PEFT "
+        "| fastprompt / PEFT: median, max |",
+        "|---|" + "---:|" * len(shown_grad) + "---|---|---|",
     ]
     for r in results:
-        at = dict(zip(r.grad_steps, zip(r.grad_peft, r.grad_fast, strict=True), strict=True))
-        cells = " | ".join(f"{at[k][0]:.1e} / {at[k][1]:.1e}" for k in shown_grad)
-        ratios = [f / p for p, f in zip(r.grad_peft, r.grad_fast, strict=True)]
-        lines.append(f"| {r.method} | {cells} | {sum(x <= 1 for x in ratios)} of {len(ratios)} checked steps | "
-                     f"{statistics.median(ratios):.2f}, {max(ratios):.2f} |")
+        at = dict(zip(r.grad_steps, zip(r.grad_peft, r.grad_control, r.grad_fast, strict=True), strict=True))
+        cells = " | ".join(" / ".join(f"{e:.1e}" for e in at[k]) for k in shown_grad)
+        lines.append(f"| {r.method} | {cells} | {_as_close(r.grad_fast, r.grad_peft)} | "
+                     f"{_as_close(r.grad_control, r.grad_peft)} | {_ratios(r.grad_fast, r.grad_peft)} |")
     lines += [
         "",
         "Accuracy, time per step and peak memory:",
         "",
-        "| method | accuracy before | PEFT accuracy | fastprompt accuracy | differ | held-out loss before "
+        "| method | accuracy before | PEFT accuracy | fastprompt accuracy | differ (control) | held-out loss before "
         "| PEFT / fastprompt | PEFT ms/step | fastprompt ms/step | speed-up | PEFT peak MiB | fastprompt peak MiB |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
@@ -762,9 +798,11 @@ def format_training(
     for r in results:
         pt, ft = r.peft_time, r.fast_time
         differ = (r.held_peft.argmax(-1) != r.held_fast.argmax(-1)).double().mean().item()
+        differ_control = (r.held_peft.argmax(-1) != r.held_control.argmax(-1)).double().mean().item()
         lines.append(
             f"| {r.method} | {accuracy(r.held_before, labels):.3f} | {accuracy(r.held_peft, labels):.3f} | "
-            f"{accuracy(r.held_fast, labels):.3f} | {differ:.3f} | {mean_loss(r.held_before, labels):.3f} | "
+            f"{accuracy(r.held_fast, labels):.3f} | {differ:.3f} ({differ_control:.3f}) | "
+            f"{mean_loss(r.held_before, labels):.3f} | "
             f"{mean_loss(r.held_peft, labels):.3f} / {mean_loss(r.held_fast, labels):.3f} | "
             f"{pt.ms:,.0f} | {ft.ms:,.0f} | {pt.ms / ft.ms:.2f}x | {pt.peak_mib:,.0f} | {ft.peak_mib:,.0f} |"
         )

@@ -127,7 +127,7 @@ def test_prefix_tuning_steps_stay_within_float32_noise_of_float64(smollm2):
 
 def assert_within_float32_noise(result: bench_real.MethodResult) -> None:
     print(f"distance to float64 per step: PEFT {result.dist_peft}, fastprompt {result.dist_fast}, "
-          f"between them {result.dist_between}")
+          f"PEFT with its other attention {result.dist_control}")
     assert all(0 < d < 1e-2 for d in result.dist_peft + result.dist_fast)
     steps = list(zip(result.dist_fast, result.dist_peft, strict=True))
     apart = [(k, fast, peft) for k, (fast, peft) in enumerate(steps, 1)
