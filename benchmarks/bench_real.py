@@ -714,6 +714,30 @@ def format_few_shot(results: Sequence[FewShotResult], labels: torch.Tensor, sett
 # ---------------------------------------------------------------------------------------------------
 
 
+def _per_step_table(
+    results: Sequence[MethodResult],
+    shown: Sequence[int],
+    word: str,
+    series: Callable[[MethodResult], tuple[Sequence[int], Sequence[float], Sequence[float], Sequence[float]]],
+) -> list[str]:
+    """A markdown table of per-step errors: per method ``PEFT / control / fastprompt`` at the ``shown`` steps,
+    how often the control and fastprompt are at least as ``word`` as PEFT, and fastprompt / PEFT's median and
+    maximum. ``series(result)`` gives the steps the errors belong to and the three error lists."""
+    lines = [
+        "| method | lr | " + " | ".join(f"step {k}" for k in shown)
+        + f" | fastprompt at least as {word} as PEFT | control at least as {word} as PEFT "
+        "| fastprompt / PEFT: median, max |",
+        "|---|---:|" + "---:|" * len(shown) + "---|---|---|",
+    ]
+    for r in results:
+        steps, peft, control, fast = series(r)
+        at = dict(zip(steps, zip(peft, control, fast, strict=True), strict=True))
+        cells = " | ".join(" / ".join(f"{e:.1e}" for e in at[k]) for k in shown)
+        lines.append(f"| {r.method} | {r.lr:g} | {cells} | {_as_close(fast, peft)} | {_as_close(control, peft)} | "
+                     f"{_ratios(fast, peft)} |")
+    return lines
+
+
 def _as_close(errors: Sequence[float], peft: Sequence[float]) -> str:
     return f"{sum(e <= p for e, p in zip(errors, peft, strict=True))} of {len(peft)}"
 
@@ -759,33 +783,19 @@ def format_training(
         "from PEFT's only in rounding, so the share of steps on which it is at least as close as PEFT is what "
         "chance gives:",
         "",
-        "| method | lr | " + " | ".join(f"step {k}" for k in shown)
-        + " | fastprompt at least as close as PEFT | control at least as close as PEFT "
-        "| fastprompt / PEFT: median, max |",
-        "|---|---:|" + "---:|" * len(shown) + "---|---|---|",
     ]
-    for r in results:
-        cells = " | ".join(f"{r.dist_peft[k - 1]:.1e} / {r.dist_control[k - 1]:.1e} / {r.dist_fast[k - 1]:.1e}"
-                           for k in shown)
-        lines.append(f"| {r.method} | {r.lr:g} | {cells} | {_as_close(r.dist_fast, r.dist_peft)} | "
-                     f"{_as_close(r.dist_control, r.dist_peft)} | {_ratios(r.dist_fast, r.dist_peft)} |")
-    shown_grad = [k for k in shown if results and k in results[0].grad_steps]
+    lines += _per_step_table(results, shown, "close", lambda r: (range(1, len(r.dist_peft) + 1), r.dist_peft,
+                                                                r.dist_control, r.dist_fast))
+    grad_steps = results[0].grad_steps if results else []
     lines += [
         "",
         "Each float32 gradient at the float64 run's parameters before step k (rounded to float32), relative error "
         "against the float64 gradient there (PEFT / control / fastprompt): the accuracy of every step, free of what "
-        f"earlier steps amplified ({len(results[0].grad_steps) if results else 0} steps checked):",
+        f"earlier steps amplified ({len(grad_steps)} steps checked):",
         "",
-        "| method | " + " | ".join(f"step {k}" for k in shown_grad)
-        + " | fastprompt at least as accurate as PEFT | control at least as accurate as PEFT "
-        "| fastprompt / PEFT: median, max |",
-        "|---|" + "---:|" * len(shown_grad) + "---|---|---|",
     ]
-    for r in results:
-        at = dict(zip(r.grad_steps, zip(r.grad_peft, r.grad_control, r.grad_fast, strict=True), strict=True))
-        cells = " | ".join(" / ".join(f"{e:.1e}" for e in at[k]) for k in shown_grad)
-        lines.append(f"| {r.method} | {cells} | {_as_close(r.grad_fast, r.grad_peft)} | "
-                     f"{_as_close(r.grad_control, r.grad_peft)} | {_ratios(r.grad_fast, r.grad_peft)} |")
+    lines += _per_step_table(results, [k for k in shown if k in grad_steps], "accurate",
+                             lambda r: (r.grad_steps, r.grad_peft, r.grad_control, r.grad_fast))
     lines += [
         "",
         "Accuracy, time per step and peak memory:",

@@ -178,3 +178,25 @@ def test_few_shot_cached_demonstrations_predict_as_prepending_them(smollm2):
         torch.testing.assert_close(r.margin_cached, r.margin_prepended, rtol=1e-4, atol=1e-4 * scale)
     assert not torch.allclose(results[0].margin_prepended, results[1].margin_prepended, rtol=0.01), "prompt ignored"
     assert all(r.pred.shape == labels.shape for r in results)
+
+
+def test_training_tables_count_each_run_against_peft():
+    """The report's per-step tables: PEFT / control / fastprompt at each shown step, how often each is at least as
+    close (accurate) as PEFT, and a note from the step a run leaves float32 noise."""
+    from fastprompt.cli.benchutil import Measurement
+
+    scores = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    result = bench_real.MethodResult(
+        "prefix-tuning", lr=0.005, dist_peft=[2e-4, 1e-4, 2e-2], dist_control=[1e-4, 3e-4, 1e-2],
+        dist_fast=[1e-4, 2e-4, 3e-2], loss_peft=[0.5] * 3, loss_fast=[0.5] * 3, grad_steps=[1, 2, 3],
+        grad_peft=[1e-5] * 3, grad_control=[1e-5] * 3, grad_fast=[2e-5, 1e-5, 5e-6], held_before=scores,
+        held_peft=scores, held_control=scores, held_fast=scores.flip(-1), peft_time=Measurement(10, 5),
+        fast_time=Measurement(8, 4), attention=("sdpa", "eager"))
+    text = bench_real.format_training("T", [], [result], torch.tensor([1, 0]), bench_real.Settings(steps=3))
+    rows = [line for line in text.splitlines() if line.startswith("| prefix-tuning")]
+    assert rows[0].endswith("| 2.0e-04 / 1.0e-04 / 1.0e-04 | 1.0e-04 / 3.0e-04 / 2.0e-04 | "
+                            "2.0e-02 / 1.0e-02 / 3.0e-02 | 1 of 3 | 2 of 3 | 1.50, 2.00 |")
+    assert rows[1].endswith("| 2 of 3 | 3 of 3 | 1.00, 2.00 |")
+    assert "| 1.000 | 1.000 | 0.000 | 1.000 (0.000) |" in rows[2]
+    assert "`eager` attention instead of `sdpa`" in text
+    assert "more than 0.01 away from float64 from step 3 on" in text
