@@ -18,6 +18,7 @@ from typing import NoReturn
 import torch
 
 from fastprompt.cli import bench
+from fastprompt.errors import first_line
 from fastprompt.hf import pretrained
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -179,8 +180,7 @@ def _check_model_path(parser: argparse.ArgumentParser, path: Path) -> Path:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        parser.error(f"--model {path}: cannot read its config: {first_line}")
+        parser.error(f"--model {path}: cannot read its config: {first_line(exc)}")
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         parser.error(f"--model {path}: a {config.model_type} model has no causal language-model head")
     return path.resolve()

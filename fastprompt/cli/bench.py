@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure, measure_pairs
+from fastprompt.errors import first_line
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -209,9 +210,7 @@ def build_base_model(
         try:
             base = AutoModelForCausalLM.from_pretrained(model, local_files_only=True, dtype=dtype).to(device)
         except Exception as exc:  # safetensors, torch and OS errors alike: the checkpoint cannot be read
-            raise CheckpointError(
-                f"cannot load {model}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-            ) from exc
+            raise CheckpointError(f"cannot load {model}: {first_line(exc)}") from exc
     return base.train()
 
 
