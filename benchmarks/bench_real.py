@@ -46,6 +46,7 @@ import torch
 
 from fastprompt.cli import bench
 from fastprompt.cli.benchutil import Measurement, measure_pairs
+from fastprompt.errors import first_line
 from fastprompt.hf import pretrained
 
 METHODS = ("prefix-tuning", "p-tuning-v2", "p-tuning-lstm")
@@ -130,8 +131,7 @@ def encode(tokenizer: Any, reviews: Sequence[pretrained.Review], max_len: int) -
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : len(row)] = 1
-    labels = torch.tensor([r.label for r in reviews])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": _labels(reviews)}
 
 
 def batch_reviews(reviews: Sequence[pretrained.Review], settings: Settings) -> list[list[pretrained.Review]]:
@@ -153,6 +153,13 @@ def verbaliser_ids(tokenizer: Any) -> tuple[int, int]:
     return ids[0][0], ids[1][0]
 
 
+def _logits_at(model: torch.nn.Module, last: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    """Next-token logits [B, V] at position ``last[b]`` of each row; only those positions go through the head."""
+    keep, column = torch.unique(last, return_inverse=True)
+    logits = model(**inputs, logits_to_keep=keep).logits
+    return logits[torch.arange(logits.shape[0]), column]
+
+
 def verbaliser_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token logits at each row's last real token, [B, V] (the model's dtype).
 
@@ -162,16 +169,15 @@ def verbaliser_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     """
     mask = batch["attention_mask"]
     offset = model.peft_config[model.active_adapter].num_virtual_tokens if _adds_virtual_tokens(model) else 0
-    last = mask.sum(1) - 1 + offset
-    keep, column = torch.unique(last, return_inverse=True)
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep).logits
-    return logits[torch.arange(logits.shape[0]), column]
+    return _logits_at(model, mask.sum(1) - 1 + offset, input_ids=batch["input_ids"], attention_mask=mask)
 
 
 def _adds_virtual_tokens(model: torch.nn.Module) -> bool:
     """Whether PEFT puts virtual tokens in front of the input (P-tuning, prompt tuning) rather than a KV prefix."""
+    from fastprompt.prefix.peft import SOFT_PROMPT_TYPES, peft_type
+
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
-    return config is not None and config.peft_type.value in ("P_TUNING", "PROMPT_TUNING")
+    return config is not None and peft_type(config) in SOFT_PROMPT_TYPES
 
 
 Scores = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -196,6 +202,11 @@ def peft_prefix_classifier_scores(model: torch.nn.Module, batch: dict[str, torch
     return model.get_base_model()(input_ids=batch["input_ids"], **inputs).logits
 
 
+def training_loss(model: torch.nn.Module, scores: Scores, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of ``scores`` against the batch's labels: the loss every side trains on."""
+    return torch.nn.functional.cross_entropy(scores(model, batch), batch["labels"])
+
+
 def trainer(model: torch.nn.Module, scores: Scores, settings: Settings) -> Callable[[dict[str, torch.Tensor]], float]:
     """A training step over ``model``'s trainable parameters with its own optimiser state (``settings.optimizer``
     at ``settings.lr``): batch -> loss, the cross-entropy of ``scores`` against the batch's labels."""
@@ -208,7 +219,7 @@ def trainer(model: torch.nn.Module, scores: Scores, settings: Settings) -> Calla
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {settings.optimizer!r}")
 
     def step(batch: dict[str, torch.Tensor]) -> float:
-        loss = torch.nn.functional.cross_entropy(scores(model, batch), batch["labels"])
+        loss = training_loss(model, scores, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -271,9 +282,14 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
+def norm(a: dict[str, torch.Tensor]) -> float:
+    """|a| over all its tensors together (float64)."""
+    return math.sqrt(sum(t.square().sum().item() for t in a.values()))
+
+
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """|a - b| over all tensors of ``a`` together (float64)."""
-    return math.sqrt(sum(((a[n] - b[n]) ** 2).sum().item() for n in a))
+    return norm({n: a[n] - b[n] for n in a})
 
 
 def relative_update_error(
@@ -286,7 +302,7 @@ def relative_update_error(
 def gradient(model: torch.nn.Module, scores: Scores, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The training loss's gradient (float64 copies, by name) with respect to ``model``'s trainable parameters."""
     model.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(scores(model, batch), batch["labels"]).backward()
+    training_loss(model, scores, batch).backward()
     grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return grads
@@ -294,7 +310,7 @@ def gradient(model: torch.nn.Module, scores: Scores, batch: dict[str, torch.Tens
 
 def relative_error(value: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
     """|value - exact| / |exact| over all tensors together (float64)."""
-    return distance(value, exact) / distance(exact, {n: torch.zeros_like(t) for n, t in exact.items()})
+    return distance(value, exact) / norm(exact)
 
 
 def gradient_steps(steps: int, every: int) -> list[int]:
@@ -433,7 +449,7 @@ def run_method(
         try:
             peft_step()
         except Exception as exc:  # PEFT's refusal, recorded verbatim in the table's notes
-            result.peft_checkpointing_error = first_line(exc)
+            result.peft_checkpointing_error = refusal(exc)
         else:
             pairs.insert(0, (contextlib.nullcontext, peft_step))
         *peft_side, result.checkpointed = measure_pairs(pairs, **timing)
@@ -444,9 +460,9 @@ def run_method(
     return result
 
 
-def first_line(exc: BaseException) -> str:
+def refusal(exc: BaseException) -> str:
     """``Type: first line of the message``, for a refusal quoted in a table's notes."""
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def smollm2_task(
@@ -549,7 +565,7 @@ def run_minilm(
     try:
         classifier_scores(minilm_task(folder, settings).adapter(torch.float32), batches[0])
     except Exception as exc:  # PEFT's refusal, recorded verbatim in the table's notes
-        peft_error = first_line(exc)
+        peft_error = refusal(exc)
     else:
         peft_error = None
     result = run_method(task, batches, test, settings, log)
@@ -586,13 +602,6 @@ def demonstrations(tokenizer: Any, reviews: Sequence[pretrained.Review], max_len
     for row, mask, label in zip(data["input_ids"], data["attention_mask"], data["labels"], strict=True):
         ids += row[mask.bool()].tolist() + [words[label]] + tokenizer("\n\n", add_special_tokens=False).input_ids
     return torch.tensor([ids])
-
-
-def _logits_at(model: torch.nn.Module, last: torch.Tensor, **inputs: Any) -> torch.Tensor:
-    """Next-token logits [B, V] at position ``last[b]`` of each row; only those positions go through the head."""
-    keep, column = torch.unique(last, return_inverse=True)
-    logits = model(**inputs, logits_to_keep=keep).logits
-    return logits[torch.arange(logits.shape[0]), column]
 
 
 @torch.no_grad()

@@ -473,10 +473,6 @@ def _plain_generate(model: Any, original: Any, *args: Any, adapter_names: list[s
     return _named_generate(model, model, original, adapter_names, kwargs)
 
 
-def _replace(model: Any, state: _PatchState, name: str, wrapper: Any) -> None:
-    state.swaps.wrap(model, name, wrapper, keep_signature=True)
-
-
 def _set_attn_implementation(model: PreTrainedModel, implementation: str) -> None:
     model.set_attn_implementation(implementation)
     if model.config._attn_implementation != implementation:
@@ -512,23 +508,23 @@ def patch(model: Any) -> Any:
                             encoder_checkpoints=not compat.encoder_checkpoints_enabled(model))
         compat.enable_encoder_checkpoints(model)
         _set_attn_implementation(base, ATTN_IMPLEMENTATION)
-        _replace(model, state, "forward", _patched_forward)
+        state.swaps.wrap(model, "forward", _patched_forward, keep_signature=True)
         if hasattr(model, "prepare_inputs_for_generation"):  # the task types PEFT lets generate
-            _replace(model, state, "generate", _patched_generate)
+            state.swaps.wrap(model, "generate", _patched_generate, keep_signature=True)
     elif isinstance(model, PreTrainedModel):
         _check_transformers_model(model)
         base = model
         state = _PatchState(base, model.config._attn_implementation, AdapterRegistry(model))
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
-        _replace(model, state, "forward", _plain_forward)
+        state.swaps.wrap(model, "forward", _plain_forward, keep_signature=True)
         if hasattr(model, "generate"):
-            _replace(model, state, "generate", _plain_generate)
+            state.swaps.wrap(model, "generate", _plain_generate, keep_signature=True)
     else:
         raise UnsupportedModelError(
             f"fastprompt.patch takes a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}"
         )
     if hasattr(base, "prepare_inputs_for_generation"):
-        _replace(base, state, "prepare_inputs_for_generation", _prepare_inputs_with_prefix)
+        state.swaps.wrap(base, "prepare_inputs_for_generation", _prepare_inputs_with_prefix, keep_signature=True)
     object.__setattr__(model, _STATE_ATTR, state)
     return model
 
