@@ -126,9 +126,8 @@ def _name(dtype: torch.dtype) -> str:
 def _attention(dtype: torch.dtype, D: int, full: bool, T: int) -> None:
     """Launch the prefix-attention forward (and, for T > 16, the backward) on meta tensors; ``full`` turns
     on causal masking, key padding, dropout and an lse gradient."""
-    from fastprompt.kernels import prefix_attention as pa
-
     from fastprompt.attention import AttentionArgs
+    from fastprompt.kernels import prefix_attention as pa
 
     B, Hq, Hkv, S, N, P = 2, 8, 2, 64, 3, 40
     q = _meta(B, Hq, T, D, dtype=dtype)
@@ -146,9 +145,8 @@ def _attention(dtype: torch.dtype, D: int, full: bool, T: int) -> None:
 def _grouped_decode(dtype: torch.dtype, D: int) -> None:
     """Launch the grouped decode path (the prefix part per group of rows sharing a bank row, the sequence
     part per row, one merge) on meta tensors."""
-    from fastprompt.kernels import prefix_attention as pa
-
     from fastprompt.attention import AttentionArgs
+    from fastprompt.kernels import prefix_attention as pa
 
     B, Hq, Hkv, T, S, N, P = 8, 8, 2, 4, 64, 3, 300
     q = _meta(B, Hq, T, D, dtype=dtype)

@@ -9,7 +9,6 @@ import zlib
 
 import pytest
 import torch
-from fastprompt.kernels import prompt_encoders
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peft.tuners.p_tuning.model import PromptEncoder
 from peft.tuners.prefix_tuning.model import PrefixEncoder
@@ -18,6 +17,7 @@ from peft.tuners.prompt_tuning.model import PromptEmbedding
 from fastprompt import encoders
 from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp
 from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
+from fastprompt.kernels import prompt_encoders
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from fastprompt.kernels import prefix_attention as kernels
 
 from fastprompt.attention.args import AttentionArgs
 from fastprompt.attention.cases import TOLERANCE, make_case, max_error, scale_of
 from fastprompt.attention.reference import _expand_and_concat, reference_prefix_attention
+from fastprompt.kernels import prefix_attention as kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
