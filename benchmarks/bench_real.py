@@ -174,10 +174,11 @@ def verbaliser_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
 def _adds_virtual_tokens(model: torch.nn.Module) -> bool:
     """Whether PEFT puts virtual tokens in front of the input (P-tuning, prompt tuning) rather than a KV prefix."""
-    from fastprompt.prefix.peft import SOFT_PROMPT_TYPES, peft_type
+    from fastprompt.methods import Training
+    from fastprompt.methods.peft_format import method_of
 
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
-    return config is not None and peft_type(config) in SOFT_PROMPT_TYPES
+    return config is not None and method_of(config).training is Training.PREPEND
 
 
 Scores = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -620,7 +621,7 @@ def few_shot_margins(
     numbered from P). ``name`` None: the demonstrations are prepended to every row's tokens and the model runs
     the whole sequence.
     """
-    from fastprompt.hf.adapters import adapter_registry
+    from fastprompt.hf.registry import adapter_registry
 
     neg, pos = neg_pos
     out = []

@@ -32,8 +32,10 @@ from transformers import AttentionInterface, BloomConfig, BloomForCausalLM, Dyna
 
 import fastprompt
 from fastprompt import attention
-from fastprompt.hf import patching
 from fastprompt.hf.attention import PrefixCache
+from fastprompt.hf.state import patch_state
+from fastprompt.methods import base as method_base
+from fastprompt.prefix.bank import KVGeometry
 from fastprompt.prefix.kv import PrefixKV
 
 pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
@@ -78,7 +80,8 @@ def test_prefix_is_one_block_no_concat_no_row_copy_no_4d_mask(arch, task, monkey
     )
     calls = _attention_spy(monkeypatch)
     forward_and_grads(model, random_batch(B, T, padding="left", task=task, seed=seed))
-    _, kv_heads, head_dim = patching._kv_geometry(model.get_base_model().config)
+    geometry = KVGeometry.from_config(model.get_base_model().config)
+    kv_heads, head_dim = geometry.num_kv_heads, geometry.head_dim
     assert len(calls) == model.get_base_model().config.num_hidden_layers
     for call in calls:
         assert call["k_len"] == T, "the prefix was concatenated onto the keys"
@@ -91,18 +94,15 @@ def test_prefix_is_one_block_no_concat_no_row_copy_no_4d_mask(arch, task, monkey
 def test_prompt_encoder_runs_once_per_forward_on_one_row(method, monkeypatch, seed):
     model = fastprompt.patch(tiny_peft_model("llama", method, num_virtual_tokens=P, seed=seed))
     token_shapes = []
-    real_encode = patching.encode_prompt
+    real_encode = method_base.encode_prompt
 
     def encode(encoder, tokens):
         token_shapes.append(tuple(tokens.shape))
         return real_encode(encoder, tokens)
 
-    monkeypatch.setattr(patching, "encode_prompt", encode)
+    monkeypatch.setattr(method_base, "encode_prompt", encode)
     forward_and_grads(model, random_batch(B, T, seed=seed))
     assert token_shapes == [(P,)]
-    if method in ("p_tuning_mlp", "p_tuning_lstm", "prompt_tuning"):
-        plan = patching._plan(model, B, torch.device("cpu"), serving=False)
-        assert plan.virtual.shape[0] == B and plan.virtual.stride(0) == 0, "virtual tokens were copied per row"
 
 
 @pytest.mark.parametrize("method", ["prefix_projection", "p_tuning_lstm", "prompt_tuning"])
@@ -236,10 +236,10 @@ def test_unpatch_restores_exactly_and_patch_twice_is_harmless(seed):
     instance_attrs = dict(model.__dict__)
     base_attrs = dict(model.get_base_model().__dict__)
     assert fastprompt.patch(model) is model
-    state = model.__dict__[patching._STATE_ATTR]
+    state = patch_state(model)
     forward = model.forward
     assert fastprompt.patch(model) is model
-    assert model.__dict__[patching._STATE_ATTR] is state and model.forward is forward
+    assert patch_state(model) is state and model.forward is forward
     assert model.get_base_model().config._attn_implementation == "fastprompt"
     with torch.no_grad():
         patched = model(**batch).logits
@@ -271,7 +271,8 @@ def test_plain_model_takes_a_prefix_bank_through_the_forward_kwarg(seed):
     """Rows pick different bank rows; each equals the unpatched model with that prefix in its KV cache."""
     model = tiny_model("llama", gqa=True, seed=seed).eval()
     config = model.config
-    layers, kv_heads, head_dim = patching._kv_geometry(config)
+    geometry = KVGeometry.from_config(config)
+    layers, kv_heads, head_dim = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
     bank = torch.randn(layers, 2, 2, kv_heads, P, head_dim)
     prefix_index = torch.tensor([1, 0, 1], dtype=torch.int32)
     batch = random_batch(B, T, padding="left", seed=seed)
@@ -332,7 +333,7 @@ def test_unsupported_models_raise_with_the_reason():
     lora = get_peft_model(tiny_model("llama"), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     with pytest.raises(fastprompt.UnsupportedModelError, match="is LORA"):
         fastprompt.patch(lora)
-    assert patching._STATE_ATTR not in lora.__dict__
+    assert patch_state(lora) is None
 
 
 def test_inputs_the_op_cannot_express_raise():
@@ -350,7 +351,8 @@ def test_prefix_bank_shape_is_checked():
     with pytest.raises(ValueError, match=r"bank must be \[layers, 2, N, Hkv, P, D\]"):
         PrefixKV(torch.randn(2, 3, 1, 2, 5, 8))
     config = tiny_config("llama")
-    assert patching._kv_geometry(config) == (2, 4, 8)
+    geometry = KVGeometry.from_config(config)
+    assert (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim) == (2, 4, 8)
 
 
 def test_prefix_bank_index_values_are_checked_once_at_construction():

@@ -14,16 +14,9 @@ from models import assert_scaled_close, tiny_config, tiny_peft_model
 from safetensors.torch import save_file
 
 from fastprompt.hf.patching import token_positions
-from fastprompt.prefix import (
-    ExportedPrefix,
-    KVGeometry,
-    build_prompt_encoder,
-    prefix_tuning_kv,
-    row_offsets,
-    row_position_ids,
-    stack_prefixes,
-    virtual_token_embeddings,
-)
+from fastprompt.methods import Output
+from fastprompt.methods.peft_format import method_of
+from fastprompt.prefix import ExportedPrefix, KVGeometry, row_offsets, row_position_ids, stack_prefixes
 
 L, HKV, D = 2, 2, 8
 
@@ -97,12 +90,20 @@ def test_serving_and_patched_forward_number_a_row_alike():
     torch.testing.assert_close(token_positions(mask, None, offsets, 4), positions, rtol=0, atol=0)
 
 
+def _produce(model):
+    """What the active adapter's method produces from the model's own encoder, and the method."""
+    config = model.peft_config["default"]
+    method = method_of(config)
+    return method.produce(model.prompt_encoder["default"], config), method
+
+
 @pytest.mark.parametrize("method", ["prefix_projection", "prefix"])
 def test_prefix_tuning_kv_is_peft_s_cache(method):
     model = tiny_peft_model("llama", method, gqa=True, num_virtual_tokens=6).eval()
     with torch.no_grad():
         expected = model.get_prompt(1)
-        kv = prefix_tuning_kv(model.prompt_encoder["default"], model.peft_config["default"])
+        kv, declared = _produce(model)
+    assert declared.output is Output.KV
     assert kv.shape == (L, 2, HKV, 6, D)
     for layer in range(L):
         assert_scaled_close(kv[layer, 0], expected.layers[layer].keys[0], 1e-6, f"keys of layer {layer}")
@@ -114,7 +115,8 @@ def test_virtual_token_embeddings_are_peft_s_prompts(method):
     model = tiny_peft_model("llama", method, num_virtual_tokens=6).eval()
     with torch.no_grad():
         expected = model.get_prompt(1)[0]
-        actual = virtual_token_embeddings(model.prompt_encoder["default"], model.peft_config["default"])
+        actual, declared = _produce(model)
+    assert declared.output is Output.EMBEDDINGS
     assert_scaled_close(actual, expected, 1e-5, "virtual-token embeddings")
 
 
@@ -127,6 +129,7 @@ def test_saved_adapter_rebuilds_as_the_table_peft_saved(method, tmp_path):
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"]
     config = PeftConfig.from_pretrained(tmp_path)
+    build_prompt_encoder = method_of(config).build_encoder
     encoder = build_prompt_encoder(config, saved)
     assert torch.equal(encoder.embedding.weight, saved)
     assert not any(p.requires_grad for p in encoder.parameters())

@@ -234,11 +234,11 @@ def peft_config(method: str, model_config: Any, prefix_len: int) -> PeftConfig:
         )
     if method == "p-tuning-v2":
         return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_len, prefix_projection=False)
-    if method in _P_TUNING_ENCODERS:
+    if method in _PROMPT_ENCODER_TYPES:
         return PromptEncoderConfig(
             task_type="CAUSAL_LM",
             num_virtual_tokens=prefix_len,
-            encoder_reparameterization_type=_P_TUNING_ENCODERS[method],
+            encoder_reparameterization_type=_PROMPT_ENCODER_TYPES[method],
             encoder_hidden_size=model_config.hidden_size,
         )
     raise ValueError(f"method must be one of {', '.join((*METHODS, 'p-tuning-lstm'))}; got {method!r}")
@@ -246,7 +246,7 @@ def peft_config(method: str, model_config: Any, prefix_len: int) -> PeftConfig:
 
 # P-tuning's prompt encoder by method name: the bench rows use PEFT's default MLP; the LSTM one is P-tuning's
 # original encoder (benchmarks/bench_real.py trains it).
-_P_TUNING_ENCODERS = {"p-tuning": "MLP", "p-tuning-lstm": "LSTM"}
+_PROMPT_ENCODER_TYPES = {"p-tuning": "MLP", "p-tuning-lstm": "LSTM"}
 
 
 def wrap(method: str, base: torch.nn.Module, prefix_len: int) -> PeftModel:

@@ -6,7 +6,9 @@
   transformers, and :class:`~fastprompt.hf.attention.PrefixCache`;
 - :mod:`~fastprompt.hf.patching`: ``patch`` / ``unpatch``; a patched PEFT model runs its prompt-learning
   forward and ``generate`` itself;
-- :mod:`~fastprompt.hf.adapters`: the adapter registry of a patched model (one name per batch row);
+- :mod:`~fastprompt.hf.state`: the record a patch leaves on a model (what to restore, what lives as long as it);
+- :mod:`~fastprompt.hf.registry`: the adapter registry of a patched model (one name per batch row), through
+  which every prefix the patched forward runs is found;
 - :mod:`~fastprompt.hf.soft_prompts`: a prompt's per-layer K/V from one run of the frozen model;
 - :mod:`~fastprompt.hf.templates`: P-tuning with prompts anywhere in the input;
 - :mod:`~fastprompt.hf.distributed`: FSDP sharding and saving of patched prompt models;

@@ -1,6 +1,6 @@
 """Every name and behaviour of ``transformers`` and PEFT that differs between the supported versions.
 
-fastprompt reads PEFT's adapters (configs, prompt encoders, prompt tokens) and drives ``transformers``
+fastprompt reads PEFT's adapters (configs, prompt encoders) and drives ``transformers``
 models itself; whatever either library renamed between the tested floor (transformers 5.17, peft 0.18)
 and the newest release is answered here, so the next rename is a change to this module only.
 
@@ -26,7 +26,6 @@ from transformers import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
 from fastprompt.hf.swaps import Swaps
-from fastprompt.prefix.peft import peft_type  # the one reading of a config's type, shared with prefix/
 
 __all__ = [
     "ENCODER_FILE",
@@ -45,8 +44,6 @@ __all__ = [
     "peft_active_config",
     "peft_prefix_cache",
     "peft_prompt_encoder",
-    "peft_prompt_tokens",
-    "peft_type",
     "position_rule",
 ]
 
@@ -140,11 +137,6 @@ def peft_active_config(peft_model: Any, adapter_name: str | None = None) -> Any:
 def peft_prompt_encoder(peft_model: Any, adapter_name: str) -> torch.nn.Module:
     """The prompt encoder (``PrefixEncoder``, ``PromptEncoder`` or ``PromptEmbedding``) of an adapter."""
     return peft_model.prompt_encoder[adapter_name]
-
-
-def peft_prompt_tokens(peft_model: Any, adapter_name: str) -> torch.Tensor:
-    """The virtual-token ids [P] an adapter's encoder reads (PEFT keeps them on the CPU)."""
-    return peft_model.prompt_tokens[adapter_name][: peft_active_config(peft_model, adapter_name).num_virtual_tokens]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,23 +3,24 @@
 A plain ``transformers`` model gets the ``"fastprompt"`` attention implementation (a prefix can then be passed
 as the ``fastprompt_prefix`` forward kwarg). A ``peft.PeftModel`` whose active adapter is prompt learning
 additionally has ``forward`` and ``generate`` replaced on the instance. Both kinds of patched model take
-``adapter_names=[...]`` (one name per batch row, ``"__base__"`` for none) in ``forward`` and ``generate``: each
-row then runs with the prefix its name has in the patch's adapter registry (:mod:`fastprompt.hf.adapters`),
-numbered from its own prefix length; P-tuning / prompt-tuning rows read compiled soft prompts (causal models
-only). Without ``adapter_names`` a plain model's ``forward`` and ``generate`` are the originals. Neither
-calls PEFT's forward, ``get_prompt``, ``prepare_inputs_for_generation`` or generate plumbing: they read the
-adapter (config, ``prompt_encoder[name]``, ``prompt_tokens``; see :mod:`fastprompt.hf.compat`) and drive the
-base model through stable ``transformers`` inputs, following a :class:`ForwardPlan` (per batch row: its
-prefix bank row or none and the number of positions in front of its real tokens; its virtual-token
-embeddings or none):
+``adapter_names=[...]`` (one name per batch row, ``"__base__"`` for none) in ``forward`` and ``generate``.
 
-- prefix tuning / P-tuning v2: the encoder runs once (batch 1) and its per-layer K/V reach attention as
-  ``fastprompt_prefix``, never copied per row nor put into the KV cache;
-- P-tuning / prompt tuning, ``forward``: the virtual-token embeddings are prepended through
-  ``inputs_embeds``, with the attention mask, ``token_type_ids`` and (causal LM, token classification)
-  ``labels`` widened by ``P`` as PEFT does, so outputs have PEFT's shapes (logits over ``P + T`` positions);
-- P-tuning / prompt tuning, ``generate``: the virtual tokens run once (batch 1) through the frozen model
-  and their per-layer K/V are served as the prefix; the KV cache holds real tokens only.
+One path serves every prefix: each row's name is looked up in the patch's adapter registry
+(:mod:`fastprompt.hf.registry`), which asks the name's prompt-learning method (:mod:`fastprompt.methods`) what
+it produces. A ``PeftModel`` without ``adapter_names`` is the case where every row names its active adapter.
+Neither path calls PEFT's forward, ``get_prompt``, ``prepare_inputs_for_generation`` or generate plumbing: they
+read the adapter (config and prompt encoder; see :mod:`fastprompt.hf.compat`) and drive the base model through
+stable ``transformers`` inputs. Without ``adapter_names`` a plain model's ``forward`` and ``generate`` are the
+originals.
+
+- A method that yields per-layer K/V (prefix tuning, P-tuning v2, cached prompts): the K/V are formed once
+  (batch 1) and reach attention as ``fastprompt_prefix``, never copied per row nor put into the KV cache.
+- A method that yields virtual-token embeddings (P-tuning, prompt tuning) trains by prepending them: the
+  active adapter's ``forward`` prepends them through ``inputs_embeds``, with the attention mask,
+  ``token_type_ids`` and (causal LM, token classification) ``labels`` widened by ``P`` as PEFT does, so outputs
+  have PEFT's shapes (logits over ``P + T`` positions). In ``generate`` and for named rows they are served
+  compiled: the virtual tokens run once (batch 1) through the frozen model and their per-layer K/V are the
+  prefix (causal models only); the KV cache holds real tokens only.
 
 Positions (always passed explicitly as ``position_ids``). A row's tokens are numbered from its first real
 token: leading padding is skipped, every later token counts. The numbers are then shifted by the row's
@@ -35,56 +36,26 @@ prompt tuning). ``unpatch`` puts back exactly what was there.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from fastprompt.encoders import encode_prompt, prepare_encoders
+from fastprompt.encoders import prepare_encoders
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
-from fastprompt.hf.adapters import PATCH_STATE_ATTR, AdapterRegistry, adapter_registry
 from fastprompt.hf.attention import ATTN_IMPLEMENTATION, LAYER_LOG_KWARG, PREFIX_KWARG, PrefixCache
-from fastprompt.hf.soft_prompts import prompt_kv
-from fastprompt.hf.swaps import Swaps
+from fastprompt.hf.registry import AdapterRegistry, BatchPrefix, adapter_registry
+from fastprompt.hf.state import PatchState, patch_state
+from fastprompt.methods import ModelFit, Training
+from fastprompt.methods.peft_format import method_of
 from fastprompt.prefix.bank import row_position_ids
 from fastprompt.prefix.kv import PrefixKV
-from fastprompt.prefix.peft import PREFIX_TYPES, SOFT_PROMPT_TYPES
 
-__all__ = ["ForwardPlan", "patch", "unpatch", "prefix_from_peft", "token_positions"]
+__all__ = ["patch", "unpatch", "token_positions"]
 
-_STATE_ATTR = PATCH_STATE_ATTR
 # Task types whose labels are per token, so PEFT widens them by the virtual tokens.
 _TOKEN_LABEL_TASKS = ("CAUSAL_LM", "TOKEN_CLS")
-
-
-@dataclass
-class _PatchState:
-    base: PreTrainedModel
-    attn_implementation: str
-    # the named prefixes adapter_names can use; they live as long as the patch
-    registry: AdapterRegistry
-    # the methods replaced on the model (and its base model)
-    swaps: Swaps = field(default_factory=Swaps)
-    # whether patch() turned on compat.enable_encoder_checkpoints (so unpatch() turns it off)
-    encoder_checkpoints: bool = False
-
-
-@dataclass(frozen=True)
-class ForwardPlan:
-    """What each batch row of one forward runs with.
-
-    ``prefix``: the per-layer K/V bank and each row's bank row (-1: none), or ``None``.
-    ``offsets``: [B] int, the positions in front of each row's real tokens (its prefix length, or its
-    number of virtual tokens). ``virtual``: [B, P, H] virtual-token embeddings prepended to each row (any
-    strides, e.g. one encoder output expanded), or ``None``. A single adapter is the case where every row
-    names bank row 0 or the same embeddings.
-    """
-
-    prefix: PrefixKV | None
-    offsets: torch.Tensor
-    virtual: torch.Tensor | None = None
 
 
 def _check_transformers_model(model: PreTrainedModel) -> None:
@@ -115,55 +86,14 @@ def _check_transformers_model(model: PreTrainedModel) -> None:
         )
 
 
-def _kv_geometry(config: Any) -> tuple[int, int, int]:
-    """(layers, key/value heads, head size) of a decoder or encoder config."""
-    config = config.get_text_config()
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim
-
-
 def _check_peft_model(model: Any) -> None:
-    peft_config = model.active_peft_config
-    peft_type = compat.peft_type(peft_config)
-    if peft_type not in PREFIX_TYPES + SOFT_PROMPT_TYPES:
-        raise UnsupportedModelError(
-            f"the active adapter {model.active_adapter!r} is {peft_type}; fastprompt accelerates "
-            "PREFIX_TUNING, P_TUNING and PROMPT_TUNING adapters"
-        )
-    if (peft_config.num_transformer_submodules or 1) != 1:
-        raise UnsupportedModelError("prompt learning on encoder-decoder models is not supported")
-    _check_transformers_model(model.get_base_model())
-    if peft_type in PREFIX_TYPES:
-        layers, kv_heads, head_dim = _kv_geometry(model.get_base_model().config)
-        want = (peft_config.num_layers, peft_config.num_attention_heads,
-                peft_config.token_dim // peft_config.num_attention_heads)
-        if want != (layers, kv_heads, head_dim):
-            raise UnsupportedModelError(
-                f"the prefix adapter provides (layers, kv heads, head size) = {want} but the model's attention "
-                f"uses {(layers, kv_heads, head_dim)}"
-            )
-
-
-def _prompt_encoder_output(model: Any) -> torch.Tensor:
-    """What the active adapter's encoder yields for one batch row, computed once: [P, out_dim]."""
+    """Raise unless the active adapter is a prompt-learning method that fits the base model."""
     name = model.active_adapter
-    # PEFT keeps the tokens on the CPU; encode_prompt checks them there and keeps one device copy
-    return encode_prompt(compat.peft_prompt_encoder(model, name), compat.peft_prompt_tokens(model, name))
-
-
-def prefix_from_peft(model: Any) -> PrefixKV:
-    """The active prefix-tuning adapter's per-layer K/V as one bank [L, 2, 1, Hkv, P, D] (a view).
-
-    Runs the prefix encoder (embedding, and the projection MLP when the adapter has one) once.
-    """
-    peft_config = compat.peft_active_config(model)
-    flat = _prompt_encoder_output(model).to(model.get_base_model().dtype)
-    heads = peft_config.num_attention_heads
-    shape = (peft_config.num_virtual_tokens, peft_config.num_layers, 2, heads, peft_config.token_dim // heads)
-    # PEFT lays the encoder output out as [P, (layer, k|v), head, dim]; permuting gives the bank.
-    return PrefixKV(flat.view(shape).permute(1, 2, 3, 0, 4).unsqueeze(2))
+    what = f"the active adapter {name!r}"
+    method = method_of(compat.peft_active_config(model), what)
+    base = model.get_base_model()
+    _check_transformers_model(base)
+    method.check_fits(compat.peft_active_config(model), ModelFit.of(base), what, compiled=False)
 
 
 def token_positions(
@@ -216,22 +146,6 @@ def _stores_cache(base: Any, use_cache: bool | None) -> bool:
     return bool(getattr(base.config, "use_cache", False)) and not base.training
 
 
-def _plan(model: Any, batch: int, device: torch.device, *, serving: bool) -> ForwardPlan:
-    """The :class:`ForwardPlan` of the active adapter for ``batch`` rows.
-
-    ``serving``: P-tuning / prompt tuning become a prefix too (their virtual tokens run once through the
-    frozen model), which is exact for causal models only and is what ``generate`` uses.
-    """
-    peft_config = compat.peft_active_config(model)
-    offsets = torch.full((batch,), peft_config.num_virtual_tokens, dtype=torch.long, device=device)
-    if compat.peft_type(peft_config) in PREFIX_TYPES:
-        return ForwardPlan(prefix_from_peft(model), offsets)
-    if serving:
-        return ForwardPlan(_virtual_token_prefix(model), offsets)
-    virtual = _prompt_encoder_output(model).to(model.get_base_model().dtype)
-    return ForwardPlan(None, offsets, virtual[None].expand(batch, -1, -1))
-
-
 def _check_prefix_reached_every_layer(base: Any, prefix: PrefixKV, layer_log: set[int]) -> None:
     missing = set(range(prefix.bank.shape[0])) - layer_log
     if missing:
@@ -269,27 +183,47 @@ def _patched_forward(
     adapter_names: list[str] | None = None,
     **kwargs: Any,
 ) -> Any:
+    """A patched PeftModel's forward: its active adapter on every row, or one named prefix per row."""
     _refuse_unsupported_inputs(kwargs)
     base = model.get_base_model()
-    if adapter_names is not None:
-        return _named_forward(model, base, adapter_names, input_ids=input_ids, attention_mask=attention_mask,
-                              inputs_embeds=inputs_embeds, labels=labels, position_ids=position_ids, **kwargs)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
+              "labels": labels, "position_ids": position_ids}
+    if adapter_names is None:
+        active = model.active_adapter
+        entry = adapter_registry(model).entry(active)
+        if entry.method.training is Training.PREPEND:
+            return _prepended_forward(model, base, entry.produce(base), **inputs, **kwargs)
+        adapter_names = [active] * _batch_size(input_ids, inputs_embeds)
+    return _named_forward(model, base, adapter_names, **inputs, **kwargs)
+
+
+def _batch_size(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:
     tokens = input_ids if input_ids is not None else inputs_embeds
     if tokens is None:
         raise ValueError("pass input_ids or inputs_embeds")
-    batch, length = tokens.shape[:2]
-    plan = _plan(model, batch, tokens.device, serving=False)
+    return tokens.shape[0]
+
+
+def _prepended_forward(
+    model: Any,
+    base: Any,
+    virtual: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> Any:
+    """The forward of a method that trains by prepending: ``virtual`` [P, hidden] in front of every row's input
+    embeddings, numbered ``0 .. P - 1``, the row's tokens after them (PEFT's shapes and positions)."""
+    batch = _batch_size(input_ids, inputs_embeds)
+    length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    count = virtual.shape[0]
+    offsets = torch.full((batch,), count, dtype=torch.long, device=virtual.device)
     rule = compat.position_rule(base)
-    positions = token_positions(attention_mask, position_ids, plan.offsets, length, rule)
-    stores = _use_cache(base, kwargs)
-    if plan.prefix is not None:
-        if base.training and torch.is_grad_enabled():
-            _check_checkpointing(base)
-        if stores:
-            kwargs[compat.cache_kwarg(base)] = PrefixCache(plan.prefix, store=True)
-        return _run_with_prefix(base, base, plan.prefix, input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                attention_mask=attention_mask, position_ids=positions, labels=labels, **kwargs)
-    count = plan.virtual.shape[1]
+    positions = token_positions(attention_mask, position_ids, offsets, length, rule)
+    _use_cache(base, kwargs)
     if inputs_embeds is None:
         inputs_embeds = base.get_input_embeddings()(input_ids)
     first, _ = rule
@@ -300,24 +234,12 @@ def _patched_forward(
     if kwargs["token_type_ids"] is None:
         del kwargs["token_type_ids"]
     return base(
-        inputs_embeds=torch.cat([plan.virtual.to(inputs_embeds.dtype), inputs_embeds], dim=1),
+        inputs_embeds=torch.cat([virtual.to(inputs_embeds.dtype)[None].expand(batch, -1, -1), inputs_embeds], dim=1),
         attention_mask=_prepend(attention_mask, count, 1),
         position_ids=torch.cat([virtual_positions, positions], dim=1),
         labels=labels,
         **kwargs,
     )
-
-
-def _virtual_token_prefix(model: Any) -> PrefixKV:
-    """P-tuning / prompt tuning at serve time: the virtual tokens run once (batch 1) through the frozen
-    model, their per-layer K/V as a bank [L, 2, 1, Hkv, P, D].
-
-    They come first in every row and attend only to each other (causal models), so their K/V are the same
-    for all rows of any batch: PEFT recomputes (and caches) them once per row.
-    """
-    base = model.get_base_model()
-    prompts = _prompt_encoder_output(model)[None].to(base.dtype)
-    return PrefixKV(prompt_kv(base, inputs_embeds=prompts)[:, :, None])
 
 
 def _prepare_inputs_with_prefix(base: Any, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -335,18 +257,22 @@ def _prepare_inputs_with_prefix(base: Any, original: Any, *args: Any, **kwargs: 
 
 def _patched_generate(model: Any, original: Any, *args: Any, adapter_names: list[str] | None = None,
                       **kwargs: Any) -> Any:
+    """A patched PeftModel's generate: its active adapter on every row (compiled where the method yields
+    virtual tokens), or one named prefix per row."""
     _refuse_unsupported_inputs(kwargs)
     if args:
         kwargs["input_ids"] = args[0]
+    if adapter_names is None:
+        adapter_names = [model.active_adapter] * _generate_input_ids(kwargs).shape[0]
+    base = model.get_base_model()
+    return _named_generate(model, base, base.generate, adapter_names, kwargs)
+
+
+def _generate_input_ids(kwargs: dict[str, Any]) -> torch.Tensor:
     input_ids = kwargs.get("input_ids")
     if input_ids is None or kwargs.get("inputs_embeds") is not None:
-        raise UnsupportedModelError("generate on a patched PEFT model takes input_ids (not inputs_embeds)")
-    base = model.get_base_model()
-    if adapter_names is not None:
-        return _named_generate(model, base, base.generate, adapter_names, kwargs)
-    with torch.no_grad():
-        plan = _plan(model, input_ids.shape[0], input_ids.device, serving=True)
-    return _generate_with_prefix(base, base.generate, plan.prefix, plan.offsets, kwargs)
+        raise UnsupportedModelError("generate on a patched model takes input_ids (not inputs_embeds)")
+    return input_ids
 
 
 def _named_forward(
@@ -365,18 +291,17 @@ def _named_forward(
 
     The registry of ``model`` gives the batch's bank (each distinct prefix once) and each row's prefix
     length; positions are numbered per row from that length and the row's own padding (see the module
-    docstring). ``run`` is the callable that runs ``base`` (default ``base`` itself). P-tuning and prompt
-    tuning rows read compiled soft prompts (causal models only), so outputs have the batch's own ``T``
-    positions, never the virtual tokens'.
+    docstring). ``run`` is the callable that runs ``base`` (default ``base`` itself). Virtual-token rows read
+    compiled soft prompts (causal models only), so outputs have the batch's own ``T`` positions. The KV cache
+    this forward returns counts the prefix in its length when one prefix serves every row (as PEFT's cache,
+    which holds it, does) and the stored tokens only otherwise.
     """
-    tokens = input_ids if input_ids is not None else inputs_embeds
-    if tokens is None:
-        raise ValueError("pass input_ids or inputs_embeds")
-    batch, length = tokens.shape[:2]
+    batch = _batch_size(input_ids, inputs_embeds)
+    length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
     if base.training and torch.is_grad_enabled():
         _check_checkpointing(base)
     served = adapter_registry(model).batch(adapter_names, batch)
-    positions = token_positions(attention_mask, position_ids, served.offsets.to(tokens.device), length,
+    positions = token_positions(attention_mask, position_ids, served.offsets.to(base.device), length,
                                 compat.position_rule(base))[:, -length:]
     stores = _use_cache(base, kwargs)
     run = base if run is None else run
@@ -386,7 +311,7 @@ def _named_forward(
         return run(**inputs, **kwargs)
     cache_name = compat.cache_kwarg(base)
     if stores and kwargs.get(cache_name) is None:
-        kwargs[cache_name] = PrefixCache(served.prefix, store=True, count_prefix=False)
+        kwargs[cache_name] = PrefixCache(served.prefix, store=True, count_prefix=not served.rows_differ)
     return _run_with_prefix(base, run, served.prefix, **inputs, **kwargs)
 
 
@@ -397,21 +322,19 @@ def _named_generate(model: Any, base: Any, run: Any, adapter_names: list[str], k
     start at its own prefix length and skip its own leading padding, and transformers extends them by one
     per step.
     """
-    input_ids = kwargs.get("input_ids")
-    if input_ids is None or kwargs.get("inputs_embeds") is not None:
-        raise UnsupportedModelError("generate with adapter_names takes input_ids (not inputs_embeds)")
+    input_ids = _generate_input_ids(kwargs)
     if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
         raise UnsupportedModelError("generate with adapter_names builds its own KV cache; pass no cache")
-    config = kwargs.get("generation_config") or base.generation_config
-    for name in ("num_beams", "num_return_sequences"):
-        if (kwargs.get(name) or getattr(config, name, 1) or 1) > 1:
-            raise UnsupportedModelError(
-                f"generate with adapter_names runs one sequence per row; {name} > 1 would multiply the rows "
-                "(repeat each row and its name in the batch instead)"
-            )
     with torch.no_grad():
         served = adapter_registry(model).batch(adapter_names, input_ids.shape[0])
-    return _generate_with_prefix(base, run, served.prefix, served.offsets, kwargs)
+    config = kwargs.get("generation_config") or base.generation_config
+    for name in ("num_beams", "num_return_sequences"):
+        if served.rows_differ and (kwargs.get(name) or getattr(config, name, 1) or 1) > 1:
+            raise UnsupportedModelError(
+                f"generate with adapter_names that differ between rows runs one sequence per row; {name} > 1 would "
+                "multiply the rows (repeat each row and its name in the batch instead)"
+            )
+    return _generate_with_prefix(base, run, served, kwargs)
 
 
 def _use_cache(base: Any, kwargs: dict[str, Any]) -> bool:
@@ -432,20 +355,18 @@ def _run_with_prefix(base: Any, run: Any, prefix: PrefixKV, /, **inputs: Any) ->
     return output
 
 
-def _generate_with_prefix(
-    base: Any, run: Any, prefix: PrefixKV | None, offsets: torch.Tensor, kwargs: dict[str, Any]
-) -> Any:
-    """``run(**kwargs)`` (a ``generate``) with each row numbered after its ``offsets`` [B] positions and
-    ``prefix`` (if any) travelling in a cache that stores real tokens only."""
+def _generate_with_prefix(base: Any, run: Any, served: BatchPrefix, kwargs: dict[str, Any]) -> Any:
+    """``run(**kwargs)`` (a ``generate``) with each row numbered after its offset and the batch's prefix (if
+    any) travelling in a cache that stores real tokens only."""
     input_ids = kwargs["input_ids"]
     kwargs["position_ids"] = token_positions(
-        kwargs.get("attention_mask"), kwargs.get("position_ids"), offsets.to(input_ids.device),
+        kwargs.get("attention_mask"), kwargs.get("position_ids"), served.offsets.to(input_ids.device),
         input_ids.shape[1], compat.position_rule(base),
     )
     # Positions are explicit, so the cache counts the stored tokens only: transformers releases that take
     # the prompt's uncached part from the cache length then feed the whole prompt on the first step.
-    if prefix is not None:
-        kwargs[compat.cache_kwarg(base)] = PrefixCache(prefix, store=True, count_prefix=False)
+    if served.prefix is not None:
+        kwargs[compat.cache_kwarg(base)] = PrefixCache(served.prefix, store=True, count_prefix=False)
     return run(**kwargs)
 
 
@@ -485,27 +406,29 @@ def _set_attn_implementation(model: PreTrainedModel, implementation: str) -> Non
 def patch(model: Any) -> Any:
     """Put ``model`` on fastprompt's fast path, in place, and return it. Patching twice is harmless.
 
-    ``model``: a ``peft.PeftModel`` whose active adapter is PREFIX_TUNING (with or without projection),
-    P_TUNING (MLP or LSTM encoder) or PROMPT_TUNING, for any task type (causal LM, sequence or token
-    classification); or a plain ``transformers`` ``PreTrainedModel``. Results equal the unpatched model's; see
-    the module docstring. Either then serves named prefixes (``fastprompt.load_adapter``, ``cache_prompt``, a
-    PeftModel's own adapters) per batch row through ``adapter_names=[...]`` in ``forward`` and ``generate``.
+    ``model``: a ``peft.PeftModel`` whose active adapter is one of the prompt-learning methods of
+    :mod:`fastprompt.methods` (prefix tuning with or without projection, P-tuning with an MLP or LSTM encoder,
+    prompt tuning), for any task type (causal LM, sequence or token classification); or a plain
+    ``transformers`` ``PreTrainedModel``. Results equal the unpatched model's; see the module docstring.
+    Either then serves named prefixes (``fastprompt.load_adapter``, ``cache_prompt``, a PeftModel's own
+    adapters) per batch row through ``adapter_names=[...]`` in ``forward`` and ``generate``.
 
     A ``PeftModel``'s checkpoints also keep its prompt encoders (:func:`fastprompt.enable_encoder_checkpoints`),
     so the ``Trainer``'s ``load_best_model_at_end`` and ``resume_from_checkpoint`` restore what was saved.
 
     Raises :class:`~fastprompt.UnsupportedModelError` (saying why) for anything else: attention not
     dispatched through ``ALL_ATTENTION_FUNCTIONS``, sliding-window / chunked / soft-capped attention,
-    encoder-decoder models, adapters of other types.
+    encoder-decoder models, adapters of other types; an adapter made for another model's dimensions is refused
+    naming the one that differs (:class:`~fastprompt.methods.AdapterFitError`).
     """
-    if model.__dict__.get(_STATE_ATTR) is not None:
+    if patch_state(model) is not None:
         return model
     if compat.is_peft_model(model):
         _check_peft_model(model)
         prepare_encoders(model)
         base = model.get_base_model()
-        state = _PatchState(base, base.config._attn_implementation, AdapterRegistry(model),
-                            encoder_checkpoints=not compat.encoder_checkpoints_enabled(model))
+        state = PatchState(base, base.config._attn_implementation, AdapterRegistry(model),
+                           encoder_checkpoints=not compat.encoder_checkpoints_enabled(model))
         compat.enable_encoder_checkpoints(model)
         _set_attn_implementation(base, ATTN_IMPLEMENTATION)
         state.swaps.wrap(model, "forward", _patched_forward, keep_signature=True)
@@ -514,7 +437,7 @@ def patch(model: Any) -> Any:
     elif isinstance(model, PreTrainedModel):
         _check_transformers_model(model)
         base = model
-        state = _PatchState(base, model.config._attn_implementation, AdapterRegistry(model))
+        state = PatchState(base, model.config._attn_implementation, AdapterRegistry(model))
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
         state.swaps.wrap(model, "forward", _plain_forward, keep_signature=True)
         if hasattr(model, "generate"):
@@ -525,19 +448,18 @@ def patch(model: Any) -> Any:
         )
     if hasattr(base, "prepare_inputs_for_generation"):
         state.swaps.wrap(base, "prepare_inputs_for_generation", _prepare_inputs_with_prefix, keep_signature=True)
-    object.__setattr__(model, _STATE_ATTR, state)
+    state.attach(model)
     return model
 
 
 def unpatch(model: Any) -> Any:
     """Undo :func:`patch` exactly (attention implementation, replaced methods, the encoder checkpoints it turned
     on; the prefixes registered for ``adapter_names`` are dropped with the patch); a no-op if not patched."""
-    state: _PatchState | None = model.__dict__.get(_STATE_ATTR)
+    state = PatchState.detach(model)
     if state is None:
         return model
     state.swaps.restore()
     if state.encoder_checkpoints:
         compat.disable_encoder_checkpoints(model)
     state.base.set_attn_implementation(state.attn_implementation)
-    del model.__dict__[_STATE_ATTR]
     return model

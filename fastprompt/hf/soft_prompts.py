@@ -14,21 +14,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
+from fastprompt.methods import Output, PromptMethod, require_causal
 
-__all__ = ["check_causal", "prompt_kv"]
-
-
-def check_causal(base: PreTrainedModel, what: str) -> None:
-    """Raise :class:`~fastprompt.UnsupportedModelError` unless every attention module of ``base`` is causal."""
-    flags = [m.is_causal for m in base.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    if not flags or not all(flags):
-        raise UnsupportedModelError(
-            f"{what} needs a causal (decoder) model, but {type(base).__name__} attends bidirectionally: its leading "
-            "tokens would attend to each row's own tokens, so their keys and values cannot be computed once for all "
-            "rows"
-        )
+__all__ = ["leading_kv", "prompt_kv"]
 
 
 def prompt_kv(
@@ -43,7 +32,7 @@ def prompt_kv(
     The tokens sit at positions ``0 .. P - 1``; keys are stored as the model's attention produced them (after
     its rotary embedding, if any), as a KV cache would hold them. No gradient is recorded.
     """
-    check_causal(base, "computing a prompt's keys and values once")
+    require_causal(base, "computing a prompt's keys and values once")
     if base.training:
         raise ValueError(
             "a prompt's keys and values are computed once and reused, so the model must be in eval mode (call "
@@ -59,3 +48,16 @@ def prompt_kv(
     with torch.no_grad():
         base.base_model(**inputs)
     return torch.stack([torch.stack(kv) for kv in compat.cache_layer_kv(cache)])[:, :, 0]
+
+
+def leading_kv(base: PreTrainedModel, method: PromptMethod, produced: torch.Tensor) -> torch.Tensor:
+    """What ``method`` produced as a prefix block [L, 2, Hkv, P, D] in ``base``'s dtype.
+
+    Keys and values are taken as they are; virtual-token embeddings [P, hidden] or token ids [1, P] run once
+    through ``base`` (see :func:`prompt_kv`). No gradient is recorded for those.
+    """
+    if method.output is Output.KV:
+        return produced.to(base.dtype)
+    if method.output is Output.EMBEDDINGS:
+        return prompt_kv(base, inputs_embeds=produced[None].to(device=base.device, dtype=base.dtype))
+    return prompt_kv(base, input_ids=produced.to(base.device))

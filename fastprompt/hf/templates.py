@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from fastprompt.encoders import encode_prompt
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
+from fastprompt.methods import Output
+from fastprompt.methods.peft_format import method_of
 
 __all__ = ["PromptTemplate", "PromptTemplateModel", "scatter_prompts"]
 
@@ -131,9 +132,11 @@ class PromptTemplateModel(torch.nn.Module):
             raise UnsupportedModelError(f"peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
         name = adapter_name or peft_model.active_adapter
         config = compat.peft_active_config(peft_model, name)
-        if compat.peft_type(config) not in ("P_TUNING", "PROMPT_TUNING"):
+        method = method_of(config, f"adapter {name!r}", "PromptTemplateModel")
+        if method.output is not Output.EMBEDDINGS:
             raise UnsupportedModelError(
-                f"prompts anywhere needs a P_TUNING or PROMPT_TUNING adapter, got {compat.peft_type(config)}"
+                f"prompts anywhere places virtual-token embeddings, but adapter {name!r} is {method.name}, whose "
+                f"output is {method.output.value}"
             )
         if config.num_transformer_submodules != 1:
             raise UnsupportedModelError("prompts anywhere supports decoder-only and encoder-only models")
@@ -145,11 +148,12 @@ class PromptTemplateModel(torch.nn.Module):
         self.peft_model = peft_model
         self.template = template
         self.adapter_name = name
+        self.method = method
 
     def prompt_embeddings(self) -> torch.Tensor:
         """The encoder output [P, D], computed once (cached in eval/no-grad mode)."""
         encoder = compat.peft_prompt_encoder(self.peft_model, self.adapter_name)
-        return encode_prompt(encoder, compat.peft_prompt_tokens(self.peft_model, self.adapter_name))
+        return self.method.produce(encoder, compat.peft_active_config(self.peft_model, self.adapter_name))
 
     def forward(
         self,

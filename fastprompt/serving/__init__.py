@@ -5,7 +5,7 @@
 - :func:`export_prefix_kv` / :func:`load_prefix_kv`: any registered prefix out as an
   :class:`~fastprompt.prefix.ExportedPrefix` (safetensors), and back onto a model of the same geometry;
 
-They fill the model's adapter registry (:func:`fastprompt.hf.adapters.adapter_registry`), which turns one name
+They fill the model's adapter registry (:func:`fastprompt.hf.registry.adapter_registry`), which turns one name
 per batch row into the forward's prefix bank and each row's positions.
 """
 

@@ -2,72 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
 
-from fastprompt.errors import UnsupportedModelError
-from fastprompt.hf.adapters import adapter_registry, base_model_of
-from fastprompt.hf.soft_prompts import check_causal, prompt_kv
-from fastprompt.prefix.bank import KVGeometry
+from fastprompt.hf.registry import adapter_registry, base_model_of
+from fastprompt.hf.soft_prompts import leading_kv
+from fastprompt.methods import CACHED_PROMPT, ModelFit, Output
+from fastprompt.methods.peft_format import read_adapter
 from fastprompt.prefix.export import ExportedPrefix
-from fastprompt.prefix.peft import PREFIX_TYPES, SOFT_PROMPT_TYPES, build_prompt_encoder, peft_type, prefix_tuning_kv
 
 __all__ = ["cache_prompt", "export_prefix_kv", "load_adapter", "load_prefix_kv"]
-
-_CONFIG_FILE = "adapter_config.json"
-_WEIGHTS_FILE = "adapter_model.safetensors"
-_WEIGHTS_KEY = "prompt_embeddings"
-
-
-def _read_peft_adapter(path: str | os.PathLike[str]) -> tuple[Any, torch.Tensor]:
-    """(PEFT config, ``prompt_embeddings`` [P, out_dim]) of an adapter saved by PEFT's ``save_pretrained``."""
-    from peft import PeftConfig
-    from safetensors.torch import load_file
-
-    folder = os.fspath(path)
-    config_file, weights_file = os.path.join(folder, _CONFIG_FILE), os.path.join(folder, _WEIGHTS_FILE)
-    for needed in (config_file, weights_file):
-        if not os.path.isfile(needed):
-            raise FileNotFoundError(
-                f"{folder} is not a PEFT adapter folder: {os.path.basename(needed)} is missing (PEFT's format is "
-                f"{_CONFIG_FILE} + {_WEIGHTS_FILE})"
-            )
-    with open(config_file, encoding="utf-8") as f:
-        kind = json.load(f).get("peft_type")
-    if kind not in PREFIX_TYPES + SOFT_PROMPT_TYPES:
-        raise UnsupportedModelError(
-            f"the adapter in {folder} is {kind}; load_adapter takes prompt-learning adapters "
-            f"({', '.join(PREFIX_TYPES + SOFT_PROMPT_TYPES)})"
-        )
-    config = PeftConfig.from_pretrained(folder)
-    weights = load_file(weights_file)
-    if _WEIGHTS_KEY not in weights:
-        raise ValueError(f"{weights_file} holds {sorted(weights)}, not PEFT's {_WEIGHTS_KEY!r} tensor")
-    return config, weights[_WEIGHTS_KEY]
-
-
-def _check_adapter_fits(config: Any, base: Any, name: str, folder: str) -> None:
-    model = KVGeometry.from_config(base.config)
-    if peft_type(config) in PREFIX_TYPES:
-        heads = config.num_attention_heads
-        adapter = KVGeometry(config.num_layers, heads, config.token_dim // heads)
-        problem = adapter.mismatch(model)
-        if problem is not None:
-            raise ValueError(
-                f"adapter {name!r} ({folder}) was made for a model with {adapter.describe()}, which does not fit this "
-                f"model ({model.describe()}): {problem}"
-            )
-        return
-    hidden = base.get_input_embeddings().embedding_dim
-    if config.token_dim != hidden:
-        raise ValueError(
-            f"adapter {name!r} ({folder}) has virtual tokens of hidden size {config.token_dim} but this model's "
-            f"input embeddings have hidden size {hidden}"
-        )
-    check_causal(base, f"the {peft_type(config)} adapter {name!r} (compiled to keys and values once)")
 
 
 def load_adapter(model: Any, path: str | os.PathLike[str], name: str) -> None:
@@ -77,28 +23,29 @@ def load_adapter(model: Any, path: str | os.PathLike[str], name: str) -> None:
         model: a ``transformers`` model or ``peft.PeftModel`` patched by :func:`fastprompt.patch`. Nothing is
             injected into it.
         path: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``, as PEFT's
-            ``save_pretrained`` writes: PREFIX_TUNING (with or without projection; P-tuning v2), P_TUNING
-            (MLP or LSTM encoder) or PROMPT_TUNING.
+            ``save_pretrained`` writes, of any method in :mod:`fastprompt.methods`: prefix tuning (with or
+            without projection; P-tuning v2), P-tuning (MLP or LSTM encoder) or prompt tuning.
         name: the name batch rows use for it; not ``"__base__"`` and not already used on ``model``.
 
-    A prefix-tuning adapter's K/V [L, 2, Hkv, P, D] are formed here (and stored once); a P-tuning or
-    prompt-tuning adapter's virtual tokens run through the model once, at first use (causal models only).
+    An adapter whose method yields K/V (prefix tuning) has them [L, 2, Hkv, P, D] formed here and stored once;
+    one that yields virtual tokens (P-tuning, prompt tuning) has them run through the model once, at first use
+    (causal models only).
     Raises ``ValueError`` naming what differs for an adapter of another model (layers, key/value heads, head
     size, hidden size), :class:`~fastprompt.UnsupportedModelError` for other adapter types or, for P-tuning
     / prompt tuning, a bidirectional model.
     """
     registry = adapter_registry(model)
     registry.check_new_name(name)
-    config, prompt_embeddings = _read_peft_adapter(path)
+    saved = read_adapter(path, taker="load_adapter")
     base = base_model_of(model)
-    _check_adapter_fits(config, base, name, os.fspath(path))
-    encoder = build_prompt_encoder(config, prompt_embeddings.to(base.device))
-    if peft_type(config) in PREFIX_TYPES:
+    saved.method.check_fits(saved.config, ModelFit.of(base), f"adapter {name!r} ({os.fspath(path)})", compiled=True)
+    encoder = saved.encoder(base.device)
+    if saved.method.output is Output.KV:
         # The K/V are fixed: keep them alone, not also the table they come from.
         with torch.no_grad():
-            registry.add_kv(name, prefix_tuning_kv(encoder, config), "prefix_tuning")
+            registry.add_kv(name, saved.method.produce(encoder, saved.config), saved.method.name)
     else:
-        registry.add_encoder(name, encoder, config)
+        registry.add_encoder(name, encoder, saved.config, saved.method)
 
 
 def cache_prompt(
@@ -135,8 +82,8 @@ def cache_prompt(
                 "strip the padding from input_ids"
             )
     base = base_model_of(model)
-    check_causal(base, f"cache_prompt({name!r})")
-    registry.add_kv(name, prompt_kv(base, input_ids=input_ids.to(base.device)), "cached_prompt")
+    CACHED_PROMPT.check_fits(input_ids, ModelFit.of(base), f"cache_prompt({name!r})", compiled=True)
+    registry.add_kv(name, leading_kv(base, CACHED_PROMPT, input_ids), CACHED_PROMPT.name)
 
 
 def export_prefix_kv(model: Any, name: str) -> ExportedPrefix:

@@ -1,22 +1,27 @@
-"""The named prefixes a model serves, and the prefix bank of a batch whose rows name them.
+"""The named prefixes a patched model serves, and the prefix bank of a batch whose rows name them.
 
 An :class:`AdapterRegistry` belongs to one patched model instance: :func:`fastprompt.patch` creates it with the
-patch state and :func:`fastprompt.unpatch` drops it (:func:`adapter_registry` finds it). It maps names to
-prefixes:
+patch state and :func:`fastprompt.unpatch` drops it (:func:`adapter_registry` finds it). Every prefix the
+model runs goes through it, a ``PeftModel``'s active adapter included (the case where every row names it).
+It maps names to prefixes, each with its :class:`~fastprompt.methods.PromptMethod`:
 
 - fixed K/V blocks: a loaded prefix-tuning adapter, a cached prompt, a loaded exported prefix;
-- compiled soft prompts: a P-tuning / prompt-tuning adapter whose virtual tokens run once through the
-  frozen model (:func:`~fastprompt.hf.soft_prompts.prompt_kv`), recomputed only when the encoder's
-  parameters change (an in-place update bumps a tensor's ``_version``; a replaced tensor changes its
-  identity), when the model moves to another dtype or device, or after :meth:`AdapterRegistry.invalidate`
-  (needed after writes through ``param.data``, which no version counter sees, or after changing the base
-  model's weights);
+- prefixes derived from a PEFT prompt encoder: a prefix-tuning adapter's K/V, or the virtual tokens of a
+  P-tuning / prompt-tuning adapter run once through the frozen model (a compiled soft prompt), recomputed only
+  when the encoder's parameters change (an in-place update bumps a tensor's ``_version``; a replaced tensor
+  changes its identity), when the model moves to another dtype or device, or after
+  :meth:`AdapterRegistry.invalidate` (needed after writes through ``param.data``, which no version counter
+  sees, or after changing the base model's weights);
 - on a ``peft.PeftModel``, its own prompt-learning adapters, looked up by name in the model at every use,
   so PEFT's ``load_adapter`` / ``delete_adapter`` show through.
 
 ``"__base__"`` names no prefix (PEFT's convention). :meth:`AdapterRegistry.batch` turns one name per batch
 row into the forward's :class:`~fastprompt.PrefixKV` (a bank of the distinct prefixes the batch uses, each
 held once, plus each row's bank row) and each row's position offset.
+
+Why this lives in ``hf/`` and not in ``serving/``: the patched forward resolves every row's prefix through it
+(training a PeftModel's active adapter as much as serving named ones), so it sits below the patch;
+:mod:`fastprompt.serving` holds the public functions that fill it.
 """
 
 from __future__ import annotations
@@ -32,22 +37,16 @@ from transformers import PreTrainedModel
 from fastprompt.encoders import clear_encoder_cache
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
-from fastprompt.hf.soft_prompts import check_causal, prompt_kv
+from fastprompt.hf.soft_prompts import leading_kv
+from fastprompt.hf.state import patch_state
+from fastprompt.methods import Output, PromptMethod
+from fastprompt.methods.peft_format import is_prompt_learning, method_of
 from fastprompt.prefix.bank import KVGeometry, row_offsets, row_position_ids, stack_prefixes
 from fastprompt.prefix.kv import PrefixKV
-from fastprompt.prefix.peft import (
-    PREFIX_TYPES,
-    SOFT_PROMPT_TYPES,
-    peft_type,
-    prefix_tuning_kv,
-    virtual_token_embeddings,
-)
 
-__all__ = ["BASE", "PATCH_STATE_ATTR", "AdapterRegistry", "BatchPrefix", "adapter_registry", "base_model_of"]
+__all__ = ["BASE", "AdapterRegistry", "BatchPrefix", "adapter_registry", "base_model_of"]
 
 BASE = "__base__"
-# The attribute of a patched model that holds its patch state (fastprompt.hf.patching), registry included.
-PATCH_STATE_ATTR = "_fastprompt_patch_state"
 
 
 def base_model_of(model: Any) -> PreTrainedModel:
@@ -62,13 +61,17 @@ def base_model_of(model: Any) -> PreTrainedModel:
 
 def adapter_registry(model: Any) -> AdapterRegistry:
     """The registry of a model patched by :func:`fastprompt.patch`; it lives as long as the patch."""
-    state = model.__dict__.get(PATCH_STATE_ATTR)
+    state = patch_state(model)
     if state is None:
         raise UnsupportedModelError(
             f"this {type(model).__name__} is not patched: call fastprompt.patch(model) first (its named prefixes "
             "live on the patch, and only a patched model can serve them)"
         )
     return state.registry
+
+
+def _trainable(encoder: torch.nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
 
 
 class _FixedEntry:
@@ -86,17 +89,18 @@ class _FixedEntry:
 
 
 class _EncodedEntry:
-    """A prefix derived from a PEFT prompt encoder: a prefix-tuning adapter's K/V, or a compiled soft prompt.
+    """A prefix derived from a PEFT prompt encoder and its config, by the config's method.
 
-    The result is kept while the encoder's parameters and the model's dtype and device stay the same, and
-    recomputed otherwise. A compiled soft prompt is a serving artefact (no gradient); a prefix-tuning
-    adapter with trainable parameters under autograd gives fresh, differentiable K/V every call.
+    :meth:`kv` is kept while the encoder's parameters and the model's dtype and device stay the same, and
+    recomputed otherwise. A compiled soft prompt is a serving artefact (no gradient); a method that yields
+    K/V itself, with trainable parameters under autograd, gives fresh, differentiable K/V every call.
     """
 
-    def __init__(self, encoder: torch.nn.Module, config: Any) -> None:
+    def __init__(self, encoder: torch.nn.Module, config: Any, method: PromptMethod) -> None:
         self.encoder = encoder
         self.config = config
-        self.kind = peft_type(config).lower()
+        self.method = method
+        self.kind = method.name
         self._key: tuple | None = None
         self._kv: torch.Tensor | None = None
 
@@ -104,16 +108,18 @@ class _EncodedEntry:
         params = tuple((id(p), p.data_ptr(), p._version) for p in self.encoder.parameters())
         return params, base.dtype, base.device
 
+    def produce(self, base: PreTrainedModel) -> torch.Tensor:
+        """What the method yields (differentiable under autograd), in ``base``'s dtype."""
+        return self.method.produce(self.encoder, self.config).to(base.dtype)
+
     def kv(self, base: PreTrainedModel) -> torch.Tensor:
-        is_prefix = peft_type(self.config) in PREFIX_TYPES
-        if is_prefix and torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters()):
+        trainable = _trainable(self.encoder)
+        if self.method.output is Output.KV and trainable:
             # Training: the K/V must carry this forward's graph back to the encoder, so they are never reused.
-            return prefix_tuning_kv(self.encoder, self.config).to(base.dtype)
-        if not is_prefix and base.training and torch.is_grad_enabled() and any(
-            p.requires_grad for p in self.encoder.parameters()
-        ):
+            return self.produce(base)
+        if self.method.output is not Output.KV and trainable and base.training:
             raise UnsupportedModelError(
-                f"a {peft_type(self.config)} adapter in adapter_names is served as a compiled soft prompt (keys and "
+                f"a {self.method} adapter in adapter_names is served as a compiled soft prompt (keys and "
                 "values computed once, without gradient), so it cannot be trained that way: train it as the "
                 "PeftModel's active adapter without adapter_names, or call model.eval() to serve it"
             )
@@ -121,12 +127,7 @@ class _EncodedEntry:
         if self._kv is not None and key == self._key:
             return self._kv
         with torch.no_grad():
-            if is_prefix:
-                kv = prefix_tuning_kv(self.encoder, self.config).to(base.dtype)
-            else:
-                check_causal(base, f"a compiled {peft_type(self.config)} soft prompt")
-                embeddings = virtual_token_embeddings(self.encoder, self.config)
-                kv = prompt_kv(base, inputs_embeds=embeddings[None].to(device=base.device, dtype=base.dtype))
+            kv = leading_kv(base, self.method, self.method.produce(self.encoder, self.config))
         self._key, self._kv = key, kv
         return kv
 
@@ -137,11 +138,11 @@ class _EncodedEntry:
 
 @dataclass(frozen=True)
 class BatchPrefix:
-    """What a forward needs for one batch's ``adapter_names``.
+    """What a forward needs for one batch's adapter names.
 
     ``prefix``: the :class:`~fastprompt.PrefixKV` to pass as ``fastprompt_prefix`` (``None`` when every row is
-    ``"__base__"``). ``offsets``: [B] int64, each row's prefix length (0 for ``"__base__"``): its first real
-    token's position.
+    ``"__base__"``; a bank of one row and no ``prefix_index`` when every row names the same prefix).
+    ``offsets``: [B] int64, each row's prefix length (0 for ``"__base__"``): its first real token's position.
     """
 
     prefix: PrefixKV | None
@@ -150,6 +151,11 @@ class BatchPrefix:
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, S] position ids for a padded batch ``attention_mask`` [B, S]; see :func:`row_position_ids`."""
         return row_position_ids(self.offsets.to(attention_mask.device), attention_mask)
+
+    @property
+    def rows_differ(self) -> bool:
+        """Whether rows read different prefixes (or some none): then each row has its own bank row."""
+        return self.prefix is not None and self.prefix.prefix_index is not None
 
 
 class AdapterRegistry:
@@ -192,8 +198,7 @@ class AdapterRegistry:
     def names(self) -> list[str]:
         """Every name :meth:`batch` accepts besides ``"__base__"``: registered ones, then a PeftModel's own
         prompt-learning adapters."""
-        own = [name for name, config in self._peft_configs().items()
-               if peft_type(config) in PREFIX_TYPES + SOFT_PROMPT_TYPES]
+        own = [name for name, config in self._peft_configs().items() if is_prompt_learning(config)]
         return [*self._entries, *own]
 
     def __contains__(self, name: object) -> bool:
@@ -212,7 +217,8 @@ class AdapterRegistry:
     # -- registering ----------------------------------------------------------------------------------
 
     def add_kv(self, name: str, kv: torch.Tensor, kind: str) -> None:
-        """Register a fixed K/V block ``kv`` [L, 2, Hkv, P, D] of this model's geometry under ``name``.
+        """Register a fixed K/V block ``kv`` [L, 2, Hkv, P, D] of this model's geometry under ``name``; ``kind``
+        says where it came from (a method's name, or an exported prefix's kind).
 
         It is moved to the model's device and dtype (once, here) and detached.
         """
@@ -221,11 +227,10 @@ class AdapterRegistry:
         base = self.base
         self._entries[name] = _FixedEntry(kv.detach().to(device=base.device, dtype=base.dtype), kind)
 
-    def add_encoder(self, name: str, encoder: torch.nn.Module, config: Any) -> None:
-        """Register a PEFT prompt encoder and its config under ``name``: prefix tuning gives its K/V,
-        P-tuning and prompt tuning a compiled soft prompt (computed at first use)."""
+    def add_encoder(self, name: str, encoder: torch.nn.Module, config: Any, method: PromptMethod) -> None:
+        """Register a PEFT prompt encoder and its config under ``name``; its prefix is derived at first use."""
         self.check_new_name(name)
-        self._entries[name] = _EncodedEntry(encoder, config)
+        self._entries[name] = _EncodedEntry(encoder, config, method)
 
     def remove(self, name: str) -> None:
         """Forget a registered prefix (a PeftModel's own adapters are PEFT's to delete)."""
@@ -236,38 +241,35 @@ class AdapterRegistry:
 
     def invalidate(self, name: str | None = None) -> None:
         """Recompute the derived K/V of ``name`` (every prefix if None) at next use."""
-        entries = [*self._entries.values(), *self._peft_entries.values()] if name is None else [self._entry(name)]
+        entries = [*self._entries.values(), *self._peft_entries.values()] if name is None else [self.entry(name)]
         for entry in entries:
             entry.invalidate()
         self._last_bank = None
 
     # -- lookup ---------------------------------------------------------------------------------------
 
-    def _entry(self, name: str) -> _FixedEntry | _EncodedEntry:
+    def entry(self, name: str) -> _FixedEntry | _EncodedEntry:
+        """The prefix named ``name``: its ``method`` and ``kv(base)`` (an encoded one also ``produce(base)``)."""
         entry = self._entries.get(name)
         if entry is not None:
             return entry
         config = self._peft_configs().get(name)
         if config is None:
             raise ValueError(f"unknown adapter name {name!r}; this model serves {[BASE, *self.names()]}")
-        if peft_type(config) not in PREFIX_TYPES + SOFT_PROMPT_TYPES:
-            raise UnsupportedModelError(
-                f"adapter {name!r} of this PeftModel is {peft_type(config)}; adapter_names takes prompt-learning "
-                "adapters (PREFIX_TUNING, P_TUNING, PROMPT_TUNING)"
-            )
-        encoder = self.model.prompt_encoder[name]
+        method = method_of(config, f"adapter {name!r} of this PeftModel", "adapter_names")
+        encoder = compat.peft_prompt_encoder(self.model, name)
         entry = self._peft_entries.get(name)
         if entry is None or entry.encoder is not encoder or entry.config is not config:
-            entry = self._peft_entries[name] = _EncodedEntry(encoder, config)
+            entry = self._peft_entries[name] = _EncodedEntry(encoder, config, method)
         return entry
 
     def kind(self, name: str) -> str:
         """Where the prefix ``name`` comes from: ``"prefix_tuning"``, ``"p_tuning"``, ``"cached_prompt"``, ..."""
-        return self._entry(name).kind
+        return self.entry(name).kind
 
     def kv(self, name: str) -> torch.Tensor:
         """The K/V block [L, 2, Hkv, P, D] of ``name`` (computed if it is derived and stale). Read-only."""
-        return self._entry(name).kv(self.base)
+        return self.entry(name).kv(self.base)
 
     # -- batches --------------------------------------------------------------------------------------
 
@@ -275,8 +277,8 @@ class AdapterRegistry:
         """The prefix bank and row offsets of a batch of ``batch_size`` rows, row ``i`` using ``adapter_names[i]``.
 
         The bank holds each distinct prefix of the batch once (no copy at all when one prefix serves every
-        row); it is reused as long as the batch names the same prefixes in the same first-use order and
-        none has changed.
+        row: then the bank is a view of it and there is no ``prefix_index``); it is reused as long as the
+        batch names the same prefixes in the same first-use order and none has changed.
         """
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise ValueError(f"adapter_names must be a list with one name per batch row, got {adapter_names!r}")
@@ -290,6 +292,10 @@ class AdapterRegistry:
         if not used:
             return BatchPrefix(prefix=None, offsets=torch.zeros(batch_size, dtype=torch.int64, device=base.device))
         blocks = tuple(self.kv(name) for name in used)
+        if len(used) == 1 and BASE not in adapter_names:
+            kv = blocks[0]
+            offsets = torch.full((batch_size,), kv.shape[3], dtype=torch.int64, device=kv.device)
+            return BatchPrefix(prefix=PrefixKV(kv.unsqueeze(2)), offsets=offsets)
         bank, lens = self._bank(tuple(used), blocks)
         row_of = {name: i for i, name in enumerate(used)} | {BASE: -1}
         index = torch.tensor([row_of[name] for name in adapter_names], dtype=torch.int32, device=bank.device)
