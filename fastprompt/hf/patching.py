@@ -297,11 +297,12 @@ def _named_forward(
     which holds it, does) and the stored tokens only otherwise.
     """
     batch = _batch_size(input_ids, inputs_embeds)
-    length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    length = tokens.shape[1]
     if base.training and torch.is_grad_enabled():
         _check_checkpointing(base)
     served = adapter_registry(model).batch(adapter_names, batch)
-    positions = token_positions(attention_mask, position_ids, served.offsets.to(base.device), length,
+    positions = token_positions(attention_mask, position_ids, served.offsets.to(tokens.device), length,
                                 compat.position_rule(base))[:, -length:]
     stores = _use_cache(base, kwargs)
     run = base if run is None else run

@@ -138,12 +138,11 @@ class PromptTemplateModel(torch.nn.Module):
                 f"prompts anywhere places virtual-token embeddings, but adapter {name!r} is {method.name}, whose "
                 f"output is {method.output.value}"
             )
-        if config.num_transformer_submodules != 1:
-            raise UnsupportedModelError("prompts anywhere supports decoder-only and encoder-only models")
-        if config.num_virtual_tokens != template.num_virtual_tokens:
+        method.check_config(config)
+        if method.length(config) != template.num_virtual_tokens:
             raise ValueError(
                 f"the template places {template.num_virtual_tokens} virtual tokens but the adapter has "
-                f"num_virtual_tokens={config.num_virtual_tokens}"
+                f"num_virtual_tokens={method.length(config)}"
             )
         self.peft_model = peft_model
         self.template = template
