@@ -53,6 +53,22 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """``x.to(dtype)``, rounded to nearest even on every target. A GPU's float32 -> bfloat16 conversion rounds
+    to nearest; the interpreter's truncates (drops the low 16 bits), so its errors all point towards zero and
+    add up along a sum instead of cancelling, enough to move a ReLU pre-activation near zero to its other
+    side. bfloat16 is therefore rounded here in integer arithmetic and taken as the high half of float32's
+    bits, which leaves no conversion to the interpreter (whose conversion also mangles subnormals)."""
+    if dtype == tl.bfloat16 and x.dtype == tl.float32:
+        bits = x.to(tl.uint32, bitcast=True)
+        # a NaN is not rounded (its payload could carry into the sign bit) but quieted, so that its high half
+        # is a NaN even when the payload lies only in the low half
+        bits = tl.where(x == x, bits + 0x7FFF + ((bits >> 16) & 1), bits | 0x400000)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _linear_kernel(
     a_ptr, idx_ptr, b_ptr, bias_ptr, bias2_ptr, g_ptr, c_ptr, rowsum_ptr,
     M, N, K,
@@ -84,8 +100,8 @@ def _linear_kernel(
         )
         if ROWSUM:
             row_sum += tl.sum(a.to(tl.float32), axis=1)
-        a = a.to(COMPUTE_DTYPE).to(DOT_DTYPE)
-        b = b.to(COMPUTE_DTYPE).to(DOT_DTYPE)
+        a = _round_to(a, COMPUTE_DTYPE).to(DOT_DTYPE)
+        b = _round_to(b, COMPUTE_DTYPE).to(DOT_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -103,9 +119,9 @@ def _linear_kernel(
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask_c, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty), mask=mask_c)
     if ROWSUM and pid_n == 0:
-        tl.store(rowsum_ptr + offs_m, row_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+        tl.store(rowsum_ptr + offs_m, _round_to(row_sum, rowsum_ptr.dtype.element_ty), mask=mask_m)
 
 
 # the step range changes every launch in mode B: one compiled kernel for all of them
