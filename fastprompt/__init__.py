@@ -6,7 +6,7 @@ C++ build)::
     fastprompt.prefix_attention(q, k, v, prefix_k, prefix_v, ...)   # the op
     fastprompt.merge_attention_states(out_a, lse_a, out_b, lse_b)   # merge partial attention by LSE
     fastprompt.patch(model) / fastprompt.unpatch(model)              # transformers / PEFT integration
-    fastprompt.encode_prompt(encoder, tokens)                        # fused prompt encoders, once per forward
+    fastprompt.encode_prompt(encoder, tokens, cache=EncoderCache())  # fused prompt encoders, once per forward
     fastprompt.PromptTemplate / PromptTemplateModel                  # P-tuning with prompts anywhere
     fastprompt.load_adapter / cache_prompt / export_prefix_kv        # serving: many prefixes in one batch
     fastprompt.shard_prompt_model / save_sharded_adapter             # FSDP
@@ -28,10 +28,11 @@ _LAZY = {
     "available_backends": "fastprompt.attention",
     "resolve_backend": "fastprompt.attention",
     "encode_prompt": "fastprompt.encoders",
-    "clear_encoder_cache": "fastprompt.encoders",
+    "EncoderCache": "fastprompt.encoders",
     "fused_mlp": "fastprompt.encoders",
     "fused_lstm": "fastprompt.encoders",
     "resolve_encoder_backend": "fastprompt.encoders",
+    "available_encoder_backends": "fastprompt.encoders",
     "PrefixKV": "fastprompt.prefix",
     "ExportedPrefix": "fastprompt.prefix",
     "PrefixCache": "fastprompt.hf.attention",
@@ -62,7 +63,8 @@ if TYPE_CHECKING:
         resolve_backend,
     )
     from fastprompt.encoders import (  # noqa: F401
-        clear_encoder_cache,
+        EncoderCache,
+        available_encoder_backends,
         encode_prompt,
         fused_lstm,
         fused_mlp,

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from fastprompt.encoders import clear_encoder_cache
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
 from fastprompt.hf.soft_prompts import check_causal, prompt_kv
@@ -132,7 +131,6 @@ class _EncodedEntry:
 
     def invalidate(self) -> None:
         self._key = self._kv = None
-        clear_encoder_cache(self.encoder)  # its output is cached too, under the same blind spot (param.data)
 
 
 @dataclass(frozen=True)

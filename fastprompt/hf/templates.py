@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fastprompt.encoders import encode_prompt
+from fastprompt.encoders import EncoderCache, encode_prompt
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
 
@@ -145,11 +145,13 @@ class PromptTemplateModel(torch.nn.Module):
         self.peft_model = peft_model
         self.template = template
         self.adapter_name = name
+        self.encoder_cache = EncoderCache()
 
     def prompt_embeddings(self) -> torch.Tensor:
-        """The encoder output [P, D], computed once (cached in eval/no-grad mode)."""
+        """The encoder output [P, D], computed once per forward (kept in :attr:`encoder_cache` in eval/no-grad mode)."""
         encoder = compat.peft_prompt_encoder(self.peft_model, self.adapter_name)
-        return encode_prompt(encoder, compat.peft_prompt_tokens(self.peft_model, self.adapter_name))
+        tokens = compat.peft_prompt_tokens(self.peft_model, self.adapter_name)
+        return encode_prompt(encoder, tokens, cache=self.encoder_cache)
 
     def forward(
         self,
