@@ -27,7 +27,7 @@ from bench_attention import Case, base_case, make_inputs
 from fastprompt.kernels import prefix_attention as pa
 
 from fastprompt.attention import AttentionArgs
-from fastprompt.cli.bench import environment
+from fastprompt.bench.provenance import environment
 
 CANDIDATES = {
     "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3),
