@@ -44,8 +44,8 @@ _LAZY = {
     "adapter_registry": "fastprompt.hf.adapters",
     "shard_prompt_model": "fastprompt.hf.distributed",
     "save_sharded_adapter": "fastprompt.hf.distributed",
-    "enable_encoder_checkpoints": "fastprompt.hf.compat",
-    "disable_encoder_checkpoints": "fastprompt.hf.compat",
+    "enable_encoder_checkpoints": "fastprompt.hf.checkpoints",
+    "disable_encoder_checkpoints": "fastprompt.hf.checkpoints",
     "load_adapter": "fastprompt.serving",
     "cache_prompt": "fastprompt.serving",
     "export_prefix_kv": "fastprompt.serving",
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     )
     from fastprompt.hf.adapters import adapter_registry  # noqa: F401
     from fastprompt.hf.attention import PrefixCache  # noqa: F401
-    from fastprompt.hf.compat import disable_encoder_checkpoints, enable_encoder_checkpoints  # noqa: F401
+    from fastprompt.hf.checkpoints import disable_encoder_checkpoints, enable_encoder_checkpoints  # noqa: F401
     from fastprompt.hf.distributed import save_sharded_adapter, shard_prompt_model  # noqa: F401
     from fastprompt.hf.patching import patch, unpatch  # noqa: F401
     from fastprompt.hf.templates import PromptTemplate, PromptTemplateModel, scatter_prompts  # noqa: F401
