@@ -280,6 +280,7 @@ def test_cache_entries_live_as_long_as_their_owner_and_encoder():
     assert len(cache) == 0 and out() is None
     with torch.no_grad():
         out = weakref.ref(encode_prompt(encoder, tokens, cache=cache))
+    assert len(copy.deepcopy(cache)) == 0  # a copy (of a model that owns the cache) starts empty
     del cache
     gc.collect()
     assert out() is None  # a dropped cache drops its entries

@@ -50,6 +50,10 @@ class EncoderCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __reduce__(self) -> tuple[type[EncoderCache], tuple[()]]:
+        # a copy or a pickle starts empty: the entries belong to this cache's encoders, not to their copies
+        return EncoderCache, ()
+
     def tokens_on(self, encoder: torch.nn.Module, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``tokens`` [P] on ``device``, copied once per token vector; other tokens replace the entry.
 
