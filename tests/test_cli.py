@@ -247,6 +247,7 @@ def test_random_batch_is_random_and_left_padded():
 
 def test_info_lists_every_backend_with_its_reason():
     from fastprompt.attention import available_backends
+    from fastprompt.encoders import available_encoder_backends
 
     # the console script of this environment (beside its python), not whichever is first on PATH
     fastprompt_exe = shutil.which("fastprompt", path=str(Path(sys.executable).parent))
@@ -255,9 +256,11 @@ def test_info_lists_every_backend_with_its_reason():
     assert proc.returncode == 0, proc.stderr
     assert f"torch {torch.__version__}" in proc.stdout
     for device in ("cuda", "cpu"):
-        section = proc.stdout.split(f"attention backends for {device} tensors:\n", 1)[1].split("\n\n")[0]
-        for name, (ok, reason) in available_backends(device).items():
-            assert re.search(rf"^  {name} +{'yes' if ok else 'no'} +{re.escape(reason)}$", section, re.M), section
+        for what, available in (("attention", available_backends), ("prompt encoder", available_encoder_backends)):
+            section = proc.stdout.split(f"\n{what} backends for {device} tensors:\n", 1)[1].split("\n\n")[0]
+            for name, (ok, reason) in available(device).items():
+                assert re.search(rf"^  {name} +{'yes' if ok else 'no'} +{re.escape(reason)}$", section, re.M), section
+    assert re.search(r"^  cpu +yes +alias of torch: there are no C\+\+ encoder kernels", proc.stdout, re.M)
     if available_backends("cpu")["cpu"][0]:  # which build of the C++ kernels runs
         assert re.search(r"^  cpu +yes +C\+\+ kernels: (prebuilt library|ninja build in) ", proc.stdout, re.M)
 

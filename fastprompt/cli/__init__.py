@@ -33,14 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(commands)
     commands.add_parser(
         "info",
-        help="which attention backends are available here, and why not",
-        description="Print versions, the device, and for each backend of the attention op whether it can run.",
+        help="which attention and prompt encoder backends are available here, and why not",
+        description="Print versions, the device, and for each backend of the attention op and of the prompt "
+        "encoders whether it can run.",
     )
     return parser
 
 
 def _run_info() -> int:
     from fastprompt.attention import available_backends
+    from fastprompt.encoders import available_encoder_backends
 
     env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items())
@@ -55,6 +57,10 @@ def _run_info() -> int:
     for device in ("cuda", "cpu"):
         lines += ["", f"attention backends for {device} tensors:"]
         for name, (ok, reason) in available_backends(device).items():
+            lines.append(f"  {name:<7} {'yes' if ok else 'no ':<4} {reason}")
+    for device in ("cuda", "cpu"):
+        lines += ["", f"prompt encoder backends for {device} tensors:"]
+        for name, (ok, reason) in available_encoder_backends(device).items():
             lines.append(f"  {name:<7} {'yes' if ok else 'no ':<4} {reason}")
     print("\n".join(lines))
     return 0

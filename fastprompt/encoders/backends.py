@@ -197,6 +197,8 @@ def available_encoder_backends(device: torch.device | str | None = None) -> dict
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return {name: (False, "no CUDA GPU is available") for name in _NAMES}
     status = {}
     for backend in ENCODER_BACKENDS:
         reasons = backend.not_supported_reasons(device, torch.float32)
