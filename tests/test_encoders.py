@@ -427,6 +427,9 @@ def test_auto_takes_the_first_declared_backend_that_runs(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton could run CPU tensors, but auto keeps it for CUDA
     assert resolve_encoder_backend("auto", "cpu", torch.float32) == "torch"
     assert resolve_encoder_backend("auto", "meta", torch.bfloat16) == "torch"
+    # on CUDA tensors triton comes first: passing it over says why
+    with pytest.warns(RuntimeWarning, match=r"the triton encoder backend cannot run these cuda tensors .*float64"):
+        assert resolve_encoder_backend("auto", "cuda", torch.float64) == "torch"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ The names are the attention op's (``FASTPROMPT_BACKEND`` sets both), but there a
 ``cpu`` is a declared alias (:data:`ALIASES`) of the ``torch`` backend, so that forcing the op's C++ kernels
 keeps the encoders running; :func:`available_encoder_backends` lists it as such. ``auto`` walks
 :data:`ENCODER_BACKENDS` in order and takes the first that lists the device among its ``auto`` devices and
-can run the call; a backend asked for by name that cannot run raises
+can run the call, warning when it passes one over (never silently); a backend asked for by name that cannot run raises
 :class:`~fastprompt.errors.BackendUnavailableError` listing every backend's reasons.
 """
 
@@ -26,6 +26,7 @@ import dataclasses
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 
@@ -163,10 +164,25 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
                 f"backend {requested} cannot run these encoder tensors here ({_reasons_text(device, dtype)})"
             )
     else:
-        candidates = [b for b in ENCODER_BACKENDS if device.type in b.auto or b.auto == ("*",)]
-        chosen = next((b for b in candidates if not b.not_supported_reasons(device, dtype)), None)
+        chosen, passed_over = None, None
+        for backend in ENCODER_BACKENDS:
+            if device.type not in backend.auto and backend.auto != ("*",):
+                continue
+            reasons = backend.not_supported_reasons(device, dtype)
+            if not reasons:
+                chosen = backend
+                break
+            passed_over = passed_over or (backend.name, reasons)
         if chosen is None:
             raise BackendUnavailableError(f"no encoder backend can run these tensors ({_reasons_text(device, dtype)})")
+        if passed_over is not None:
+            warnings.warn(
+                f"fastprompt: the {passed_over[0]} encoder backend cannot run these {device.type} tensors "
+                f"({'; '.join(passed_over[1])}); using {chosen.name}. Set FASTPROMPT_BACKEND={chosen.name} "
+                "to silence this.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
     # imported here, where tracing runs eagerly: a compiled graph finds the module loaded (Dynamo cannot
     # trace an import through importlib)
     importlib.import_module(chosen.module)
