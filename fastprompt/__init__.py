@@ -6,7 +6,8 @@ C++ build)::
     fastprompt.prefix_attention(q, k, v, prefix_k, prefix_v, ...)   # the op
     fastprompt.merge_attention_states(out_a, lse_a, out_b, lse_b)   # merge partial attention by LSE
     fastprompt.patch(model) / fastprompt.unpatch(model)              # transformers / PEFT integration
-    fastprompt.encode_prompt(encoder, tokens, cache=EncoderCache())  # fused prompt encoders, once per forward
+    fastprompt.encode_prompt(encoder, tokens, cache=cache)           # fused prompt encoders, once per forward;
+                                                                     #   cache: an EncoderCache its owner keeps
     fastprompt.PromptTemplate / PromptTemplateModel                  # P-tuning with prompts anywhere
     fastprompt.load_adapter / cache_prompt / export_prefix_kv        # serving: many prefixes in one batch
     fastprompt.shard_prompt_model / save_sharded_adapter             # FSDP
