@@ -32,8 +32,8 @@ import fastprompt
 from fastprompt.attention import AttentionArgs
 from fastprompt.attention.cases import TOLERANCE, make_case, max_error, scale_of
 from fastprompt.attention.reference import naive_prefix_attention, reference_prefix_attention
-from fastprompt.cli.bench import environment_lines
-from fastprompt.cli.benchutil import Measurement, best_of_rounds, kernel_bench_options, measure
+from fastprompt.bench.provenance import environment_lines
+from fastprompt.bench.timing import Measurement, best_of_rounds, kernel_bench_options, measure
 
 MODES = ("forward", "forward+backward")
 
@@ -261,7 +261,7 @@ def header(device: str, dtype: torch.dtype, argv: list[str]) -> str:
             *environment_lines(torch.device(device), dtype, argv),
             "",
             "Median wall time per call, the better of alternating rounds for each side; MiB = peak memory "
-            "allocated during one call (fastprompt.cli.benchutil).",
+            "allocated during one call (fastprompt.bench.timing).",
         ]
     )
 

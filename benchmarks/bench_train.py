@@ -9,7 +9,7 @@ Cases (issue 3):
 
 Each case builds one model, times AdamW steps unpatched (PEFT's path: per-row prefix, cache concat,
 4-D mask), then patches the same model object and times them again. Tokens/s counts B * T real-plus-pad
-input tokens; peak memory is :func:`fastprompt.cli.benchutil.measure`'s (CUDA allocator / CPU profiler).
+input tokens; peak memory is :func:`fastprompt.bench.timing.measure`'s (CUDA allocator / CPU profiler).
 
     python benchmarks/bench_train.py                       # CPU, small shapes
     python benchmarks/bench_train.py --preset cuda         # GPU bf16, the issue's target shapes
@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from fastprompt.cli import bench
-from fastprompt.cli.benchutil import Measurement, measure_alternating
+from fastprompt import bench
+from fastprompt.bench.timing import Measurement, measure_alternating
 
 CASES = ("prefix-tuning", "p-tuning-v2", "p-tuning-lstm", "bert-p-tuning-v2")
 train_step = bench.train_step
@@ -118,7 +118,7 @@ def build_train_case(
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """``(peft_model, batch)`` for ``case`` (one of :data:`CASES`): a fresh, unpatched PEFT model.
 
-    Decoder batches have left padding on some rows (``fastprompt.cli.bench.random_batch``); the classifier's
+    Decoder batches have left padding on some rows (``fastprompt.bench.models.random_batch``); the classifier's
     batch has the same padding pattern moved to the right, as a tokenizer pads for BERT, and class labels.
     """
     from peft import get_peft_model

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_train  # noqa: E402
 
 import fastprompt  # noqa: E402
-from fastprompt.cli import bench  # noqa: E402
+from fastprompt import bench  # noqa: E402
 
 TINY = dict(
     decoder=bench.ModelShape(hidden=32, layers=2, heads=4, kv_heads=2, vocab=64),

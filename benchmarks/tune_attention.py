@@ -26,7 +26,7 @@ import torch
 from bench_attention import Case, base_case, make_inputs
 
 from fastprompt.attention import AttentionArgs
-from fastprompt.cli.bench import environment
+from fastprompt.bench.provenance import environment
 from fastprompt.kernels import prefix_attention as pa
 
 CANDIDATES = {

@@ -6,7 +6,8 @@ C++ build)::
     fastprompt.prefix_attention(q, k, v, prefix_k, prefix_v, ...)   # the op
     fastprompt.merge_attention_states(out_a, lse_a, out_b, lse_b)   # merge partial attention by LSE
     fastprompt.patch(model) / fastprompt.unpatch(model)              # transformers / PEFT integration
-    fastprompt.encode_prompt(encoder, tokens)                        # fused prompt encoders, once per forward
+    fastprompt.encode_prompt(encoder, tokens, cache=cache)           # fused prompt encoders, once per forward;
+                                                                     #   cache: an EncoderCache its owner keeps
     fastprompt.PromptTemplate / PromptTemplateModel                  # P-tuning with prompts anywhere
     fastprompt.load_adapter / cache_prompt / export_prefix_kv        # serving: many prefixes in one batch
     fastprompt.shard_prompt_model / save_sharded_adapter             # FSDP
@@ -28,10 +29,11 @@ _LAZY = {
     "available_backends": "fastprompt.attention",
     "resolve_backend": "fastprompt.attention",
     "encode_prompt": "fastprompt.encoders",
-    "clear_encoder_cache": "fastprompt.encoders",
+    "EncoderCache": "fastprompt.encoders",
     "fused_mlp": "fastprompt.encoders",
     "fused_lstm": "fastprompt.encoders",
     "resolve_encoder_backend": "fastprompt.encoders",
+    "available_encoder_backends": "fastprompt.encoders",
     "PrefixKV": "fastprompt.prefix",
     "ExportedPrefix": "fastprompt.prefix",
     "PrefixCache": "fastprompt.hf.attention",
@@ -43,8 +45,8 @@ _LAZY = {
     "adapter_registry": "fastprompt.hf.registry",
     "shard_prompt_model": "fastprompt.hf.distributed",
     "save_sharded_adapter": "fastprompt.hf.distributed",
-    "enable_encoder_checkpoints": "fastprompt.hf.compat",
-    "disable_encoder_checkpoints": "fastprompt.hf.compat",
+    "enable_encoder_checkpoints": "fastprompt.hf.checkpoints",
+    "disable_encoder_checkpoints": "fastprompt.hf.checkpoints",
     "load_adapter": "fastprompt.serving",
     "cache_prompt": "fastprompt.serving",
     "export_prefix_kv": "fastprompt.serving",
@@ -62,14 +64,15 @@ if TYPE_CHECKING:
         resolve_backend,
     )
     from fastprompt.encoders import (  # noqa: F401
-        clear_encoder_cache,
+        EncoderCache,
+        available_encoder_backends,
         encode_prompt,
         fused_lstm,
         fused_mlp,
         resolve_encoder_backend,
     )
     from fastprompt.hf.attention import PrefixCache  # noqa: F401
-    from fastprompt.hf.compat import disable_encoder_checkpoints, enable_encoder_checkpoints  # noqa: F401
+    from fastprompt.hf.checkpoints import disable_encoder_checkpoints, enable_encoder_checkpoints  # noqa: F401
     from fastprompt.hf.distributed import save_sharded_adapter, shard_prompt_model  # noqa: F401
     from fastprompt.hf.patching import patch, unpatch  # noqa: F401
     from fastprompt.hf.registry import adapter_registry  # noqa: F401

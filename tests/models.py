@@ -1,4 +1,4 @@
-"""Tiny random-weight models and PEFT prompt-learning adapters shared by the model tests and benchmarks.
+"""Tiny random-weight models and PEFT prompt-learning adapters of every architecture, for the model tests.
 
 Every architecture is built from a config with a few dozen hidden units and two layers, so a forward
 takes milliseconds on CPU. Dropout is off everywhere so that train-mode runs are deterministic and

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprompt import cli
-from fastprompt.cli import bench
-from fastprompt.cli.benchutil import Measurement
+from fastprompt import bench, cli
+from fastprompt.bench.timing import Measurement
 
 TINY = {
     "--hidden": 32,
@@ -248,6 +247,7 @@ def test_random_batch_is_random_and_left_padded():
 
 def test_info_lists_every_backend_with_its_reason():
     from fastprompt.attention import available_backends
+    from fastprompt.encoders import available_encoder_backends
 
     # the console script of this environment (beside its python), not whichever is first on PATH
     fastprompt_exe = shutil.which("fastprompt", path=str(Path(sys.executable).parent))
@@ -256,9 +256,11 @@ def test_info_lists_every_backend_with_its_reason():
     assert proc.returncode == 0, proc.stderr
     assert f"torch {torch.__version__}" in proc.stdout
     for device in ("cuda", "cpu"):
-        section = proc.stdout.split(f"attention backends for {device} tensors:\n", 1)[1].split("\n\n")[0]
-        for name, (ok, reason) in available_backends(device).items():
-            assert re.search(rf"^  {name} +{'yes' if ok else 'no'} +{re.escape(reason)}$", section, re.M), section
+        for what, available in (("attention", available_backends), ("prompt encoder", available_encoder_backends)):
+            section = proc.stdout.split(f"\n{what} backends for {device} tensors:\n", 1)[1].split("\n\n")[0]
+            for name, (ok, reason) in available(device).items():
+                assert re.search(rf"^  {name} +{'yes' if ok else 'no'} +{re.escape(reason)}$", section, re.M), section
+    assert re.search(r"^  cpu +yes +alias of torch: there are no C\+\+ encoder kernels", proc.stdout, re.M)
     if available_backends("cpu")["cpu"][0]:  # which build of the C++ kernels runs
         assert re.search(r"^  cpu +yes +C\+\+ kernels: (prebuilt library|ninja build in) ", proc.stdout, re.M)
 
@@ -365,7 +367,7 @@ def test_bad_option_in_a_subprocess_has_no_traceback(tmp_path):
 
 def test_defaults_follow_the_device():
     args = cli.build_parser().parse_args(["bench", "--device", "cpu", "--batch", "3"])
-    config = cli.bench_config(cli.build_parser(), args)
+    config = cli.bench.bench_config(cli.build_parser(), args)
     cpu = bench.DEFAULTS["cpu"]
     assert config.model == cpu["shape"] and config.dtype == cpu["dtype"] and config.device.type == "cpu"
     assert config.batch == 3 and config.seq_len == cpu["seq_len"] and config.prefix_len == cpu["prefix_len"]
@@ -414,7 +416,7 @@ def test_serving_rows_are_opt_in_and_complete(tmp_path, capsys):
 def test_prepended_batch_is_the_prompt_then_each_row_left_padded():
     batch = bench.random_batch(50, 5, 7, device="cpu", seed=1)
     prompt = torch.randint(1, 50, (1, 4))
-    joined = bench._prepended(prompt, batch)
+    joined = bench.suite._prepended(prompt, batch)
     for row in range(5):
         real = batch["attention_mask"][row].bool()
         pad = int((~real).sum())
@@ -443,7 +445,7 @@ def _cache_another_prompt(monkeypatch):
 def test_wrong_logits_are_refused_not_timed(monkeypatch, capsys):
     _cache_another_prompt(monkeypatch)
     timed = []
-    monkeypatch.setattr(bench, "best_of_rounds", lambda *args, **kwargs: timed.append(1))
+    monkeypatch.setattr(bench.suite, "best_of_rounds", lambda *args, **kwargs: timed.append(1))
     assert cli.main(["bench", *SERVING_TINY, "--methods", "few-shot", "--quiet"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and not timed
@@ -457,16 +459,16 @@ def test_wrong_tokens_are_refused_not_timed(monkeypatch):
     _cache_another_prompt(monkeypatch)
     args = cli.build_parser().parse_args(["bench", *SERVING_TINY, "--methods", "shared-generate", "--device", "cpu"])
     with pytest.raises(bench.OutputMismatchError, match=r"shared-generate vs copied cache: generated tokens differ"):
-        bench.run(cli.bench_config(cli.build_parser(), args))
+        bench.run(cli.bench.bench_config(cli.build_parser(), args))
 
 
 def test_generate_baseline_that_drops_the_prefix_is_refused_not_timed(monkeypatch, capsys):
     # PEFT 0.21's own generate on transformers 5.24 silently generates without the prefix; a baseline doing the
     # same must not be timed.
-    monkeypatch.setattr(bench, "peft_prefix_generate", lambda model, batch, new_tokens: bench.generate_step(
+    monkeypatch.setattr(bench.suite, "peft_prefix_generate", lambda model, batch, new_tokens: bench.generate_step(
         model.get_base_model(), batch, new_tokens))
     timed = []
-    monkeypatch.setattr(bench, "best_of_rounds", lambda *args, **kwargs: timed.append(1))
+    monkeypatch.setattr(bench.suite, "best_of_rounds", lambda *args, **kwargs: timed.append(1))
     # 8 new tokens on 2 rows: the chance that a random prefix changes none of them is negligible
     assert cli.main(["bench", *TINY_ARGS, "--new-tokens", "8", "--methods", "generate", "--quiet"]) == 1
     captured = capsys.readouterr()

@@ -5,6 +5,9 @@ the PyTorch path and the triton kernels (interpreted on CPU, hence tiny sizes).
 """
 
 import copy
+import gc
+import sys
+import weakref
 import zlib
 
 import pytest
@@ -14,8 +17,15 @@ from peft.tuners.p_tuning.model import PromptEncoder
 from peft.tuners.prefix_tuning.model import PrefixEncoder
 from peft.tuners.prompt_tuning.model import PromptEmbedding
 
-from fastprompt import encoders
-from fastprompt.encoders import clear_encoder_cache, encode_prompt, fused_lstm, fused_mlp
+import fastprompt
+from fastprompt.encoders import (
+    EncoderCache,
+    available_encoder_backends,
+    encode_prompt,
+    fused_lstm,
+    fused_mlp,
+    resolve_encoder_backend,
+)
 from fastprompt.errors import BackendUnavailableError, UnsupportedModelError
 from fastprompt.kernels import prompt_encoders
 
@@ -255,18 +265,19 @@ def test_cache_hit_and_invalidation(name):
     encoder = ENCODERS[name]().to(DEVICE).eval()
     _randomize(encoder)
     tokens = torch.arange(encoder.embedding.weight.shape[0], device=DEVICE)
-    clear_encoder_cache()
+    cache = EncoderCache()
     with torch.no_grad():
-        first = encode_prompt(encoder, tokens)
-        assert encode_prompt(encoder, tokens) is first
-        assert encode_prompt(encoder, tokens.flip(0)) is not first
+        first = encode_prompt(encoder, tokens, cache=cache)
+        assert encode_prompt(encoder, tokens, cache=cache) is first
+        assert encode_prompt(encoder, tokens.flip(0), cache=cache) is not first
+        assert encode_prompt(encoder, tokens) is not encode_prompt(encoder, tokens)  # no cache: computed
 
     # an optimizer step changes the parameters in place
     optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
-    encode_prompt(encoder, tokens).square().sum().backward()
+    encode_prompt(encoder, tokens, cache=cache).square().sum().backward()
     optimizer.step()
     with torch.no_grad():
-        stepped = encode_prompt(encoder, tokens)
+        stepped = encode_prompt(encoder, tokens, cache=cache)
     assert not torch.allclose(stepped, first)
     torch.testing.assert_close(stepped, _peft_out(encoder, tokens), atol=2e-5, rtol=2e-5)
 
@@ -275,24 +286,68 @@ def test_cache_hit_and_invalidation(name):
     _randomize(other)
     encoder.load_state_dict(other.state_dict())
     with torch.no_grad():
-        loaded = encode_prompt(encoder, tokens)
+        loaded = encode_prompt(encoder, tokens, cache=cache)
     torch.testing.assert_close(loaded, _peft_out(other.eval(), tokens), atol=2e-5, rtol=2e-5)
+
+    # a write through param.data is invisible to the state key: clear() is the way out
+    with torch.no_grad():
+        encoder.embedding.weight.data.add_(1.0)
+        assert encode_prompt(encoder, tokens, cache=cache) is loaded
+        cache.clear(encoder)
+        torch.testing.assert_close(
+            encode_prompt(encoder, tokens, cache=cache), _peft_out(encoder, tokens), atol=2e-5, rtol=2e-5
+        )
 
     # a frozen encoder is cached even with grad mode on
     encoder.requires_grad_(False)
-    assert encode_prompt(encoder, tokens) is encode_prompt(encoder, tokens)
+    assert encode_prompt(encoder, tokens, cache=cache) is encode_prompt(encoder, tokens, cache=cache)
 
 
-def test_host_tokens_reach_the_device_once(monkeypatch):
-    # PEFT keeps prompt_tokens on the CPU: one device copy per token vector, reused by every forward
-    monkeypatch.setattr(encoders, "_DEVICE_TOKENS", {})
+def test_cache_entries_live_as_long_as_their_owner_and_encoder():
+    encoder, other = _prefix_mlp().eval(), _prefix_mlp().eval()
+    tokens = torch.arange(6)
+    cache = EncoderCache()
+    with torch.no_grad():
+        out = weakref.ref(encode_prompt(encoder, tokens, cache=cache))
+        encode_prompt(other, tokens, cache=cache)
+    assert len(cache) == 2 and out() is not None
+    del other
+    gc.collect()
+    assert len(cache) == 1  # a dropped encoder drops its entry
+    cache.clear()
+    assert len(cache) == 0 and out() is None
+    with torch.no_grad():
+        out = weakref.ref(encode_prompt(encoder, tokens, cache=cache))
+    assert len(copy.deepcopy(cache)) == 0  # a copy (of a model that owns the cache) starts empty
+    del cache
+    gc.collect()
+    assert out() is None  # a dropped cache drops its entries
+
+
+def test_encoders_hold_no_module_level_state():
+    # every cache is an EncoderCache its owner keeps: no module of the package holds a mutable container
+    names = [name for name in sys.modules if name == "fastprompt.encoders" or name.startswith("fastprompt.encoders.")]
+    assert len(names) >= 7, names
+    for name in names:
+        for attr, value in vars(sys.modules[name]).items():
+            if attr.startswith("__"):
+                continue
+            assert not isinstance(value, dict | list | set | weakref.WeakKeyDictionary | weakref.WeakValueDictionary), (
+                f"{name}.{attr} is a module-level {type(value).__name__}"
+            )
+    assert not hasattr(fastprompt, "clear_encoder_cache")
+
+
+def test_host_tokens_reach_the_device_once():
+    # PEFT keeps prompt_tokens on the CPU: one device copy per token vector and encoder, reused by every forward
+    cache, encoder, meta = EncoderCache(), torch.nn.Linear(1, 1), torch.device("meta")
     with torch.inference_mode():  # a first call from generate() must not cache an inference tensor
-        assert not encoders._on_device(torch.arange(4), torch.device("meta")).is_inference()
+        assert not cache.tokens_on(encoder, torch.arange(4), meta).is_inference()
     tokens = torch.arange(5)
-    copy = encoders._on_device(tokens, torch.device("meta"))
-    assert copy.device.type == "meta" and encoders._on_device(tokens.clone(), torch.device("meta")) is copy
-    assert encoders._on_device(tokens.flip(0), torch.device("meta")) is not copy
-    assert encoders._on_device(tokens, tokens.device) is tokens
+    copy = cache.tokens_on(encoder, tokens, meta)
+    assert copy.device.type == "meta" and cache.tokens_on(encoder, tokens.clone(), meta) is copy
+    assert cache.tokens_on(encoder, tokens.flip(0), meta) is not copy
+    assert torch.equal(cache.tokens_on(encoder, tokens, tokens.device), tokens)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only with a GPU")
@@ -301,15 +356,16 @@ def test_encode_prompt_with_host_tokens_never_waits_for_the_gpu(name):
     encoder = ENCODERS[name]().cuda().eval()  # eval: no LSTM dropout, so the no-grad output is cached
     _randomize(encoder)
     tokens = torch.arange(encoder.embedding.weight.shape[0])  # on the CPU, as PEFT keeps them
+    cache = EncoderCache()
     expected = encode_prompt(encoder, tokens.cuda())
-    encode_prompt(encoder, tokens)  # the one device copy of the tokens
+    encode_prompt(encoder, tokens, cache=cache)  # the one device copy of the tokens
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call now raises
     try:
-        trained = encode_prompt(encoder, tokens)
+        trained = encode_prompt(encoder, tokens, cache=cache)
         trained.sum().backward()
         with torch.no_grad():
-            served = encode_prompt(encoder, tokens)
-            assert encode_prompt(encoder, tokens) is served
+            served = encode_prompt(encoder, tokens, cache=cache)
+            assert encode_prompt(encoder, tokens, cache=cache) is served
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.testing.assert_close(trained, expected, atol=0, rtol=0)
@@ -319,7 +375,8 @@ def test_encode_prompt_with_host_tokens_never_waits_for_the_gpu(name):
 def test_no_cache_when_gradients_are_needed():
     encoder = _prefix_mlp().eval()
     tokens = torch.arange(6)
-    a, b = encode_prompt(encoder, tokens), encode_prompt(encoder, tokens)
+    cache = EncoderCache()
+    a, b = encode_prompt(encoder, tokens, cache=cache), encode_prompt(encoder, tokens, cache=cache)
     assert a is not b and a.requires_grad and b.requires_grad
 
 
@@ -378,11 +435,39 @@ def test_an_encoder_sharded_as_its_own_fsdp_unit_is_refused():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of a forced triton backend")
-def test_forced_triton_without_interpreter_raises(monkeypatch):
+def test_forced_triton_without_interpreter_raises_with_reasons(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
-    with pytest.raises(BackendUnavailableError, match="backend triton cannot run"):
+    with pytest.raises(
+        BackendUnavailableError, match=r"backend triton cannot run .*triton: .*TRITON_INTERPRET=1.* \| torch: can run"
+    ):
         encode_prompt(_prefix_mlp(), torch.arange(6))
+
+
+def test_backends_are_declared_and_cpu_is_an_alias_of_torch(monkeypatch):
+    assert [b.name for b in fastprompt.encoders.ENCODER_BACKENDS] == ["triton", "torch"]
+    (alias,) = fastprompt.encoders.ALIASES
+    assert (alias.name, alias.target) == ("cpu", "torch") and "no C++ encoder kernels" in alias.reason
+    for device in ("cpu", "cuda", "meta"):
+        assert resolve_encoder_backend("cpu", device, torch.float32) == "torch"
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "cpu")
+    assert resolve_encoder_backend(None, "cpu", torch.float64) == "torch"
+    status = available_encoder_backends("cpu")
+    assert status["cpu"] == (status["torch"][0], f"alias of torch: {alias.reason}")
+    with pytest.raises(BackendUnavailableError, match=r"backend triton cannot run .*supports .*float32, got float64"):
+        resolve_encoder_backend("triton", "cuda", torch.float64)
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"FASTPROMPT_BACKEND must be one of auto, triton, torch, cpu; got 'cuda'"):
+        resolve_encoder_backend(None, "cpu", torch.float32)
+
+
+def test_auto_takes_the_first_declared_backend_that_runs(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton could run CPU tensors, but auto keeps it for CUDA
+    assert resolve_encoder_backend("auto", "cpu", torch.float32) == "torch"
+    assert resolve_encoder_backend("auto", "meta", torch.bfloat16) == "torch"
+    # on CUDA tensors triton comes first: passing it over says why
+    with pytest.warns(RuntimeWarning, match=r"the triton encoder backend cannot run these cuda tensors .*float64"):
+        assert resolve_encoder_backend("auto", "cuda", torch.float64) == "torch"
 
 
 # ---------------------------------------------------------------------------------------------------

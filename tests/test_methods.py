@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import re
+import weakref
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,24 @@ def test_a_soft_prompt_served_compiled_needs_a_causal_model():
     method.check_fits(config, ModelFit.of(bert), "x", compiled=False)
     with pytest.raises(fastprompt.UnsupportedModelError, match=r"x \(compiled to keys and values once\) needs a"):
         method.check_fits(config, ModelFit.of(bert), "x", compiled=True)
+
+
+@pytest.mark.parametrize("test_method", ["prefix_projection", "p_tuning_lstm"])
+def test_encoder_outputs_are_kept_by_the_patch_and_go_with_it(test_method, monkeypatch, seed):
+    """Serving reruns no encoder while its parameters stay the same; the cache dies with unpatch."""
+    from fastprompt.encoders import api
+
+    runs = []
+    real_run = api._run
+    monkeypatch.setattr(api, "_run", lambda *args: runs.append(1) or real_run(*args))
+    model = fastprompt.patch(tiny_peft_model("llama", test_method, gqa=True, num_virtual_tokens=P, seed=seed)).eval()
+    batch = random_batch(B, T, padding="left", seed=seed)
+    with torch.no_grad():
+        for _ in range(2):
+            model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    assert len(runs) == 1, f"the encoder ran {len(runs)} times for two generations"
+    cache = weakref.ref(adapter_registry(model).encoder_cache)
+    assert len(cache()) == 1
+    fastprompt.unpatch(model)
+    gc.collect()
+    assert cache() is None, "the encoder cache outlived the patch"

@@ -96,9 +96,9 @@ def test_prompt_encoder_runs_once_per_forward_on_one_row(method, monkeypatch, se
     token_shapes = []
     real_encode = method_base.encode_prompt
 
-    def encode(encoder, tokens):
+    def encode(encoder, tokens, **kwargs):
         token_shapes.append(tuple(tokens.shape))
-        return real_encode(encoder, tokens)
+        return real_encode(encoder, tokens, **kwargs)
 
     monkeypatch.setattr(method_base, "encode_prompt", encode)
     forward_and_grads(model, random_batch(B, T, seed=seed))

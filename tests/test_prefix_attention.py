@@ -391,7 +391,7 @@ def test_torch_compile_fullgraph_traces_the_op(monkeypatch):
 @pytest.mark.parametrize("name", ["cpu", "torch"])
 def test_prefix_is_not_copied_per_row(name, monkeypatch):
     # One expanded copy of the prefix (what the naive path makes) would need B * Hkv * P * D * 4 bytes.
-    from fastprompt.cli.benchutil import _cpu_peak_bytes
+    from fastprompt.bench.timing import _cpu_peak_bytes
 
     if not available_backends("cpu")[name][0]:
         assert not _expected_here(name)

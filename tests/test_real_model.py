@@ -1,6 +1,6 @@
 """A real pretrained model: SmolLM2-135M converted from its GGUF file, trained on real review snippets.
 
-Needs the packages of ``fastprompt.hf.pretrained.INSTALL_LINE``; without them these tests fail with that line
+Needs the packages of ``fastprompt.bench.pretrained.INSTALL_LINE``; without them these tests fail with that line
 (they are part of the suite, not optional). The conversion runs once per session, into a temporary cache.
 """
 
@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprompt import cli
-from fastprompt.cli import bench
-from fastprompt.hf import pretrained
+from fastprompt import bench, cli
+from fastprompt.bench import pretrained
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -83,7 +82,8 @@ def test_missing_package_is_one_line_saying_what_to_install(monkeypatch, tmp_pat
 
 def test_named_model_resolves_to_the_converted_checkpoint(smollm2, monkeypatch):
     monkeypatch.setenv(pretrained.CACHE_ENV, str(smollm2.parent))
-    config = cli.bench_config(cli.build_parser(), cli.build_parser().parse_args(["bench", "--model", "smollm2-135m"]))
+    args = cli.build_parser().parse_args(["bench", "--model", "smollm2-135m"])
+    config = cli.bench.bench_config(cli.build_parser(), args)
     assert config.model == smollm2.resolve()
 
 
@@ -183,7 +183,7 @@ def test_few_shot_cached_demonstrations_predict_as_prepending_them(smollm2):
 def test_training_tables_count_each_run_against_peft():
     """The report's per-step tables: PEFT / control / fastprompt at each shown step, how often each is at least as
     close (accurate) as PEFT, and a note from the step a run leaves float32 noise."""
-    from fastprompt.cli.benchutil import Measurement
+    from fastprompt.bench.timing import Measurement
 
     scores = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
     result = bench_real.MethodResult(

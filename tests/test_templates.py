@@ -105,6 +105,15 @@ def test_train_step_then_save_load_round_trip(kind, tmp_path, seed):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_model_owns_its_encoder_cache():
+    model = _wrapped("llama", "MLP").eval()
+    with torch.no_grad():
+        served = model.prompt_embeddings()
+        assert model.prompt_embeddings() is served and len(model.encoder_cache) == 1
+    assert model.prompt_embeddings().requires_grad  # training recomputes
+    assert _wrapped("llama", "MLP").encoder_cache is not model.encoder_cache
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="spec must hold"):
         PromptTemplate(spec=(3,), placeholder_id=1)

@@ -3,7 +3,7 @@ evaluates every step, saves PEFT-format checkpoints (``save_total_limit``), ``lo
 leaves it holding a model with the logits of the best checkpoint loaded fresh (``PeftModel.from_pretrained``
 on a fresh base, then patched), and a run resumed from a checkpoint ends where the uninterrupted run ends.
 
-``fastprompt.patch`` turns on :func:`fastprompt.hf.compat.enable_encoder_checkpoints` (and ``unpatch`` turns
+``fastprompt.patch`` turns on :func:`fastprompt.hf.checkpoints.enable_encoder_checkpoints` (and ``unpatch`` turns
 it off again); without it PEFT's checkpoints fail the last two for prefix tuning with projection (loading
 raises) and P-tuning (other logits; see that module).
 """
@@ -19,7 +19,7 @@ from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 
 import fastprompt
-from fastprompt.hf.compat import ENCODER_FILE, disable_encoder_checkpoints, enable_encoder_checkpoints
+from fastprompt.hf.checkpoints import ENCODER_FILE, disable_encoder_checkpoints, enable_encoder_checkpoints
 
 pytestmark = pytest.mark.hf  # .ci/run repeats these on the floor versions
 

@@ -43,7 +43,7 @@ from transformers import PreTrainedModel
 
 from fastprompt.encoders import prepare_encoders
 from fastprompt.errors import UnsupportedModelError
-from fastprompt.hf import compat
+from fastprompt.hf import checkpoints, compat
 from fastprompt.hf.attention import ATTN_IMPLEMENTATION, LAYER_LOG_KWARG, PREFIX_KWARG, PrefixCache
 from fastprompt.hf.registry import AdapterRegistry, BatchPrefix, adapter_registry
 from fastprompt.hf.state import PatchState, patch_state
@@ -429,8 +429,8 @@ def patch(model: Any) -> Any:
         prepare_encoders(model)
         base = model.get_base_model()
         state = PatchState(base, base.config._attn_implementation, AdapterRegistry(model),
-                           encoder_checkpoints=not compat.encoder_checkpoints_enabled(model))
-        compat.enable_encoder_checkpoints(model)
+                           encoder_checkpoints=not checkpoints.encoder_checkpoints_enabled(model))
+        checkpoints.enable_encoder_checkpoints(model)
         _set_attn_implementation(base, ATTN_IMPLEMENTATION)
         state.swaps.wrap(model, "forward", _patched_forward, keep_signature=True)
         if hasattr(model, "prepare_inputs_for_generation"):  # the task types PEFT lets generate
@@ -461,6 +461,6 @@ def unpatch(model: Any) -> Any:
         return model
     state.swaps.restore()
     if state.encoder_checkpoints:
-        compat.disable_encoder_checkpoints(model)
+        checkpoints.disable_encoder_checkpoints(model)
     state.base.set_attn_implementation(state.attn_implementation)
     return model

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from fastprompt.encoders import clear_encoder_cache
+from fastprompt.encoders import EncoderCache
+from fastprompt.encoders.cache import state_key
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
 from fastprompt.hf.soft_prompts import leading_kv
@@ -96,21 +97,22 @@ class _EncodedEntry:
     K/V itself, with trainable parameters under autograd, gives fresh, differentiable K/V every call.
     """
 
-    def __init__(self, encoder: torch.nn.Module, config: Any, method: PromptMethod) -> None:
+    def __init__(self, encoder: torch.nn.Module, config: Any, method: PromptMethod, cache: EncoderCache) -> None:
         self.encoder = encoder
         self.config = config
         self.method = method
         self.kind = method.name
+        self._cache = cache  # the registry's: the encoder's output and its tokens' device copy
         self._key: tuple | None = None
         self._kv: torch.Tensor | None = None
 
     def _state(self, base: PreTrainedModel) -> tuple:
-        params = tuple((id(p), p.data_ptr(), p._version) for p in self.encoder.parameters())
-        return params, base.dtype, base.device
+        # the encoder cache's key, plus what the K/V also depend on: the model's dtype and device
+        return state_key(self.encoder, None), base.dtype, base.device
 
     def produce(self, base: PreTrainedModel) -> torch.Tensor:
         """What the method yields (differentiable under autograd), in ``base``'s dtype."""
-        return self.method.produce(self.encoder, self.config).to(base.dtype)
+        return self.method.produce(self.encoder, self.config, self._cache).to(base.dtype)
 
     def kv(self, base: PreTrainedModel) -> torch.Tensor:
         trainable = _trainable(self.encoder)
@@ -127,13 +129,13 @@ class _EncodedEntry:
         if self._kv is not None and key == self._key:
             return self._kv
         with torch.no_grad():
-            kv = leading_kv(base, self.method, self.method.produce(self.encoder, self.config))
+            kv = leading_kv(base, self.method, self.method.produce(self.encoder, self.config, self._cache))
         self._key, self._kv = key, kv
         return kv
 
     def invalidate(self) -> None:
         self._key = self._kv = None
-        clear_encoder_cache(self.encoder)  # its output is cached too, under the same blind spot (param.data)
+        self._cache.clear(self.encoder)  # its output is kept there under the same blind spot (param.data)
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,9 @@ class AdapterRegistry:
         self._model = weakref.ref(model)
         self._entries: dict[str, _FixedEntry | _EncodedEntry] = {}
         self._peft_entries: dict[str, _EncodedEntry] = {}
+        # the outputs of every encoder behind these prefixes (and their tokens' device copies): they live and
+        # die with the registry, that is with the patch
+        self.encoder_cache = EncoderCache()
         # The last batch's bank: rebuilt only when its names or their K/V change (a generation's steps reuse it).
         self._last_bank: tuple[tuple[str, ...], tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor] | None = None
 
@@ -230,7 +235,7 @@ class AdapterRegistry:
     def add_encoder(self, name: str, encoder: torch.nn.Module, config: Any, method: PromptMethod) -> None:
         """Register a PEFT prompt encoder and its config under ``name``; its prefix is derived at first use."""
         self.check_new_name(name)
-        self._entries[name] = _EncodedEntry(encoder, config, method)
+        self._entries[name] = _EncodedEntry(encoder, config, method, self.encoder_cache)
 
     def remove(self, name: str) -> None:
         """Forget a registered prefix (a PeftModel's own adapters are PEFT's to delete)."""
@@ -260,7 +265,7 @@ class AdapterRegistry:
         encoder = compat.peft_prompt_encoder(self.model, name)
         entry = self._peft_entries.get(name)
         if entry is None or entry.encoder is not encoder or entry.config is not config:
-            entry = self._peft_entries[name] = _EncodedEntry(encoder, config, method)
+            entry = self._peft_entries[name] = _EncodedEntry(encoder, config, method, self.encoder_cache)
         return entry
 
     def kind(self, name: str) -> str:

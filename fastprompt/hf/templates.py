@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fastprompt.encoders import EncoderCache
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
 from fastprompt.methods import Output
@@ -148,11 +149,13 @@ class PromptTemplateModel(torch.nn.Module):
         self.template = template
         self.adapter_name = name
         self.method = method
+        self.encoder_cache = EncoderCache()
 
     def prompt_embeddings(self) -> torch.Tensor:
-        """The encoder output [P, D], computed once (cached in eval/no-grad mode)."""
+        """The encoder output [P, D], computed once per forward (kept in :attr:`encoder_cache` in eval/no-grad mode)."""
         encoder = compat.peft_prompt_encoder(self.peft_model, self.adapter_name)
-        return self.method.produce(encoder, compat.peft_active_config(self.peft_model, self.adapter_name))
+        return self.method.produce(encoder, compat.peft_active_config(self.peft_model, self.adapter_name),
+                                   cache=self.encoder_cache)
 
     def forward(
         self,

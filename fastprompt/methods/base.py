@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fastprompt.encoders import encode_prompt
+from fastprompt.encoders import EncoderCache, encode_prompt
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.prefix.bank import KVGeometry
 
@@ -141,14 +141,14 @@ class PromptMethod:
         """The ids [P] the encoder reads: PEFT's ``prompt_tokens`` of one transformer submodule."""
         return torch.arange(self.length(config))
 
-    def produce(self, encoder: torch.nn.Module, config: Any) -> torch.Tensor:
+    def produce(self, encoder: torch.nn.Module, config: Any, cache: EncoderCache | None = None) -> torch.Tensor:
         """The encoder's output for the virtual tokens, shaped as :attr:`output` says.
 
-        Runs through :func:`fastprompt.encode_prompt` (differentiable under autograd, cached while the encoder's
-        parameters do not change otherwise).
+        Runs through :func:`fastprompt.encode_prompt`: differentiable under autograd; kept in ``cache`` (owned
+        by the caller) while the encoder's parameters do not change, where no gradient is needed.
         """
         self.check_config(config)
-        return encode_prompt(encoder, self.virtual_tokens(config))
+        return encode_prompt(encoder, self.virtual_tokens(config), cache=cache)
 
     # -- fitting a model ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fastprompt.encoders import EncoderCache
 from fastprompt.methods.base import ModelFit, Output, PromptMethod, Training
 from fastprompt.prefix.bank import KVGeometry
 
@@ -33,9 +34,9 @@ class PrefixTuning(PromptMethod):
         heads = config.num_attention_heads
         return KVGeometry(config.num_layers, heads, config.token_dim // heads)
 
-    def produce(self, encoder: torch.nn.Module, config: Any) -> torch.Tensor:
+    def produce(self, encoder: torch.nn.Module, config: Any, cache: EncoderCache | None = None) -> torch.Tensor:
         """The adapter's keys and values [L, 2, Hkv, P, D], a view of the encoder's output."""
-        flat = super().produce(encoder, config)
+        flat = super().produce(encoder, config, cache)
         geometry = self.geometry(config)
         shape = (self.length(config), geometry.num_layers, 2, geometry.num_kv_heads, geometry.head_dim)
         return flat.view(shape).permute(1, 2, 3, 0, 4)
