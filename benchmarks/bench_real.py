@@ -621,7 +621,7 @@ def few_shot_margins(
     numbered from P). ``name`` None: the demonstrations are prepended to every row's tokens and the model runs
     the whole sequence.
     """
-    from fastprompt.hf.registry import adapter_registry
+    from fastprompt.hf.state import adapter_registry
 
     neg, pos = neg_pos
     out = []

@@ -42,7 +42,7 @@ _LAZY = {
     "PromptTemplate": "fastprompt.hf.templates",
     "PromptTemplateModel": "fastprompt.hf.templates",
     "scatter_prompts": "fastprompt.hf.templates",
-    "adapter_registry": "fastprompt.hf.registry",
+    "adapter_registry": "fastprompt.hf.state",
     "shard_prompt_model": "fastprompt.hf.distributed",
     "save_sharded_adapter": "fastprompt.hf.distributed",
     "enable_encoder_checkpoints": "fastprompt.hf.checkpoints",
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from fastprompt.hf.checkpoints import disable_encoder_checkpoints, enable_encoder_checkpoints  # noqa: F401
     from fastprompt.hf.distributed import save_sharded_adapter, shard_prompt_model  # noqa: F401
     from fastprompt.hf.patching import patch, unpatch  # noqa: F401
-    from fastprompt.hf.registry import adapter_registry  # noqa: F401
+    from fastprompt.hf.state import adapter_registry  # noqa: F401
     from fastprompt.hf.templates import PromptTemplate, PromptTemplateModel, scatter_prompts  # noqa: F401
     from fastprompt.prefix import ExportedPrefix, PrefixKV  # noqa: F401
     from fastprompt.serving import cache_prompt, export_prefix_kv, load_adapter, load_prefix_kv  # noqa: F401

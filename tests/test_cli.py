@@ -429,7 +429,7 @@ def _cache_another_prompt(monkeypatch):
     """fastprompt serving K/V other than the prompt's (its values scaled, so that even a tiny random model's
     greedy tokens change): its outputs must be refused."""
     import fastprompt
-    from fastprompt.hf.registry import adapter_registry
+    from fastprompt.hf.state import adapter_registry
 
     real = fastprompt.cache_prompt
 

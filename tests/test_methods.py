@@ -23,7 +23,7 @@ from models import PAD, assert_scaled_close, peft_config, random_batch, tiny_mod
 from peft import LoraConfig, get_peft_model
 
 import fastprompt
-from fastprompt.hf.registry import adapter_registry
+from fastprompt.hf.state import adapter_registry
 from fastprompt.methods import METHODS, AdapterFitError, ModelFit, Output, Training, method_named
 from fastprompt.methods.peft_format import is_prompt_learning, method_of
 

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import fastprompt
 from fastprompt.hf import compat
-from fastprompt.hf.registry import adapter_registry
+from fastprompt.hf.state import adapter_registry
 from fastprompt.prefix import ExportedPrefix
 from fastprompt.serving import cache_prompt, export_prefix_kv, load_adapter, load_prefix_kv
 

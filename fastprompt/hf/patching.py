@@ -45,8 +45,8 @@ from fastprompt.encoders import prepare_encoders
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import checkpoints, compat
 from fastprompt.hf.attention import ATTN_IMPLEMENTATION, LAYER_LOG_KWARG, PREFIX_KWARG, PrefixCache
-from fastprompt.hf.registry import AdapterRegistry, BatchPrefix, adapter_registry
-from fastprompt.hf.state import PatchState, patch_state
+from fastprompt.hf.registry import AdapterRegistry, BatchPrefix
+from fastprompt.hf.state import PatchState, adapter_registry, patch_state
 from fastprompt.methods import ModelFit, Training
 from fastprompt.methods.peft_format import method_of
 from fastprompt.prefix.bank import row_position_ids

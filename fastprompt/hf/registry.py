@@ -1,7 +1,7 @@
 """The named prefixes a patched model serves, and the prefix bank of a batch whose rows name them.
 
 An :class:`AdapterRegistry` belongs to one patched model instance: :func:`fastprompt.patch` creates it with the
-patch state and :func:`fastprompt.unpatch` drops it (:func:`adapter_registry` finds it). Every prefix the
+patch state and :func:`fastprompt.unpatch` drops it (:func:`fastprompt.adapter_registry` finds it). Every prefix the
 model runs goes through it, a ``PeftModel``'s active adapter included (the case where every row names it).
 It maps names to prefixes, each with its :class:`~fastprompt.methods.PromptMethod`:
 
@@ -39,13 +39,12 @@ from fastprompt.encoders.cache import state_key
 from fastprompt.errors import UnsupportedModelError
 from fastprompt.hf import compat
 from fastprompt.hf.soft_prompts import leading_kv
-from fastprompt.hf.state import patch_state
 from fastprompt.methods import Output, PromptMethod
 from fastprompt.methods.peft_format import is_prompt_learning, method_of
 from fastprompt.prefix.bank import KVGeometry, row_offsets, row_position_ids, stack_prefixes
 from fastprompt.prefix.kv import PrefixKV
 
-__all__ = ["BASE", "AdapterRegistry", "BatchPrefix", "adapter_registry", "base_model_of"]
+__all__ = ["BASE", "AdapterRegistry", "BatchPrefix", "base_model_of"]
 
 BASE = "__base__"
 
@@ -58,17 +57,6 @@ def base_model_of(model: Any) -> PreTrainedModel:
             f"serving takes a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}"
         )
     return base
-
-
-def adapter_registry(model: Any) -> AdapterRegistry:
-    """The registry of a model patched by :func:`fastprompt.patch`; it lives as long as the patch."""
-    state = patch_state(model)
-    if state is None:
-        raise UnsupportedModelError(
-            f"this {type(model).__name__} is not patched: call fastprompt.patch(model) first (its named prefixes "
-            "live on the patch, and only a patched model can serve them)"
-        )
-    return state.registry
 
 
 def _trainable(encoder: torch.nn.Module) -> bool:
@@ -161,7 +149,7 @@ class BatchPrefix:
 
 
 class AdapterRegistry:
-    """Named prefixes of one model; see the module docstring. Get it with :func:`adapter_registry`.
+    """Named prefixes of one model; see the module docstring. Get it with :func:`fastprompt.adapter_registry`.
 
     The registry refers to its model weakly, so it never keeps the model alive.
     """

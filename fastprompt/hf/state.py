@@ -6,14 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fastprompt.errors import UnsupportedModelError
+from fastprompt.hf.registry import AdapterRegistry
 from fastprompt.hf.swaps import Swaps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from fastprompt.hf.registry import AdapterRegistry
-
-__all__ = ["PatchState", "patch_state"]
+__all__ = ["PatchState", "adapter_registry", "patch_state"]
 
 # The instance attribute that holds a patched model's PatchState.
 _STATE_ATTR = "_fastprompt_patch_state"
@@ -43,3 +43,14 @@ class PatchState:
 def patch_state(model: Any) -> PatchState | None:
     """The patch state of ``model``, or ``None`` if it is not patched."""
     return model.__dict__.get(_STATE_ATTR)
+
+
+def adapter_registry(model: Any) -> AdapterRegistry:
+    """The registry of a model patched by :func:`fastprompt.patch`; it lives as long as the patch."""
+    state = patch_state(model)
+    if state is None:
+        raise UnsupportedModelError(
+            f"this {type(model).__name__} is not patched: call fastprompt.patch(model) first (its named prefixes "
+            "live on the patch, and only a patched model can serve them)"
+        )
+    return state.registry

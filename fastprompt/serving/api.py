@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from fastprompt.hf.registry import adapter_registry, base_model_of
+from fastprompt.hf.registry import base_model_of
 from fastprompt.hf.soft_prompts import leading_kv
+from fastprompt.hf.state import adapter_registry
 from fastprompt.methods import CACHED_PROMPT, ModelFit, Output
 from fastprompt.methods.peft_format import read_adapter
 from fastprompt.prefix.export import ExportedPrefix
