@@ -17,6 +17,7 @@ builds that and the directory.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,9 @@ class FastpromptPrefixConnector(KVConnectorBase_V1):
         self._entries = read_index(directory)
         self._block_size = vllm_config.cache_config.block_size
         self._pending: list[PrefixLoad] = []
+        # Scheduler side: prefix positions handed to the workers to write, by prefix (what vLLM's prefix cache saved
+        # shows as the difference from P per request).
+        self.written: Counter[str] = Counter()
         # Worker side: each prefix as [L, 2, P, Hkv_worker, D] in the cache's dtype, read once here, so a step's
         # write is slicing plus the backend's own cache-write.
         self._kv: dict[str, torch.Tensor] = {}
@@ -104,7 +108,9 @@ class FastpromptPrefixConnector(KVConnectorBase_V1):
         model_config = vllm_config.model_config
         cache_dtype = vllm_config.cache_config.cache_dtype
         if cache_dtype != "auto":
-            raise ValueError(f"fastprompt prefixes need an unquantised KV cache (kv_cache_dtype 'auto'), got {cache_dtype!r}")
+            raise ValueError(
+                f"fastprompt prefixes need an unquantised KV cache (kv_cache_dtype 'auto'), got {cache_dtype!r}"
+            )
         heads = kv_head_range(
             model_config.get_total_num_kv_heads(),
             get_tensor_model_parallel_world_size(),
@@ -144,6 +150,7 @@ class FastpromptPrefixConnector(KVConnectorBase_V1):
         stop = self._entries[name].length
         # ``blocks`` are all of the request's blocks (new or resumed after preemption), so no later lookup is needed.
         self._pending.append(PrefixLoad(name, stop - num_external_tokens, stop, tuple(blocks.get_block_ids()[0])))
+        self.written[name] += num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = PrefixLoads(self._pending)
