@@ -116,8 +116,8 @@ def engine(adapters: Any, **overrides: Any) -> Any:
     """An in-process ``vllm.LLM`` serving ``adapters`` (a ``PromptAdapters``) on token ids."""
     import vllm
 
-    return vllm.LLM(**adapters.engine_args(block_size=BLOCK, skip_tokenizer_init=True, max_model_len=MAX_MODEL_LEN,
-                                           seed=0, **overrides))
+    args = {"block_size": BLOCK, "skip_tokenizer_init": True, "max_model_len": MAX_MODEL_LEN, "seed": 0, **overrides}
+    return vllm.LLM(**adapters.engine_args(**args))
 
 
 def close(llm: Any) -> None:
@@ -158,3 +158,30 @@ def assert_equal_reference(answers: list[tuple[list[int], list[float]]], rows: l
         assert tokens == want_tokens, f"row {row} ({name}): vLLM {tokens} != fastprompt generate {want_tokens}"
         err = max(abs(a - b) for a, b in zip(logprobs, want_logprobs, strict=True))
         assert err <= tol, f"row {row} ({name}): log-probabilities differ by {err:.2e} > {tol:.0e}"
+
+
+CHAT_TEMPLATE = (
+    "<s>{% for message in messages %}w{{ 4 if message['role'] == 'user' else 5 }} {{ message['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}w6{% endif %}"
+)
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer of the tiny vocabulary beside the model: ids 0-3 ``<unk> <pad> <s> </s>``, then
+    ``w4 .. w95``; ``<s>`` in front of every text, as Llama's; a chat template whose roles are words of it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+def words(token_ids: list[int]) -> str:
+    """The text of the tiny vocabulary's token ids 4.. (``save_tokenizer``)."""
+    return " ".join(f"w{t}" for t in token_ids)
