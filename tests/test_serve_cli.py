@@ -11,6 +11,8 @@ from fastprompt.cli import main
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
+pytestmark = pytest.mark.vllm  # runs in both environments: the vLLM one selects it by this marker
+
 
 def test_serve_is_listed_in_the_help(capsys):
     with pytest.raises(SystemExit):
