@@ -1,6 +1,6 @@
 """vLLM engines that start in unusual conditions, each alone in the process (the engine of test_vllm_engine.py is
 closed by then): a prefix directory made for another model is refused at start; a KV cache small enough to preempt
-requests still gives fastprompt's answers.
+requests still gives fastprompt's answers; two tensor-parallel workers (in a process of their own) too.
 
 Runs in vLLM's own environment (``.ci/vllm-env DIR``, then ``DIR/bin/pytest -m vllm``); skipped elsewhere.
 """
@@ -8,6 +8,9 @@ Runs in vLLM's own environment (``.ci/vllm-env DIR``, then ``DIR/bin/pytest -m v
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +75,44 @@ def test_preempted_requests_still_equal_fastprompt_generate(tmp_path, monkeypatc
         close(small)
     assert preempted, "the small cache preempted no request: the test tests nothing"
     assert_equal_reference(answers, rows, Reference(*setup))
+
+
+_TENSOR_PARALLEL = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {tests!r})
+
+def main():
+    import vllm
+    from vllm_cases import BLOCK, MAX_MODEL_LEN, Reference, assert_equal_reference, build_setup, generate
+    from vllm_cases import random_prompts
+    from fastprompt.engines.vllm import PromptAdapters
+
+    setup = build_setup(Path({root!r}))
+    adapters = PromptAdapters(setup[0], setup[1], prompts=setup[2])
+    llm = vllm.LLM(**adapters.engine_args(block_size=BLOCK, skip_tokenizer_init=True, max_model_len=MAX_MODEL_LEN,
+                                          tensor_parallel_size=2))
+    names = ["proj", "deep", "mlp", "lstm", "soft", "fewshot", "exported", "__base__"]
+    rows = list(zip(names, random_prompts(len(names), 3, 20, seed=6), strict=True))
+    assert_equal_reference(generate(llm, adapters, rows), rows, Reference(*setup))
+    print("tensor-parallel answers equal")
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU workers need two CPUs to bind to")
+def test_two_tensor_parallel_workers_each_write_their_own_heads(tmp_path):
+    """Two CPU workers (the tiny model's 2 key/value heads, one each): every adapter kind equal to fastprompt's
+    generate. vLLM's CPU build binds each worker's threads to a NUMA node unless told the cores (one node here)."""
+    script = tmp_path / "tensor_parallel.py"
+    script.write_text(_TENSOR_PARALLEL.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
+    env = {key: value for key, value in os.environ.items() if key != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    # run from elsewhere than the checkout: its kernels/ folder would shadow the package transformers imports
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "tensor-parallel answers equal" in done.stdout

@@ -4,8 +4,8 @@
 - ``/v1/models`` lists every adapter; ``model=NAME`` selects it on ``/v1/completions`` and
   ``/v1/chat/completions`` (the chat template applied, then the adapter's prefix in front), streaming included,
   and the response names the adapter;
-- an unknown adapter is a 404 naming it; a prompt past ``max_model_len`` a 400 naming both parts; the server keeps
-  serving after both;
+- an unknown adapter is a 404 naming it; a prompt past ``max_model_len`` a 400 naming both parts; prompt
+  log-probabilities and beam search under an adapter 400s saying so; the server keeps serving after them;
 - 64 concurrent requests over 8 adapters of every kind (a cached prompt and an exported file among them): every
   answer equals the offline one.
 
@@ -212,6 +212,11 @@ def test_bad_requests_are_refused_by_name_and_the_server_keeps_serving(server, c
         client.completions.create(model="nope", prompt="w5 w6", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match=r"adapter 'lstm' takes 70 positions: .* > max_model_len 256"):
         client.completions.create(model="lstm", prompt=words([5] * 200), max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="prompt logprobs are not available under adapter 'deep'"):
+        client.completions.create(model="deep", prompt="w5 w6", max_tokens=2, extra_body={"prompt_logprobs": 1})
+    with pytest.raises(openai.BadRequestError, match="beam search is not available under adapter 'deep'"):
+        client.completions.create(model="deep", prompt="w5 w6", max_tokens=2, n=2,
+                                  extra_body={"use_beam_search": True})
     case = next(c for c in cases if c[0] == "completion" and c[1] != BASE)
     _assert_equal_offline(case, asyncio.run(_ask(openai.AsyncOpenAI(base_url=server, api_key="none"), *case)), offline)
 

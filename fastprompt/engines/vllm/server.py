@@ -71,9 +71,15 @@ def route_adapters(renderer: Any, models: Any, adapters: PromptAdapters, max_mod
         params = dict(request.kv_transfer_params or {})
         params.pop(PARAM_KEY, None)
         if name != BASE:
+            # Both would run without the connector's parameters reaching it (prompt logprobs read no cache; beam
+            # search builds its own requests), so the placeholders would run as tokens: refused, never wrong.
             if request.prompt_logprobs is not None or (getattr(request, "echo", False) and request.logprobs):
                 return renderer.create_error_response(
                     f"prompt logprobs are not available under adapter {name!r}", param="prompt_logprobs"
+                )
+            if getattr(request, "use_beam_search", False):
+                return renderer.create_error_response(
+                    f"beam search is not available under adapter {name!r}", param="use_beam_search"
                 )
             params.update(adapters.kv_transfer_params(name))
         request.kv_transfer_params = params or None
