@@ -129,8 +129,8 @@ def main() -> int:
         hf_latency, hf_tokens, sizes = run_generate(model_dir, adapters, batch, times)
         vllm_latency, vllm_tokens = asyncio.run(run_vllm(model_dir, adapters, batch, times))
     agree = sum(a == b for a, b in zip(vllm_tokens, hf_tokens, strict=True))
-    lines = header(command)[:-1] + [
-        f"- {REQUESTS} requests (the workload of bench_vllm.py) arriving at {args.rate:g} per second on average "
+    lines = header(command) + [
+        f"- the requests arrive at {args.rate:g} per second on average "
         f"(exponential gaps, the last at {times[-1]:.2f} s); latency from arrival to the last of {NEW_TOKENS} tokens",
         "",
         "| side | p50 latency (s) | p95 latency (s) | mean (s) | last answer at (s) |",
