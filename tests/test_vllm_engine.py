@@ -106,9 +106,11 @@ def test_unknown_adapter_is_refused_by_name(adapters):
         adapters.request("nope", [5, 6, 7])
 
 
-def test_prompt_past_max_model_len_is_refused_naming_both_parts(adapters):
-    with pytest.raises(ValueError, match=r"200 tokens and adapter 'lstm' takes 70 positions: 270 > max_model_len"):
-        adapters.request("lstm", [5] * 200, max_model_len=MAX_MODEL_LEN)
+def test_prompt_past_max_model_len_is_refused_naming_both_parts(adapters, llm):
+    """Against the limit given here, or by default the one the engine was started with."""
+    for limit in (MAX_MODEL_LEN, None):
+        with pytest.raises(ValueError, match=r"200 tokens and adapter 'lstm' takes 70 positions: 270 > max_model_len"):
+            adapters.request("lstm", [5] * 200, max_model_len=limit)
 
 
 def test_prompt_logprobs_under_an_adapter_are_refused(adapters):

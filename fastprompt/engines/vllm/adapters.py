@@ -116,6 +116,8 @@ class PromptAdapters:
         else:
             self.entries = read_index(self.directory)
         self._tokenizer = None
+        # the engine's limit, once engine_args was given one: requests are checked against it by default
+        self.max_model_len: int | None = None
 
     @property
     def names(self) -> list[str]:
@@ -143,6 +145,8 @@ class PromptAdapters:
             "kv_transfer_config": KVTransferConfig(**self.kv_transfer_config()),
         }
         args.update(overrides)
+        if overrides.get("max_model_len") is not None:
+            self.max_model_len = int(overrides["max_model_len"])
         return args
 
     def prefix_length(self, name: str) -> int:
@@ -166,8 +170,10 @@ class PromptAdapters:
         """vLLM's prompt dict for ``prompt`` (text or token ids [T]) under adapter ``name``: ``prompt_token_ids``
         [P + T] (P placeholders, then the prompt) and, for an adapter, ``cache_salt``.
 
-        ``max_model_len``: when given, a prompt whose P + T exceeds it is refused here, naming both parts."""
+        ``max_model_len`` (default: the one :meth:`engine_args` was given, if any): a prompt whose P + T exceeds it
+        is refused here, naming both parts."""
         length = self.prefix_length(name)
+        max_model_len = self.max_model_len if max_model_len is None else max_model_len
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not token_ids:
             raise ValueError("the prompt has no tokens; vLLM needs at least one after the adapter's prefix")
