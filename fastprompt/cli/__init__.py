@@ -1,4 +1,5 @@
-"""The ``fastprompt`` command: ``fastprompt bench`` (how much faster, here) and ``fastprompt info``.
+"""The ``fastprompt`` command: ``fastprompt bench`` (how much faster, here), ``fastprompt info`` and
+``fastprompt serve`` (vLLM's OpenAI-compatible server with prompt-learning adapters).
 
 Bad options end with one line, ``fastprompt: error: ...``, and exit code 2; never a traceback.
 """
@@ -6,6 +7,7 @@ Bad options end with one line, ``fastprompt: error: ...``, and exit code 2; neve
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 from collections.abc import Sequence
@@ -15,6 +17,7 @@ import torch
 
 from fastprompt.bench.provenance import environment
 from fastprompt.cli import bench
+from fastprompt.errors import first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,8 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastprompt",
         description="fastprompt: fused kernels for prompt-based tuning on Hugging Face transformers.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,info}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,info,serve}")
     bench.add_parser(commands)
+
+    serve = commands.add_parser(
+        "serve",
+        help="vLLM's OpenAI-compatible server with prompt-learning adapters selected by model=NAME",
+        description=(
+            "Start vLLM's OpenAI-compatible server on MODEL, serving each --adapter as a model of its own name "
+            "(/v1/completions, /v1/chat/completions, streaming; /v1/models lists them). Needs vLLM (see README, "
+            "'Serving with vLLM'). Every option not listed here is vLLM's (vllm serve --help), e.g. --port, "
+            "--block-size, --max-model-len."
+        ),
+    )
+    _add_serve_arguments(serve)
     commands.add_parser(
         "info",
         help="which attention and prompt encoder backends are available here, and why not",
@@ -66,11 +81,37 @@ def _run_info() -> int:
     return 0
 
 
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fastprompt serve``'s own options; without vLLM installed, the command is listed and says what is missing."""
+    if importlib.util.find_spec("vllm") is None:
+        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return
+    from fastprompt.engines.vllm import server
+
+    server.add_arguments(parser)
+
+
+def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, vllm_argv: list[str]) -> int:
+    if importlib.util.find_spec("vllm") is None:
+        parser.error("serve needs vLLM, which is not installed here (README, 'Serving with vLLM': .ci/vllm-env)")
+    from fastprompt.engines.vllm import server
+
+    try:
+        return server.main(args, vllm_argv)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        parser.error(f"serve: {first_line(exc)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastprompt`` console script and of ``python -m fastprompt``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # serve hands every option it does not know to vLLM's own parser
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return _run_serve(parser, args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "bench":
         return bench.run(parser, args, shlex.join(["fastprompt", *argv]))
     return _run_info()
