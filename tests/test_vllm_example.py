@@ -21,7 +21,6 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vllm_adapters.py"
 
 def test_the_example_runs_and_equals_fastprompt_generate(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    # run from elsewhere than the checkout: its kernels/ folder would shadow the package transformers imports
     done = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -111,7 +111,6 @@ def test_two_tensor_parallel_workers_each_write_their_own_heads(tmp_path):
     script.write_text(_TENSOR_PARALLEL.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
     env = {key: value for key, value in os.environ.items() if key != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    # run from elsewhere than the checkout: its kernels/ folder would shadow the package transformers imports
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
