@@ -248,6 +248,8 @@ struct Dropout {
 // ---------------------------------------------------------------------------------------------
 // What both passes share: sizes, inputs, and the key blocks a batch row visits.
 
+enum KeyParts { kPrefixKeys = 1, kSequenceKeys = 2, kAllKeys = 3 };
+
 template <typename scalar_t>
 struct Problem {
   int64_t B, Hq, Hkv, G, T, S, P, D;
@@ -258,6 +260,12 @@ struct Problem {
   const int32_t* prefix_lens;
   const bool* key_padding_mask;  // [B, S] or nullptr
   Dropout dropout;
+  // The keys both passes visit. kPrefixKeys when another kernel (ATen's flash attention) attends the
+  // sequence: the forward then resumes from that kernel's out [B, Hq, T, D] and lse [B, Hq, T] (in the
+  // accumulation type), and the backward adds the prefix part to the dq it was handed.
+  int parts = kAllKeys;
+  Rows<const scalar_t> sequence_out{};
+  const typename AccType<scalar_t>::type* sequence_lse = nullptr;
 
   int64_t prefix_len(int64_t b) const {
     const int32_t n = prefix_index[b];
@@ -307,11 +315,9 @@ bool mask_row(const Problem<scalar_t>& p, int64_t b, int64_t t, const KeyBlock& 
   return visible > 0;
 }
 
-enum KeyParts { kPrefixKeys = 1, kSequenceKeys = 2, kAllKeys = 3 };
-
 // Blocks of keys row b visits for queries up to t_last: prefix blocks then sequence blocks.
 template <typename scalar_t>
-std::vector<KeyBlock> key_blocks(const Problem<scalar_t>& p, int64_t b, int64_t t_last, int parts = kAllKeys) {
+std::vector<KeyBlock> key_blocks(const Problem<scalar_t>& p, int64_t b, int64_t t_last, int parts) {
   std::vector<KeyBlock> blocks;
   const int64_t L = parts & kPrefixKeys ? p.prefix_len(b) : 0;
   for (int64_t s = 0; s < L; s += kBlockK) {
@@ -452,23 +458,41 @@ void attend_key_block(const Problem<scalar_t>& p, const RowBlock& rows, int64_t 
   }
 }
 
-// Running max m, sum l (natural-log units) and, with_values, the unnormalised output acc of a RowBlock.
+// Running max m, sum l (natural-log units) and, with_values, the unnormalised output acc of a RowBlock over
+// the keys of `parts`; with kPrefixKeys and a sequence state in p, starting from that state (an output and
+// its lse are the state m = lse, l = 1, acc = output), which merges the two parts by log-sum-exp for free.
 // The shared prefix is attended by all its rows at once, so each prefix tile is packed once per block.
 template <typename scalar_t, typename acc_t>
-void attend(const Problem<scalar_t>& p, const RowBlock& rows, bool with_values, ForwardScratch<acc_t>& w) {
-  const int64_t D = p.D, per_batch = rows.tn * p.G, M = rows.count * per_batch, t_last = rows.t0 + rows.tn - 1;
+void attend(const Problem<scalar_t>& p, const RowBlock& rows, bool with_values, ForwardScratch<acc_t>& w,
+            int parts) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t D = p.D, G = p.G, per_batch = rows.tn * G, M = rows.count * per_batch;
+  const int64_t t_last = rows.t0 + rows.tn - 1;
   for (int64_t i = 0; i < rows.count; ++i) {
-    pack_queries(p.q, rows.batch[i], rows.hkv, p.G, rows.t0, rows.tn, D, static_cast<acc_t>(p.scale),
+    pack_queries(p.q, rows.batch[i], rows.hkv, G, rows.t0, rows.tn, D, static_cast<acc_t>(p.scale),
                  w.qp.data() + i * per_batch * D);
   }
-  std::fill(w.acc.begin(), w.acc.begin() + M * D, acc_t(0));
-  std::fill(w.m.begin(), w.m.begin() + M, -std::numeric_limits<acc_t>::infinity());
-  std::fill(w.l.begin(), w.l.begin() + M, acc_t(0));
-  for (const KeyBlock& blk : key_blocks(p, rows.batch[0], t_last, kPrefixKeys)) {
+  if (parts == kPrefixKeys && p.sequence_lse != nullptr) {
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t b = rows.batch[r / per_batch], t = rows.t0 + (r % per_batch) / G, hq = rows.hkv * G + r % G;
+      const acc_t lse = p.sequence_lse[(b * p.Hq + hq) * p.T + t];
+      const scalar_t* src = p.sequence_out.at(b, hq, t);
+      for (int64_t d = 0; d < D; ++d) {
+        w.acc[r * D + d] = static_cast<acc_t>(src[d]);
+      }
+      w.m[r] = lse;
+      w.l[r] = lse == neg_inf ? acc_t(0) : acc_t(1);
+    }
+  } else {
+    std::fill(w.acc.begin(), w.acc.begin() + M * D, acc_t(0));
+    std::fill(w.m.begin(), w.m.begin() + M, neg_inf);
+    std::fill(w.l.begin(), w.l.begin() + M, acc_t(0));
+  }
+  for (const KeyBlock& blk : key_blocks(p, rows.batch[0], t_last, parts & kPrefixKeys)) {
     attend_key_block(p, rows, rows.batch[0], blk, 0, M, with_values, w);
   }
   for (int64_t i = 0; i < rows.count; ++i) {
-    for (const KeyBlock& blk : key_blocks(p, rows.batch[i], t_last, kSequenceKeys)) {
+    for (const KeyBlock& blk : key_blocks(p, rows.batch[i], t_last, parts & kSequenceKeys)) {
       attend_key_block(p, rows, rows.batch[i], blk, i * per_batch, (i + 1) * per_batch, with_values, w);
     }
   }
@@ -515,7 +539,7 @@ void forward_kernel(const Problem<scalar_t>& p, const Rows<scalar_t>& out, float
       const int64_t hkv = (item / q_blocks) % p.Hkv;
       const int64_t t0 = (item % q_blocks) * positions;
       const RowBlock rows{order.data() + first, count, hkv, t0, std::min(positions, p.T - t0)};
-      attend(p, rows, true, w);
+      attend(p, rows, true, w, p.parts);
       const int64_t per_batch = rows.tn * G;
       for (int64_t r = 0; r < count * per_batch; ++r) {
         const int64_t b = rows.batch[r / per_batch], t = t0 + (r % per_batch) / G, hq = hkv * G + r % G;
@@ -604,13 +628,14 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
   const auto first_query = [&](const KeyBlock& blk) {
     return blk.prefix || !p.causal ? int64_t(0) : std::max<int64_t>(0, blk.start - (p.S - T));
   };
+  // dq arrives holding the sequence part's gradient when another kernel attended the sequence, else zeros
   const auto write_dq = [&](int64_t b, int64_t hkv, const acc_t* src) {
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t g = 0; g < G; ++g) {
         scalar_t* dst = dq.at(b, hkv * G + g, t);
         const acc_t* row = src + (t * G + g) * D;
         for (int64_t d = 0; d < D; ++d) {
-          dst[d] = static_cast<scalar_t>(row[d]);
+          dst[d] = static_cast<scalar_t>(static_cast<acc_t>(dst[d]) + row[d]);
         }
       }
     }
@@ -644,7 +669,7 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
         // The float32 lse would cap fp64 gradients at ~1e-7 relative error: recompute it in fp64.
         for (int64_t t0 = 0; t0 < T; t0 += positions) {
           const int64_t tn = std::min(positions, T - t0);
-          attend(p, RowBlock{&b, 1, hkv, t0, tn}, false, lse_scratch);
+          attend(p, RowBlock{&b, 1, hkv, t0, tn}, false, lse_scratch, kAllKeys);
           for (int64_t r = 0; r < tn * G; ++r) {
             lse_rows[t0 * G + r] = log_sum_exp(lse_scratch.m[r], lse_scratch.l[r]);
           }
@@ -652,7 +677,7 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
       }
       std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
 
-      const std::vector<KeyBlock> blocks = key_blocks(p, b, T - 1);
+      const std::vector<KeyBlock> blocks = key_blocks(p, b, T - 1, p.parts);
       int64_t total_cost = 0, cost_before = 0;
       for (const KeyBlock& blk : blocks) {
         total_cost += T - first_query(blk);
@@ -858,10 +883,11 @@ at::Tensor lens_or_default(const std::optional<at::Tensor>& prefix_lens, const a
 
 int64_t seed_value(const std::optional<at::Tensor>& seed) { return seed.has_value() ? seed->item<int64_t>() : 0; }
 
-// Arguments in the order of fastprompt.attention.args.AttentionArgs, whose fields generate the schema.
-std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& pk_in,
-    const at::Tensor& pv_in, const std::optional<at::Tensor>& prefix_index_in,
+// sequence_out, sequence_lse: undefined, or the state the prefix part resumes from (see Problem).
+std::tuple<at::Tensor, at::Tensor> forward(
+    const at::Tensor& sequence_out, const at::Tensor& sequence_lse, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& pk_in, const at::Tensor& pv_in,
+    const std::optional<at::Tensor>& prefix_index_in,
     const std::optional<at::Tensor>& prefix_lens_in, const std::optional<at::Tensor>& key_padding_mask, bool causal,
     double scale, double dropout_p, const std::optional<at::Tensor>& seed_in) {
   const at::Tensor prefix_index = index_or_default(prefix_index_in, q_in);
@@ -878,15 +904,48 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
     return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefix_attention_fwd_cpu", [&] {
-    const auto p = make_problem<scalar_t>(q, k, v, pk, pv, prefix_index, prefix_lens, key_padding_mask, causal,
-                                          scale, dropout_p, seed);
+    auto p = make_problem<scalar_t>(q, k, v, pk, pv, prefix_index, prefix_lens, key_padding_mask, causal, scale,
+                                    dropout_p, seed);
+    if (sequence_out.defined()) {
+      p.parts = kPrefixKeys;
+      p.sequence_out = rows_of<const scalar_t>(sequence_out);
+      p.sequence_lse = sequence_lse.data_ptr<typename AccType<scalar_t>::type>();
+    }
     forward_kernel<scalar_t>(p, rows_of<scalar_t>(out), lse.data_ptr<float>());
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_bwd_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+// Arguments in the order of fastprompt.attention.args.AttentionArgs, whose fields generate the schema.
+std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pv,
+    const std::optional<at::Tensor>& prefix_index, const std::optional<at::Tensor>& prefix_lens,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  return forward(at::Tensor(), at::Tensor(), q, k, v, pk, pv, prefix_index, prefix_lens, key_padding_mask, causal,
+                 scale, dropout_p, seed);
+}
+
+// The prefix keys only, resuming from attention over the sequence keys: sequence_out [B, Hq, T, D] in q's
+// dtype and sequence_lse [B, Hq, T] (-inf where a query saw no sequence key); returns the whole (out, lse).
+std::tuple<at::Tensor, at::Tensor> prefix_attention_resume_fwd_cpu(
+    const at::Tensor& sequence_out, const at::Tensor& sequence_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pv, const std::optional<at::Tensor>& prefix_index,
+    const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask, bool causal,
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(dropout_p == 0, "prefix_attention_resume_fwd_cpu: the sequence part carries no dropout");
+  TORCH_CHECK(sequence_out.sizes() == q.sizes() && sequence_out.scalar_type() == q.scalar_type(),
+              "prefix_attention_resume_fwd_cpu: sequence_out must have q's shape and dtype");
+  TORCH_CHECK(sequence_lse.sizes() == q.sizes().slice(0, 3),
+              "prefix_attention_resume_fwd_cpu: sequence_lse must be [B, Hq, T]");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return forward(unit_last_stride(sequence_out), sequence_lse.to(acc).contiguous(), q, k, v, pk, pv, prefix_index,
+                 prefix_lens, key_padding_mask, causal, scale, dropout_p, seed);
+}
+
+// sequence_dq: undefined, or the sequence part's dq (another kernel's), to which the prefix part is added.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& sequence_dq, const at::Tensor& grad_out_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const std::optional<at::Tensor>& grad_lse_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& pk_in, const at::Tensor& pv_in,
     const std::optional<at::Tensor>& prefix_index_in, const std::optional<at::Tensor>& prefix_lens_in,
@@ -910,23 +969,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   const at::Tensor grad_out = unit_last_stride(grad_out_in), out = unit_last_stride(out_in);
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor grad_lse = grad_lse_in.has_value() ? grad_lse_in->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor dq = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool prefix_only = sequence_dq.defined();
+  at::Tensor dq = prefix_only ? unit_last_stride(sequence_dq)
+                              : at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  // The prefix-only pass writes no sequence gradient: dk, dv stay empty.
+  at::Tensor dk = at::zeros(prefix_only ? at::IntArrayRef{0} : k.sizes(), k.options());
+  at::Tensor dv = at::zeros(prefix_only ? at::IntArrayRef{0} : v.sizes(), v.options());
   at::Tensor dpk = at::zeros(pk.sizes(), pk.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dpv = at::zeros(pv.sizes(), pv.options().memory_format(at::MemoryFormat::Contiguous));
   if (q.numel() == 0) {
     return {dq, dk, dv, dpk, dpv};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefix_attention_bwd_cpu", [&] {
-    const auto p = make_problem<scalar_t>(q, k, v, pk, pv, prefix_index, prefix_lens, key_padding_mask, causal,
-                                          scale, dropout_p, seed);
+    auto p = make_problem<scalar_t>(q, k, v, pk, pv, prefix_index, prefix_lens, key_padding_mask, causal, scale,
+                                    dropout_p, seed);
+    p.parts = prefix_only ? kPrefixKeys : kAllKeys;
+    const Rows<scalar_t> no_rows{nullptr, 0, 0, 0};
     backward_kernel<scalar_t>(p, rows_of<const scalar_t>(grad_out), rows_of<const scalar_t>(out),
                               lse.data_ptr<float>(), grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr,
-                              rows_of<scalar_t>(dq), rows_of<scalar_t>(dk),
-                              rows_of<scalar_t>(dv), dpk, dpv, pk.size(0));
+                              rows_of<scalar_t>(dq), prefix_only ? no_rows : rows_of<scalar_t>(dk),
+                              prefix_only ? no_rows : rows_of<scalar_t>(dv), dpk, dpv, pk.size(0));
   });
   return {dq, dk, dv, dpk, dpv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& pk, const at::Tensor& pv, const std::optional<at::Tensor>& prefix_index,
+    const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask, bool causal,
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
+  return backward(at::Tensor(), grad_out, out, lse, grad_lse, q, k, v, pk, pv, prefix_index, prefix_lens,
+                  key_padding_mask, causal, scale, dropout_p, seed);
+}
+
+// The prefix keys' part of the backward, added to the sequence part's sequence_dq [B, Hq, T, D]: returns
+// (dq, dprefix_k, dprefix_v). out and lse are the whole attention's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_resume_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& sequence_dq,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pv,
+    const std::optional<at::Tensor>& prefix_index, const std::optional<at::Tensor>& prefix_lens,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(dropout_p == 0, "prefix_attention_resume_bwd_cpu: the sequence part carries no dropout");
+  TORCH_CHECK(sequence_dq.sizes() == q.sizes() && sequence_dq.scalar_type() == q.scalar_type(),
+              "prefix_attention_resume_bwd_cpu: sequence_dq must have q's shape and dtype");
+  auto [dq, dk, dv, dpk, dpv] = backward(sequence_dq, grad_out, out, lse, std::nullopt, q, k, v, pk, pv,
+                                         prefix_index, prefix_lens, key_padding_mask, causal, scale, dropout_p, seed);
+  return {dq, dpk, dpv};
 }
 
 }  // namespace
@@ -937,4 +1027,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 TORCH_LIBRARY_IMPL(fastprompt, CPU, m) {
   m.impl("prefix_attention_fwd_cpu", &fastprompt::prefix_attention_fwd_cpu);
   m.impl("prefix_attention_bwd_cpu", &fastprompt::prefix_attention_bwd_cpu);
+  m.impl("prefix_attention_resume_fwd_cpu", &fastprompt::prefix_attention_resume_fwd_cpu);
+  m.impl("prefix_attention_resume_bwd_cpu", &fastprompt::prefix_attention_resume_bwd_cpu);
 }

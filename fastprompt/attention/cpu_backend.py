@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from fastprompt.attention import cpu_cascade
 from fastprompt.attention.args import AttentionArgs, op_schema
 from fastprompt.csrc import build
 from fastprompt.errors import BackendUnavailableError
@@ -42,6 +43,12 @@ _LIB.define("prefix_attention_fwd_cpu" + op_schema("", "(Tensor, Tensor)"))
 _LIB.define(
     "prefix_attention_bwd_cpu"
     + op_schema("Tensor grad_out, Tensor out, Tensor lse, Tensor? grad_lse", "(Tensor, Tensor, Tensor, Tensor, Tensor)")
+)
+# The prefix part alone, after ATen's flash attention ran the sequence part (fastprompt.attention.cpu_cascade).
+_LIB.define("prefix_attention_resume_fwd_cpu" + op_schema("Tensor sequence_out, Tensor sequence_lse", "(Tensor, Tensor)"))
+_LIB.define(
+    "prefix_attention_resume_bwd_cpu"
+    + op_schema("Tensor grad_out, Tensor out, Tensor lse, Tensor sequence_dq", "(Tensor, Tensor, Tensor)")
 )
 
 
@@ -163,8 +170,12 @@ def load() -> None:
 
 
 def forward(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32)``."""
+    """``(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32)``: the cascade of
+    :mod:`~fastprompt.attention.cpu_cascade` (ATen's flash attention over the sequence, the C++ kernel over the
+    prefix), or with dropout the C++ kernel alone."""
     load()
+    if args.dropout_p == 0:
+        return cpu_cascade.forward(args)
     return torch.ops.fastprompt.prefix_attention_fwd_cpu(*args.flat())
 
 
@@ -172,6 +183,11 @@ def backward(
     args: AttentionArgs, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix gradients [N, Hkv, P, D] are summed over the batch
-    rows that used each bank row. ``grad_lse`` [B, Hq, T] or ``None``: a gradient reaching the lse."""
+    rows that used each bank row. ``grad_lse`` [B, Hq, T] or ``None``: a gradient reaching the lse.
+
+    The cascade's backward, or the C++ kernel's alone with dropout, a gradient reaching the lse, or float64
+    (see :mod:`~fastprompt.attention.cpu_cascade`)."""
     load()
+    if args.dropout_p == 0 and grad_lse is None and args.q.dtype != torch.float64:
+        return cpu_cascade.backward(args, out, lse, grad_out)
     return torch.ops.fastprompt.prefix_attention_bwd_cpu(grad_out, out, lse, grad_lse, *args.flat())
