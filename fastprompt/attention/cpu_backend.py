@@ -45,7 +45,9 @@ _LIB.define(
     + op_schema("Tensor grad_out, Tensor out, Tensor lse, Tensor? grad_lse", "(Tensor, Tensor, Tensor, Tensor, Tensor)")
 )
 # The prefix part alone, after ATen's flash attention ran the sequence part (fastprompt.attention.cpu_cascade).
-_LIB.define("prefix_attention_resume_fwd_cpu" + op_schema("Tensor sequence_out, Tensor sequence_lse", "(Tensor, Tensor)"))
+_LIB.define(
+    "prefix_attention_resume_fwd_cpu" + op_schema("Tensor sequence_out, Tensor sequence_lse", "(Tensor, Tensor)")
+)
 _LIB.define(
     "prefix_attention_resume_bwd_cpu"
     + op_schema("Tensor grad_out, Tensor out, Tensor lse, Tensor sequence_dq", "(Tensor, Tensor, Tensor)")
