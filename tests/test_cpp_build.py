@@ -60,7 +60,7 @@ def _prebuilt_dir(tmp_path: Path) -> Path:
     ninja build of this session, the same code) and the stamp for this machine."""
     ninja_dir = Path(_cpp.available()[1].removeprefix("ninja build in ").split(" (")[0])
     isa = build.isa_flags()[0]
-    for source in build.SOURCES:
+    for source in (*build.SOURCES, *build.HEADERS):
         shutil.copy(_cpp._csrc_dir() / source, tmp_path / source)
     shutil.copy(ninja_dir / f"fastprompt_cpu_{isa}.so", tmp_path / f"{build.PREBUILT_NAME}.cpython-x.so")
     build.write_stamp(tmp_path, tmp_path)
@@ -165,7 +165,12 @@ def test_failed_build_reports_compiler_output_once(tmp_path) -> None:
     assert "raised: True" in result.stdout
     assert "builds: 1 same: True ok: False" in result.stdout
     assert "broken compiler says no" in result.stdout
-    assert "fastprompt: compiling CPU kernels (first use, about a minute)..." in result.stderr
+    # the first-use message names what is built, where, and how long it usually takes
+    assert "fastprompt: compiling the C++ CPU kernels (prefix_attention_forward.cpp, prefix_attention_backward.cpp" in (
+        result.stderr
+    )
+    assert f"typically {build.EXPECTED_SECONDS} s..." in result.stderr
+    assert "kernels built in" not in result.stderr
 
 
 def test_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path) -> None:

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,8 +110,16 @@ def _build() -> tuple[bool, str]:
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with _builder_lock(build_dir):
-            if not any((build_dir / f"{name}{suffix}").exists() for suffix in (".so", ".pyd")):
-                print("fastprompt: compiling CPU kernels (first use, about a minute)...", file=sys.stderr, flush=True)
+            fresh = not any((build_dir / f"{name}{suffix}").exists() for suffix in (".so", ".pyd"))
+            if fresh:
+                print(
+                    f"fastprompt: compiling the C++ CPU kernels ({', '.join(build.SOURCES)} for {isa}, "
+                    f"{len(build.SOURCES)} translation unit(s) on {os.cpu_count()} cores) into {build_dir}; once per "
+                    f"torch version and source change, typically {build.EXPECTED_SECONDS} s...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            started = time.perf_counter()
             cpp_extension.load(
                 name=name,
                 sources=[str(_csrc_dir() / source) for source in build.SOURCES],
@@ -123,6 +132,9 @@ def _build() -> tuple[bool, str]:
     except Exception as error:  # the compiler's output arrives inside whatever cpp_extension raises
         tail = str(error)[-_ERROR_TAIL_CHARS:]
         return False, f"building the fastprompt CPU kernels in {build_dir} failed: {type(error).__name__}: {tail}"
+    if fresh:
+        elapsed = time.perf_counter() - started
+        print(f"fastprompt: C++ CPU kernels built in {elapsed:.0f} s", file=sys.stderr, flush=True)
     return True, f"ninja build in {build_dir}"
 
 
@@ -162,6 +174,12 @@ def available() -> tuple[bool, str]:
         if _status is None:
             _status = _load()
         return _status
+
+
+def prepare() -> None:
+    """Start loading (or building, on first use) the kernels in a background thread and return at once, so
+    that a caller overlaps the build with work that does not need it; :func:`available` waits for it."""
+    threading.Thread(target=available, name="fastprompt-cpu-kernels", daemon=True).start()
 
 
 def load() -> None:
