@@ -17,7 +17,7 @@ The grid (:func:`grid_cases`): the head geometries of :data:`GEOMETRIES`, prefix
 :data:`PREFIX_LENS`, sequence lengths :data:`SEQ_LENS` (``B * T`` = :data:`TOKENS`), causal and
 bidirectional, plus one decode row per geometry (one new token per row against its own KV cache of
 :data:`DECODE_CACHE` tokens, one prefix of :data:`DECODE_PREFIX` shared by the batch). ``--full`` runs the
-whole cross product (120 training shapes, 240 rows: about an hour on two CPU cores); the default runs a
+whole cross product (120 training shapes, 240 rows: about half an hour on two CPU cores); the default runs a
 sample of 20 that still has every geometry with every P, every T and both maskings, and every P with every
 T and both maskings: geometry ``i`` with prefix length ``j`` takes ``T = SEQ_LENS[(i + j) % 3]`` and is causal
 when ``i + j`` is even.
@@ -58,7 +58,7 @@ GEOMETRIES = {
 }
 PREFIX_LENS = (16, 64, 200, 512)
 SEQ_LENS = (64, 256, 1024)
-TOKENS = 2048
+TOKENS = 1024
 DECODE_BATCH, DECODE_CACHE, DECODE_PREFIX = 32, 256, 512
 
 
