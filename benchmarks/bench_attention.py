@@ -17,7 +17,7 @@ The grid (:func:`grid_cases`): the head geometries of :data:`GEOMETRIES`, prefix
 :data:`PREFIX_LENS`, sequence lengths :data:`SEQ_LENS` (``B * T`` = :data:`TOKENS`), causal and
 bidirectional, plus one decode row per geometry (one new token per row against its own KV cache of
 :data:`DECODE_CACHE` tokens, one prefix of :data:`DECODE_PREFIX` shared by the batch). ``--full`` runs the
-whole cross product (120 training shapes, 240 rows: about half an hour on two CPU cores); the default runs a
+whole cross product (120 training shapes, six times the default's training rows); the default runs a
 sample of 20 that still has every geometry with every P, every T and both maskings, and every P with every
 T and both maskings: geometry ``i`` with prefix length ``j`` takes ``T = SEQ_LENS[(i + j) % 3]`` and is causal
 when ``i + j`` is even.
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args, dtype, iters = kernel_bench_options(
         __doc__.split("\n\n")[0], argv, warmup=1, iters=(3, 20), csv=True,
-        switches=[("full", "the whole cross product of the grid (about an hour on two CPU cores)")],
+        switches=[("full", "the whole cross product of the grid (six times the default's training rows)")],
     )
     rows = run(grid_cases(args.full), dtype, args.device, args.warmup, iters, args.rounds)
     print(header(args.device, dtype, ["benchmarks/bench_attention.py", *argv]))
