@@ -8,7 +8,10 @@
 // A work item holds every query head of one GQA group, so each key block is loaded once for Hq / Hkv
 // heads. Keys are visited in blocks: first the row's prefix bank entry (up to its prefix_lens), then
 // the sequence keys; the prefix is read in place and never concatenated or copied per batch row.
-// Block products are small GEMMs on packed fp32 (fp64 for double) tiles, so fp16/bf16 accumulate in fp32.
+// Block products are small GEMMs on fp32 (fp64 for double) tiles, so fp16/bf16 accumulate in fp32.
+//
+// With ATen's flash attention over the sequence (fastprompt/attention/cpu_cascade.py) the kernels visit the
+// prefix keys only: the forward resumes from that kernel's output and lse, the backward adds to its dq.
 //
 // Shared by prefix_attention_forward.cpp and prefix_attention_backward.cpp, two translation units so
 // that a first-use build compiles them in parallel.

@@ -1,4 +1,7 @@
-"""The ``cpu`` backend: the C++ kernels of ``csrc/``, prebuilt by ``setup.py`` or compiled with ninja on first use.
+"""The ``cpu`` backend: ATen's CPU flash attention over the sequence and the C++ kernels of ``csrc/`` over the
+prefix (:mod:`~fastprompt.attention.cpu_cascade`), or the C++ kernels over both where ATen's kernel cannot
+serve (dropout; in backward also a gradient reaching the lse, and float64). The kernels are prebuilt by
+``setup.py`` or compiled with ninja on first use.
 
 A library that ``setup.py`` built ahead of time (``fastprompt/csrc/_prefix_attention_cpu*.so``) is loaded
 when its stamp matches this torch version, instruction set and sources; otherwise the kernels are built
