@@ -260,20 +260,8 @@ def _forward(backend: str, return_lse: bool, *fields) -> tuple[torch.Tensor, tor
 def _backward(
     backend: str, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None, *fields
 ) -> tuple[torch.Tensor, ...]:
-    args = AttentionArgs(*fields)
-    grads = _BY_NAME[backend].load().backward(args, out, lse, grad_out, grad_lse)
-    return tuple(
-        _laid_out_like(g, getattr(args, name)) for g, name in zip(grads, AttentionArgs.DIFFERENTIABLE, strict=True)
-    )
-
-
-def _laid_out_like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad`` in the memory layout of its input ``x`` (what the fake promises): transformers hands over
-    ``[B, T, H, D]`` projections viewed as ``[B, H, T, D]``, and a gradient in that layout reaches them
-    without a copy here or in the transpose's backward."""
-    if grad.stride() == x.stride():
-        return grad
-    return torch.empty_like(x).copy_(grad)
+    grads = _BY_NAME[backend].load().backward(AttentionArgs(*fields), out, lse, grad_out, grad_lse)
+    return tuple(g.contiguous() for g in grads)
 
 
 _LIB = torch.library.Library("fastprompt", "FRAGMENT")
@@ -298,7 +286,7 @@ def _(backend, return_lse, *fields):
 @torch.library.register_fake("fastprompt::prefix_attention_bwd", lib=_LIB)
 def _(backend, grad_out, out, lse, grad_lse, *fields):
     args = AttentionArgs(*fields)
-    return tuple(torch.empty_like(getattr(args, name)) for name in AttentionArgs.DIFFERENTIABLE)
+    return tuple(getattr(args, name).new_empty(getattr(args, name).shape) for name in AttentionArgs.DIFFERENTIABLE)
 
 
 def _setup_context(ctx, inputs, output) -> None:
