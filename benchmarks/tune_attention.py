@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from bench_attention import Case, base_case, make_inputs
+from bench_attention import Case, make_inputs, training_case
 
 from fastprompt.attention import AttentionArgs
 from fastprompt.bench.provenance import environment
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python benchmarks/tune_attention.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
     print("| head dim | kernel | (BLOCK_M, BLOCK_N, warps, stages) | ms | useful TFLOP/s |\n|---|---|---|---|---|")
     for D in args.head_dims:
-        for row in sweep(replace(base_case("cuda"), T=args.T, S=args.T, D=D), dtype):
+        for row in sweep(replace(training_case("Llama-3.2-1B", args.T, 128, causal=True), B=8, D=D), dtype):
             print(row, flush=True)
     return 0
 

@@ -60,7 +60,7 @@ def _prebuilt_dir(tmp_path: Path) -> Path:
     ninja build of this session, the same code) and the stamp for this machine."""
     ninja_dir = Path(_cpp.available()[1].removeprefix("ninja build in ").split(" (")[0])
     isa = build.isa_flags()[0]
-    for source in build.SOURCES:
+    for source in (*build.SOURCES, *build.HEADERS):
         shutil.copy(_cpp._csrc_dir() / source, tmp_path / source)
     shutil.copy(ninja_dir / f"fastprompt_cpu_{isa}.so", tmp_path / f"{build.PREBUILT_NAME}.cpython-x.so")
     build.write_stamp(tmp_path, tmp_path)
@@ -165,7 +165,12 @@ def test_failed_build_reports_compiler_output_once(tmp_path) -> None:
     assert "raised: True" in result.stdout
     assert "builds: 1 same: True ok: False" in result.stdout
     assert "broken compiler says no" in result.stdout
-    assert "fastprompt: compiling CPU kernels (first use, about a minute)..." in result.stderr
+    # the first-use message names what is built, where, and how long it usually takes
+    assert "fastprompt: compiling the C++ CPU kernels (prefix_attention_forward.cpp, prefix_attention_backward.cpp" in (
+        result.stderr
+    )
+    assert f"typically {build.EXPECTED_SECONDS} s..." in result.stderr
+    assert "kernels built in" not in result.stderr
 
 
 def test_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path) -> None:
@@ -331,15 +336,21 @@ def test_dropout_output_is_linear_in_values(dtype: torch.dtype, shape: str) -> N
 SMALL = dict(B=2, Hq=2, Hkv=1, T=2, S=2, N=2, P=3, D=4, prefix_index=[0, 1], prefix_lens=[1, 3], padded_keys=[0, 0])
 
 
+def _kernel_forward(args):
+    """The C++ forward op itself (the backend's forward runs ATen's flash kernel first)."""
+    _cpp.load()
+    return torch.ops.fastprompt.prefix_attention_fwd_cpu(*args.flat())
+
+
 def test_kernel_rejects_mismatched_dtypes() -> None:
     args = _args(torch.float32, **SMALL)
     with pytest.raises(RuntimeError, match="all five tensors must share q's dtype"):
-        _cpp.forward(dataclasses.replace(args, v=args.v.double()))
+        _kernel_forward(dataclasses.replace(args, v=args.v.double()))
 
 
 def test_kernel_rejects_out_of_range_bank_rows() -> None:
     args = _args(torch.float32, **SMALL)
     with pytest.raises(RuntimeError, match=r"prefix_index\[1\] = 2 is outside \[-1, 2\)"):
-        _cpp.forward(dataclasses.replace(args, prefix_index=torch.tensor([0, 2], dtype=torch.int32)))
+        _kernel_forward(dataclasses.replace(args, prefix_index=torch.tensor([0, 2], dtype=torch.int32)))
     with pytest.raises(RuntimeError, match=r"prefix_lens\[0\] = 4 is outside \[0, 3\]"):
-        _cpp.forward(dataclasses.replace(args, prefix_lens=torch.tensor([4, 3], dtype=torch.int32)))
+        _kernel_forward(dataclasses.replace(args, prefix_lens=torch.tensor([4, 3], dtype=torch.int32)))

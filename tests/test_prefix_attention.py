@@ -88,7 +88,11 @@ def check_against_reference(
     def loss(o, l, gl):  # noqa: E741
         return (o.double() * grad_out).sum() + (torch.where(torch.isinf(l), 0, l).double() * gl).sum()
 
-    grads = torch.autograd.grad(loss(out, lse, grad_lse), case.tensors)
+    if with_lse_grad:
+        grads = torch.autograd.grad(loss(out, lse, grad_lse), case.tensors)
+    else:  # the lse stays inside the op, as in training: no gradient can reach it
+        out_only = fastprompt.prefix_attention(*case.tensors, **case.options)
+        grads = torch.autograd.grad((out_only.double() * grad_out).sum(), case.tensors)
     ref_grads = torch.autograd.grad(loss(ref_out, ref_lse, ref_grad_lse), case.tensors)
     names = ["q", "k", "v", "prefix_k", "prefix_v"]
     floor = dict.fromkeys(names, 0.0)
@@ -144,7 +148,9 @@ def _hypothesis(max_examples: int):
 def test_random_shapes_cpu_backends(shape, seed, monkeypatch):
     for name in _cpu_tensor_backends():
         monkeypatch.setenv("FASTPROMPT_BACKEND", name)
-        check_against_reference(make_case(**shape, generator=torch.Generator().manual_seed(seed)))
+        for with_lse_grad in (True, False):
+            case = make_case(**shape, generator=torch.Generator().manual_seed(seed))
+            check_against_reference(case, with_lse_grad=with_lse_grad)
 
 
 @pytest.mark.skipif(not _expected_here("triton"), reason="triton is not installed")
@@ -172,20 +178,24 @@ def test_random_shapes_triton(shape, seed, monkeypatch):
         pytest.param({"D": 96, "T": 3, "P": 3}, id="D96"),
     ],
 )
-def test_fixed_shapes(shape, backend):
-    check_against_reference(make_case(**shape, device=_device_for(backend)))
+@pytest.mark.parametrize("with_lse_grad", [True, False], ids=["lse-grad", "no-lse-grad"])
+def test_fixed_shapes(shape, with_lse_grad, backend):
+    check_against_reference(make_case(**shape, device=_device_for(backend)), with_lse_grad=with_lse_grad)
 
 
+@pytest.mark.parametrize("with_lse_grad", [True, False], ids=["lse-grad", "no-lse-grad"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision(dtype, backend):
+def test_half_precision(dtype, with_lse_grad, backend):
     case = make_case(B=2, T=6, S=8, P=7, N=2, prefix_index=[1, 0], dtype=dtype, device=_device_for(backend))
-    check_against_reference(case)
+    check_against_reference(case, with_lse_grad=with_lse_grad)
 
 
-def test_float64(monkeypatch):
+@pytest.mark.parametrize("with_lse_grad", [True, False], ids=["lse-grad", "no-lse-grad"])
+def test_float64(with_lse_grad, monkeypatch):
     for name in _cpu_tensor_backends():
         monkeypatch.setenv("FASTPROMPT_BACKEND", name)
-        check_against_reference(make_case(dtype=torch.float64, P=4, T=3, S=5, padding="left"))
+        case = make_case(dtype=torch.float64, P=4, T=3, S=5, padding="left")
+        check_against_reference(case, with_lse_grad=with_lse_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -27,7 +27,7 @@ def test_sweep_times_every_candidate_under_its_own_tile_table(monkeypatch) -> No
         return 2.0
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run under the interpreter
-    case = Case("T", B=1, Hq=2, Hkv=1, T=20, S=20, P=5, D=32)
+    case = Case("tiny", B=1, Hq=2, Hkv=1, T=20, S=20, P=5, D=32)
     rows = tune_attention.sweep(case, torch.float32, device=device, timer=timer)
     assert len(rows) == 6 and len(set(timed)) == 6  # each row ran under its own table
     q = torch.empty(1, 2, 20, 32, device=device)

@@ -1,4 +1,7 @@
-"""The ``cpu`` backend: the C++ kernels of ``csrc/``, prebuilt by ``setup.py`` or compiled with ninja on first use.
+"""The ``cpu`` backend: ATen's CPU flash attention over the sequence and the C++ kernels of ``csrc/`` over the
+prefix (:mod:`~fastprompt.attention.cpu_cascade`), or the C++ kernels over both where ATen's kernel cannot
+serve (dropout; in backward also a gradient reaching the lse, and float64). The kernels are prebuilt by
+``setup.py`` or compiled with ninja on first use.
 
 A library that ``setup.py`` built ahead of time (``fastprompt/csrc/_prefix_attention_cpu*.so``) is loaded
 when its stamp matches this torch version, instruction set and sources; otherwise the kernels are built
@@ -23,11 +26,13 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from fastprompt.attention import cpu_cascade
 from fastprompt.attention.args import AttentionArgs, op_schema
 from fastprompt.csrc import build
 from fastprompt.errors import BackendUnavailableError
@@ -42,6 +47,14 @@ _LIB.define("prefix_attention_fwd_cpu" + op_schema("", "(Tensor, Tensor)"))
 _LIB.define(
     "prefix_attention_bwd_cpu"
     + op_schema("Tensor grad_out, Tensor out, Tensor lse, Tensor? grad_lse", "(Tensor, Tensor, Tensor, Tensor, Tensor)")
+)
+# The prefix part alone, after ATen's flash attention ran the sequence part (fastprompt.attention.cpu_cascade).
+_LIB.define(
+    "prefix_attention_resume_fwd_cpu" + op_schema("Tensor sequence_out, Tensor sequence_lse", "(Tensor, Tensor)")
+)
+_LIB.define(
+    "prefix_attention_resume_bwd_cpu"
+    + op_schema("Tensor grad_out, Tensor out, Tensor lse, Tensor sequence_dq", "(Tensor, Tensor, Tensor)")
 )
 
 
@@ -100,8 +113,16 @@ def _build() -> tuple[bool, str]:
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with _builder_lock(build_dir):
-            if not any((build_dir / f"{name}{suffix}").exists() for suffix in (".so", ".pyd")):
-                print("fastprompt: compiling CPU kernels (first use, about a minute)...", file=sys.stderr, flush=True)
+            fresh = not any((build_dir / f"{name}{suffix}").exists() for suffix in (".so", ".pyd"))
+            if fresh:
+                print(
+                    f"fastprompt: compiling the C++ CPU kernels ({', '.join(build.SOURCES)} for {isa}, "
+                    f"{len(build.SOURCES)} translation unit(s) on {os.cpu_count()} cores) into {build_dir}; once per "
+                    f"torch version and source change, typically {build.EXPECTED_SECONDS} s...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            started = time.perf_counter()
             cpp_extension.load(
                 name=name,
                 sources=[str(_csrc_dir() / source) for source in build.SOURCES],
@@ -114,6 +135,9 @@ def _build() -> tuple[bool, str]:
     except Exception as error:  # the compiler's output arrives inside whatever cpp_extension raises
         tail = str(error)[-_ERROR_TAIL_CHARS:]
         return False, f"building the fastprompt CPU kernels in {build_dir} failed: {type(error).__name__}: {tail}"
+    if fresh:
+        elapsed = time.perf_counter() - started
+        print(f"fastprompt: C++ CPU kernels built in {elapsed:.0f} s", file=sys.stderr, flush=True)
     return True, f"ninja build in {build_dir}"
 
 
@@ -155,6 +179,12 @@ def available() -> tuple[bool, str]:
         return _status
 
 
+def prepare() -> None:
+    """Start loading (or building, on first use) the kernels in a background thread and return at once, so
+    that a caller overlaps the build with work that does not need it; :func:`available` waits for it."""
+    threading.Thread(target=available, name="fastprompt-cpu-kernels", daemon=True).start()
+
+
 def load() -> None:
     """Build (first use) and load the kernels; raises :class:`BackendUnavailableError` with the reason."""
     ok, reason = available()
@@ -163,8 +193,12 @@ def load() -> None:
 
 
 def forward(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32)``."""
+    """``(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32)``: the cascade of
+    :mod:`~fastprompt.attention.cpu_cascade` (ATen's flash attention over the sequence, the C++ kernel over the
+    prefix), or with dropout the C++ kernel alone."""
     load()
+    if args.dropout_p == 0:
+        return cpu_cascade.forward(args)
     return torch.ops.fastprompt.prefix_attention_fwd_cpu(*args.flat())
 
 
@@ -172,6 +206,11 @@ def backward(
     args: AttentionArgs, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix gradients [N, Hkv, P, D] are summed over the batch
-    rows that used each bank row. ``grad_lse`` [B, Hq, T] or ``None``: a gradient reaching the lse."""
+    rows that used each bank row. ``grad_lse`` [B, Hq, T] or ``None``: a gradient reaching the lse.
+
+    The cascade's backward, or the C++ kernel's alone with dropout, a gradient reaching the lse, or float64
+    (see :mod:`~fastprompt.attention.cpu_cascade`)."""
     load()
+    if args.dropout_p == 0 and grad_lse is None and args.q.dtype != torch.float64:
+        return cpu_cascade.backward(args, out, lse, grad_out)
     return torch.ops.fastprompt.prefix_attention_bwd_cpu(grad_out, out, lse, grad_lse, *args.flat())

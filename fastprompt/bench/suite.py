@@ -412,6 +412,10 @@ def steps(config: BenchConfig) -> int:
 
 def run(config: BenchConfig, progress: Callable[[str], None] = lambda stage: None) -> BenchResult:
     """Measure every row of ``config``. ``progress(stage)`` is called before each of :func:`steps` stages."""
+    if config.device.type == "cpu":
+        from fastprompt.attention import cpu_backend
+
+        cpu_backend.prepare()  # the C++ kernels load (or build, first use) while the models are built
     progress("building the model")
     base = build_base_model(
         config.model,

@@ -150,11 +150,18 @@ def measure_pairs(
 
 
 def kernel_bench_options(
-    description: str, argv: Sequence[str], *, warmup: int, iters: tuple[int, int], csv: bool = False
+    description: str,
+    argv: Sequence[str],
+    *,
+    warmup: int,
+    iters: tuple[int, int],
+    csv: bool = False,
+    switches: Sequence[tuple[str, str]] = (),
 ) -> tuple[argparse.Namespace, torch.dtype, int]:
     """The command line the kernel benchmarks share: ``--device --dtype --warmup --iters --rounds --threads``
-    (and ``--csv PATH`` with ``csv``). Sets the thread count; returns the arguments, the dtype (bfloat16 on
-    CUDA, float32 on CPU unless given) and the timed calls per measurement (``iters`` = (CPU, CUDA) default)."""
+    (and ``--csv PATH`` with ``csv``, and a boolean ``--<name>`` per ``(name, help)`` of ``switches``). Sets
+    the thread count; returns the arguments, the dtype (bfloat16 on CUDA, float32 on CPU unless given) and the
+    timed calls per measurement (``iters`` = (CPU, CUDA) default)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -166,6 +173,8 @@ def kernel_bench_options(
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     if csv:
         parser.add_argument("--csv", metavar="PATH", help="also write every row to this CSV file")
+    for name, help_text in switches:
+        parser.add_argument(f"--{name}", action="store_true", help=help_text)
     args = parser.parse_args(list(argv))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
