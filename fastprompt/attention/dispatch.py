@@ -31,7 +31,9 @@ from fastprompt.attention import cpu_backend  # importing builds nothing: the ke
 from fastprompt.attention.args import FLOAT_DTYPES, AttentionArgs, Requirements, op_schema
 from fastprompt.errors import BackendUnavailableError
 
-__all__ = ["BACKENDS", "Backend", "attend", "available_backends", "requested_backend", "resolve_backend"]
+__all__ = [
+    "BACKENDS", "Backend", "attend", "available_backends", "requested_backend", "resolve_backend", "triton_unavailable"
+]
 
 
 @functools.cache
@@ -43,7 +45,8 @@ def _triton_missing() -> str | None:
     return None
 
 
-def _triton_unavailable(device: torch.device) -> str | None:
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why triton cannot run tensors on ``device`` here, or ``None`` (shared with the prompt encoders' backends)."""
     missing = _triton_missing()
     if missing is not None:
         return missing
@@ -125,7 +128,7 @@ BACKENDS: tuple[Backend, ...] = (
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         max_head_dim=256,
         features=frozenset({"dropout"}),
-        unavailable=_triton_unavailable,
+        unavailable=triton_unavailable,
         extra_reason=_triton_dtype_reason,
     ),
     Backend(

@@ -32,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-from fastprompt.attention.dispatch import _triton_unavailable
+from fastprompt.attention.dispatch import triton_unavailable
 from fastprompt.errors import BackendUnavailableError
 
 __all__ = [
@@ -105,7 +105,7 @@ ENCODER_BACKENDS: tuple[EncoderBackend, ...] = (
         devices=("cuda", "cpu"),
         auto=("cuda",),
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        unavailable=_triton_unavailable,
+        unavailable=triton_unavailable,
         dtype_reason=_triton_dtype_reason,
     ),
     EncoderBackend(
