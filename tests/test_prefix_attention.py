@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastprompt
-from fastprompt.attention import AttentionArgs, available_backends
+from fastprompt.attention import AttentionArgs, available_backends, cpu_cascade
 from fastprompt.attention.cases import TOLERANCE, Case, make_case, max_error, scale_of
 from fastprompt.attention.reference import naive_prefix_attention, reference_prefix_attention
 from fastprompt.errors import BackendUnavailableError
@@ -31,27 +31,43 @@ def _device_for(backend: str) -> str:
     return "cpu" if backend == "cpu" or not CUDA else "cuda"
 
 
+# The cpu backend has two routes, chosen per call by shape (cpu_cascade.runs_forward / runs_backward); the
+# tests' shapes are small, so each test runs the cpu backend once per route, forced.
+CPU_ROUTES = ("cpu-cascade", "cpu-kernel")
+
+
+def _use(name: str, monkeypatch) -> str:
+    """Select backend ``name`` (a route of the cpu backend names it); returns the backend's own name."""
+    backend = "cpu" if name in CPU_ROUTES else name
+    monkeypatch.setenv("FASTPROMPT_BACKEND", backend)
+    if backend == "cpu":
+        cascade = name == "cpu-cascade"
+        monkeypatch.setattr(cpu_cascade, "runs_forward", lambda args: cascade)
+        monkeypatch.setattr(cpu_cascade, "runs_backward", lambda args: cascade)
+    return backend
+
+
 def _cpu_tensor_backends() -> list[str]:
-    """The torch and cpu backends that run here; a missing one fails unless this machine lacks what it needs."""
+    """The torch backend and the cpu backend's routes that run here; a missing one fails unless this machine
+    lacks what it needs."""
     names = []
     for name in ("torch", "cpu"):
         ok, reason = available_backends("cpu")[name]
         assert ok or not _expected_here(name), reason
         if ok:
-            names.append(name)
+            names.extend(CPU_ROUTES if name == "cpu" else [name])
     return names
 
 
-@pytest.fixture(params=["torch", "cpu", "triton"])
+@pytest.fixture(params=["torch", *CPU_ROUTES, "triton"])
 def backend(request, monkeypatch) -> str:
-    name = request.param
+    name = "cpu" if request.param in CPU_ROUTES else request.param
     ok, reason = available_backends(_device_for(name))[name]
     if not ok:
         if _expected_here(name):
             pytest.fail(f"backend {name} should be available here but is not: {reason}")
         pytest.skip(f"backend {name} unavailable: {reason}")
-    monkeypatch.setenv("FASTPROMPT_BACKEND", name)
-    return name
+    return _use(request.param, monkeypatch)
 
 
 def check_against_reference(
@@ -147,7 +163,7 @@ def _hypothesis(max_examples: int):
 @given(shape=shapes(small=False), seed=st.integers(0, 2**31 - 1))
 def test_random_shapes_cpu_backends(shape, seed, monkeypatch):
     for name in _cpu_tensor_backends():
-        monkeypatch.setenv("FASTPROMPT_BACKEND", name)
+        _use(name, monkeypatch)
         for with_lse_grad in (True, False):
             case = make_case(**shape, generator=torch.Generator().manual_seed(seed))
             check_against_reference(case, with_lse_grad=with_lse_grad)
@@ -193,7 +209,7 @@ def test_half_precision(dtype, with_lse_grad, backend):
 @pytest.mark.parametrize("with_lse_grad", [True, False], ids=["lse-grad", "no-lse-grad"])
 def test_float64(with_lse_grad, monkeypatch):
     for name in _cpu_tensor_backends():
-        monkeypatch.setenv("FASTPROMPT_BACKEND", name)
+        _use(name, monkeypatch)
         case = make_case(dtype=torch.float64, P=4, T=3, S=5, padding="left")
         check_against_reference(case, with_lse_grad=with_lse_grad)
 
@@ -366,6 +382,45 @@ def test_dropout_directional_derivative(backend, seed):
 # --- properties of the op that do not depend on a backend ---------------------------------------------
 
 
+@pytest.mark.parametrize("forward_route", CPU_ROUTES)
+def test_cpu_routes_mix_between_forward_and_backward(forward_route, monkeypatch):
+    """The cpu backend picks the forward's and the backward's route separately: either backward takes either
+    forward's out and lse."""
+    if not available_backends("cpu")["cpu"][0]:
+        assert not _expected_here("cpu")
+        pytest.skip("cpu backend unavailable")
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "cpu")
+    cascade_forward = forward_route == "cpu-cascade"
+    monkeypatch.setattr(cpu_cascade, "runs_forward", lambda args: cascade_forward)
+    monkeypatch.setattr(cpu_cascade, "runs_backward", lambda args: not cascade_forward)
+    for causal in (True, False):
+        case = make_case(B=3, Hq=4, Hkv=2, T=6, S=9, P=5, N=2, prefix_index=[1, -1, 0], padding="left", causal=causal)
+        check_against_reference(case, with_lse_grad=False)
+
+
+def test_cpu_routes_follow_the_declared_thresholds():
+    """Which route each kind of call takes: the cascade where a query attends many sequence keys."""
+
+    def args(B, Hq, Hkv, T, S, causal=True):
+        case = make_case(B=B, Hq=Hq, Hkv=Hkv, T=T, S=S, P=4, D=32, causal=causal)
+        return AttentionArgs(*case.tensors, causal=causal)
+
+    many, few = cpu_cascade.FORWARD_MIN_KEYS, cpu_cascade.FORWARD_MIN_KEYS // 2
+    assert cpu_cascade.runs_forward(args(1, 2, 2, many, many, causal=False))
+    assert not cpu_cascade.runs_forward(args(1, 2, 2, few, few, causal=False))
+    # causal: the mean over queries, S - (T - 1) / 2; a prefill after a cache counts the cache
+    assert not cpu_cascade.runs_forward(args(1, 2, 2, many, many))
+    assert cpu_cascade.runs_forward(args(1, 2, 2, 2 * many, 2 * many))
+    assert cpu_cascade.runs_forward(args(1, 2, 2, few, many + few))
+    assert cpu_cascade.runs_backward(args(1, 2, 2, many, many, causal=False))
+    assert not cpu_cascade.runs_backward(args(1, 2, 2, 4 * many, 4 * many))  # causal backward: the C++ kernel
+    # decode: the C++ kernel for GQA groups above DECODE_MAX_GROUP and for small batches of short caches
+    keys = cpu_cascade.DECODE_MIN_KEYS
+    assert cpu_cascade.runs_forward(args(4, 3, 1, 1, keys // 4))
+    assert not cpu_cascade.runs_forward(args(4, 3, 1, 1, keys // 8))
+    assert not cpu_cascade.runs_forward(args(4, 8, 2, 1, keys))
+
+
 def test_merge_attention_states_equals_attention_over_the_union():
     case = make_case(B=2, T=5, S=9, P=0, causal=False)
     q, k, v = case.q.double(), case.k.double(), case.v.double()
@@ -398,15 +453,16 @@ def test_torch_compile_fullgraph_traces_the_op(monkeypatch):
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("name", ["cpu", "torch"])
+@pytest.mark.parametrize("name", [*CPU_ROUTES, "torch"])
 def test_prefix_is_not_copied_per_row(name, monkeypatch):
     # One expanded copy of the prefix (what the naive path makes) would need B * Hkv * P * D * 4 bytes.
     from fastprompt.bench.timing import _cpu_peak_bytes
 
-    if not available_backends("cpu")[name][0]:
-        assert not _expected_here(name)
-        pytest.skip(f"{name} backend unavailable")
-    monkeypatch.setenv("FASTPROMPT_BACKEND", name)
+    backend = "cpu" if name in CPU_ROUTES else name
+    if not available_backends("cpu")[backend][0]:
+        assert not _expected_here(backend)
+        pytest.skip(f"{backend} backend unavailable")
+    _use(name, monkeypatch)
     B, Hkv, P, D = 16, 2, 1024, 64
     case = make_case(B=B, Hq=2, Hkv=Hkv, T=1, S=2, P=P, D=D)
     expanded_bytes = B * Hkv * P * D * 4

@@ -1,6 +1,7 @@
 """The ``cpu`` backend: ATen's CPU flash attention over the sequence and the C++ kernels of ``csrc/`` over the
-prefix (:mod:`~fastprompt.attention.cpu_cascade`), or the C++ kernels over both where ATen's kernel cannot
-serve (dropout; in backward also a gradient reaching the lse, and float64). The kernels are prebuilt by
+prefix (:mod:`~fastprompt.attention.cpu_cascade`) where a query attends many sequence keys, the C++ kernels
+over both elsewhere and where ATen's kernel cannot serve (dropout; in backward also a gradient reaching the
+lse, and float64). The kernels are prebuilt by
 ``setup.py`` or compiled with ninja on first use.
 
 A library that ``setup.py`` built ahead of time (``fastprompt/csrc/_prefix_attention_cpu*.so``) is loaded
@@ -195,9 +196,10 @@ def load() -> None:
 def forward(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32)``: the cascade of
     :mod:`~fastprompt.attention.cpu_cascade` (ATen's flash attention over the sequence, the C++ kernel over the
-    prefix), or with dropout the C++ kernel alone."""
+    prefix) where its shapes make it faster (:func:`~fastprompt.attention.cpu_cascade.runs_forward`), else, and
+    always with dropout, the C++ kernel alone."""
     load()
-    if args.dropout_p == 0:
+    if args.dropout_p == 0 and cpu_cascade.runs_forward(args):
         return cpu_cascade.forward(args)
     return torch.ops.fastprompt.prefix_attention_fwd_cpu(*args.flat())
 
@@ -208,9 +210,12 @@ def backward(
     """``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix gradients [N, Hkv, P, D] are summed over the batch
     rows that used each bank row. ``grad_lse`` [B, Hq, T] or ``None``: a gradient reaching the lse.
 
-    The cascade's backward, or the C++ kernel's alone with dropout, a gradient reaching the lse, or float64
-    (see :mod:`~fastprompt.attention.cpu_cascade`)."""
+    The cascade's backward where its shapes make it faster
+    (:func:`~fastprompt.attention.cpu_cascade.runs_backward`), else, and always with dropout, a gradient
+    reaching the lse, or float64, the C++ kernel's alone. Either backward takes either forward's ``out`` and
+    ``lse``: both are the whole attention's."""
     load()
-    if args.dropout_p == 0 and grad_lse is None and args.q.dtype != torch.float64:
+    cascade = args.dropout_p == 0 and grad_lse is None and args.q.dtype != torch.float64
+    if cascade and cpu_cascade.runs_backward(args):
         return cpu_cascade.backward(args, out, lse, grad_out)
     return torch.ops.fastprompt.prefix_attention_bwd_cpu(grad_out, out, lse, grad_lse, *args.flat())
