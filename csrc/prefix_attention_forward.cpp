@@ -66,7 +66,10 @@ std::tuple<at::Tensor, at::Tensor> forward(
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "prefix_attention_cpu: dropout_p must be in [0, 1)");
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor pk = unit_last_stride(pk_in), pv = unit_last_stride(pv_in);
-  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  // Resuming, the output is the sequence part's, finished in place: each work item reads its rows' state
+  // before it writes them, and no two items share a row.
+  at::Tensor out = sequence_out.defined() ? sequence_out
+                                          : at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) {
     lse.fill_(-std::numeric_limits<float>::infinity());
@@ -96,9 +99,10 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
 }
 
 // The prefix keys only, resuming from attention over the sequence keys: sequence_out [B, Hq, T, D] in q's
-// dtype and sequence_lse [B, Hq, T] (-inf where a query saw no sequence key); returns the whole (out, lse).
+// dtype and sequence_lse [B, Hq, T] (-inf where a query saw no sequence key); returns the whole (out, lse),
+// out being sequence_out, overwritten (its last dimension must have unit stride).
 std::tuple<at::Tensor, at::Tensor> prefix_attention_resume_fwd_cpu(
-    const at::Tensor& sequence_out, const at::Tensor& sequence_lse, const at::Tensor& q, const at::Tensor& k,
+    at::Tensor& sequence_out, const at::Tensor& sequence_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pv, const std::optional<at::Tensor>& prefix_index,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask, bool causal,
     double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
@@ -107,8 +111,10 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_resume_fwd_cpu(
               "prefix_attention_resume_fwd_cpu: sequence_out must have q's shape and dtype");
   TORCH_CHECK(sequence_lse.sizes() == q.sizes().slice(0, 3),
               "prefix_attention_resume_fwd_cpu: sequence_lse must be [B, Hq, T]");
+  TORCH_CHECK(sequence_out.size(-1) <= 1 || sequence_out.stride(-1) == 1,
+              "prefix_attention_resume_fwd_cpu: sequence_out's last dimension must have unit stride");
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return forward(unit_last_stride(sequence_out), sequence_lse.to(acc).contiguous(), q, k, v, pk, pv, prefix_index,
+  return forward(sequence_out, sequence_lse.to(acc).contiguous(), q, k, v, pk, pv, prefix_index,
                  prefix_lens, key_padding_mask, causal, scale, dropout_p, seed);
 }
 

@@ -49,9 +49,11 @@ _LIB.define(
     "prefix_attention_bwd_cpu"
     + op_schema("Tensor grad_out, Tensor out, Tensor lse, Tensor? grad_lse", "(Tensor, Tensor, Tensor, Tensor, Tensor)")
 )
-# The prefix part alone, after ATen's flash attention ran the sequence part (fastprompt.attention.cpu_cascade).
+# The prefix part alone, after ATen's flash attention ran the sequence part (fastprompt.attention.cpu_cascade);
+# the forward finishes the sequence part's output in place and returns it.
 _LIB.define(
-    "prefix_attention_resume_fwd_cpu" + op_schema("Tensor sequence_out, Tensor sequence_lse", "(Tensor, Tensor)")
+    "prefix_attention_resume_fwd_cpu"
+    + op_schema("Tensor(a!) sequence_out, Tensor sequence_lse", "(Tensor(a!), Tensor)")
 )
 _LIB.define(
     "prefix_attention_resume_bwd_cpu"
