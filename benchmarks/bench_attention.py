@@ -13,191 +13,43 @@ fastprompt (backend ``auto``, or ``FASTPROMPT_BACKEND``), of
 K/V, 4-D mask, SDPA) and of SDPA on the same q/k/v without the prefix (what the prefix costs on top of
 plain attention), the three measured in turn in one run.
 
-The grid (:func:`grid_cases`): the head geometries of :data:`GEOMETRIES`, prefix lengths
-:data:`PREFIX_LENS`, sequence lengths :data:`SEQ_LENS` (``B * T`` = :data:`TOKENS`), causal and
+The grid (:func:`fastprompt.bench.attention.grid_cases`): the head geometries of ``GEOMETRIES``, prefix
+lengths ``PREFIX_LENS``, sequence lengths ``SEQ_LENS`` (``B * T`` = ``TOKENS``), causal and
 bidirectional, plus one decode row per geometry (one new token per row against its own KV cache of
-:data:`DECODE_CACHE` tokens, one prefix of :data:`DECODE_PREFIX` shared by the batch). ``--full`` runs the
+``DECODE_CACHE`` tokens, one prefix of ``DECODE_PREFIX`` shared by the batch), all in
+:mod:`fastprompt.bench.attention`, which ``fastprompt bench``'s attention rows share. ``--full`` runs the
 whole cross product (120 training shapes, six times the default's training rows); the default runs a
 sample of 20 that still has every geometry with every P, every T and both maskings, and every P with every
 T and both maskings: geometry ``i`` with prefix length ``j`` takes ``T = SEQ_LENS[(i + j) % 3]`` and is causal
 when ``i + j`` is even.
 
-The case builders (:func:`grid_cases`, :func:`make_step` with :func:`fastprompt_call`, :func:`naive_call` or
-:func:`sdpa_call`) are reused by ``benchmarks/test_bench_attention.py``.
+``benchmarks/test_bench_attention.py`` times the same builders with pytest-benchmark.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
-import itertools
 import sys
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
-import fastprompt
-from fastprompt.attention import AttentionArgs
-from fastprompt.attention.cases import TOLERANCE, make_case, max_error, scale_of
-from fastprompt.attention.reference import naive_prefix_attention, reference_prefix_attention
+from fastprompt.bench.attention import (  # noqa: F401  (the builders test_bench_attention.py reuses)
+    CALLS,
+    MODES,
+    Case,
+    check_against_reference,
+    decode_case,
+    fastprompt_call,
+    grid_cases,
+    make_step,
+    sdpa_call,
+    timed,
+    training_case,
+)
 from fastprompt.bench.provenance import environment_lines
-from fastprompt.bench.timing import Measurement, best_of_rounds, kernel_bench_options, measure
-
-MODES = ("forward", "forward+backward")
-
-GEOMETRIES = {
-    # name: (query heads, KV heads, head dim) of one attention layer
-    "SmolLM2-135M": (9, 3, 64),
-    "MiniLM-L12": (12, 12, 32),
-    "BERT-base": (12, 12, 64),
-    "Llama-3.2-1B": (32, 8, 64),
-    "Qwen2.5-0.5B": (14, 2, 64),
-}
-PREFIX_LENS = (16, 64, 200, 512)
-SEQ_LENS = (64, 256, 1024)
-TOKENS = 1024
-DECODE_BATCH, DECODE_CACHE, DECODE_PREFIX = 32, 256, 512
-
-
-@dataclass(frozen=True)
-class Case:
-    """One attention problem: q [B, Hq, T, D]; k, v [B, Hkv, S, D]; a bank of one prefix [1, Hkv, P, D]
-    shared by the batch. ``T == 1`` is a decode step against a per-row cache of ``S`` tokens."""
-
-    model: str
-    B: int
-    Hq: int
-    Hkv: int
-    T: int
-    S: int
-    P: int
-    D: int
-    causal: bool = True
-
-    @property
-    def label(self) -> str:
-        if self.T == 1:
-            return f"{self.model} decode B={self.B} S={self.S} P={self.P}"
-        return f"{self.model} B={self.B} T={self.T} P={self.P} {'causal' if self.causal else 'bidirectional'}"
-
-    @property
-    def trains(self) -> bool:
-        """Decode is inference only."""
-        return self.T > 1
-
-    def attended_pairs(self, with_prefix: bool = True) -> int:
-        """(query, key) pairs that carry weight, per head and batch row (the useful work)."""
-        offset = self.S - self.T
-        sequence = sum(min(self.S, offset + t + 1) for t in range(self.T)) if self.causal else self.T * self.S
-        return sequence + (self.T * self.P if with_prefix else 0)
-
-    def flops(self, with_prefix: bool = True) -> float:
-        """Useful forward FLOPs: two matmuls of 2 * D per attended pair (backward counts 2.5x this)."""
-        return 4.0 * self.B * self.Hq * self.D * self.attended_pairs(with_prefix)
-
-
-def training_case(model: str, T: int, P: int, causal: bool) -> Case:
-    Hq, Hkv, D = GEOMETRIES[model]
-    return Case(model, B=max(1, TOKENS // T), Hq=Hq, Hkv=Hkv, T=T, S=T, P=P, D=D, causal=causal)
-
-
-def decode_case(model: str) -> Case:
-    Hq, Hkv, D = GEOMETRIES[model]
-    return Case(model, B=DECODE_BATCH, Hq=Hq, Hkv=Hkv, T=1, S=DECODE_CACHE, P=DECODE_PREFIX, D=D)
-
-
-def grid_cases(full: bool = False) -> list[Case]:
-    """The training shapes (the sample described in the module docstring, or with ``full`` the cross
-    product), then one decode row per geometry."""
-    models = list(GEOMETRIES)
-    if full:
-        training = [training_case(m, T, P, causal) for m, P, T, causal in
-                    itertools.product(models, PREFIX_LENS, SEQ_LENS, (True, False))]
-    else:
-        training = [training_case(m, SEQ_LENS[(i + j) % len(SEQ_LENS)], P, (i + j) % 2 == 0)
-                    for i, m in enumerate(models) for j, P in enumerate(PREFIX_LENS)]
-    return [*training, *(decode_case(m) for m in models)]
-
-
-def make_inputs(case: Case, dtype: torch.dtype, device: str, requires_grad: bool) -> dict[str, torch.Tensor]:
-    """Random q, k, v and a one-prefix bank from the tests' case builder, as leaves when ``requires_grad``."""
-    built = make_case(B=case.B, Hq=case.Hq, Hkv=case.Hkv, T=case.T, S=case.S, P=case.P, N=1, D=case.D,
-                      dtype=dtype, device=device, causal=case.causal, requires_grad=requires_grad)
-    return dict(zip(AttentionArgs.DIFFERENTIABLE, built.tensors, strict=True))
-
-
-def fastprompt_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
-    return fastprompt.prefix_attention(**x, causal=case.causal)
-
-
-def naive_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
-    return naive_prefix_attention(AttentionArgs(**x, causal=case.causal))
-
-
-def sdpa_call(case: Case, x: dict[str, torch.Tensor]) -> torch.Tensor:
-    """SDPA on the sequence alone (no prefix; its flash kernel on CUDA): plain attention, what a prefix adds to."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    flash = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if x["q"].is_cuda else contextlib.nullcontext()
-    with flash:
-        # SDPA's causal mask is aligned top-left: a single query (decode) sees its whole cache
-        return F.scaled_dot_product_attention(
-            x["q"], x["k"], x["v"], is_causal=case.causal and case.T > 1, enable_gqa=True
-        )
-
-
-def make_step(
-    call: Callable[[Case, dict[str, torch.Tensor]], torch.Tensor],
-    case: Case,
-    mode: str,
-    dtype: torch.dtype,
-    device: str,
-) -> Callable[[], object]:
-    """One call on fresh random inputs. ``mode``: "forward" (under ``no_grad``), "forward+backward" (the
-    output and the gradients of all five inputs, returned so that their memory counts), or "backward"
-    (the gradients alone, from one forward done here). Synchronises CUDA at the end."""
-    x = make_inputs(case, dtype, device, requires_grad=mode != "forward")
-    leaves = list(x.values())
-    grad_out = torch.randn(case.B, case.Hq, case.T, case.D, dtype=dtype, device=device)
-    kept_out = call(case, x) if mode == "backward" else None
-
-    def gradients(out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        # The no-prefix SDPA reference leaves the prefix unused.
-        return torch.autograd.grad(out, leaves, grad_out, retain_graph=kept_out is not None, allow_unused=True)
-
-    def step() -> object:
-        if mode == "forward":
-            with torch.no_grad():
-                result = call(case, x)
-        elif mode == "backward":
-            result = gradients(kept_out)
-        else:
-            out = call(case, x)
-            result = out, gradients(out)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return result
-
-    return step
-
-
-def timed(
-    call: Callable[[Case, dict[str, torch.Tensor]], torch.Tensor],
-    case: Case,
-    mode: str,
-    dtype: torch.dtype,
-    device: str,
-    warmup: int,
-    iters: int,
-) -> Measurement:
-    """Median time and peak memory of :func:`make_step`."""
-    return measure(make_step(call, case, mode, dtype, device), device=device, warmup=warmup, iters=iters)
-
-
-CALLS = {"fastprompt": fastprompt_call, "naive": naive_call, "sdpa": sdpa_call}
+from fastprompt.bench.timing import Measurement, best_of_rounds, kernel_bench_options
 
 
 @dataclass(frozen=True)
@@ -220,18 +72,6 @@ class Row:
             "fastprompt_peak_mib": round(self.fast.peak_mib, 3),
             "naive_peak_mib": round(self.naive.peak_mib, 3),
         }
-
-
-def check_against_reference(case: Case, dtype: torch.dtype, device: str) -> None:
-    """Refuse to time a result that is wrong: fastprompt on the case's first batch row against the float64
-    oracle, held to the tests' tolerance table."""
-    x = {name: t[:1] if name in ("q", "k", "v") else t for name, t in make_inputs(case, dtype, device, False).items()}
-    with torch.no_grad():
-        out = fastprompt_call(case, x)
-        expected, _ = reference_prefix_attention(AttentionArgs(**x, causal=case.causal))
-    err, bound = max_error(out, expected), TOLERANCE[dtype].out * scale_of(expected)
-    if err > bound:
-        raise RuntimeError(f"{case.label}: fastprompt differs from the float64 oracle by {err:.3g} > {bound:.3g}")
 
 
 def run(cases: list[Case], dtype: torch.dtype, device: str, warmup: int, iters: int, rounds: int) -> list[Row]:

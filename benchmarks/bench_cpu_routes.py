@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bench_attention import GEOMETRIES, Case, grid_cases
 from fastprompt.attention import AttentionArgs, cpu_backend, cpu_cascade
 from fastprompt.attention.cases import make_case
+from fastprompt.bench.attention import GEOMETRIES, Case, grid_cases
 from fastprompt.bench.provenance import environment_lines
 from fastprompt.bench.timing import best_of_rounds, kernel_bench_options, measure
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fastprompt import bench, cli
+from fastprompt.bench import attention as bench_attention
 from fastprompt.bench.timing import Measurement
 
 TINY = {
@@ -44,6 +45,16 @@ def _python_m(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fastprompt", *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT_S
     )
+
+
+def _attention_cases() -> list[tuple[bench_attention.Case, str]]:
+    """The attention rows a default run measures: (case, pass)."""
+    return [(case, mode) for case in bench_attention.bench_cases()
+            for mode in (bench_attention.MODES if case.trains else bench_attention.MODES[:1])]
+
+
+def _attention_labels() -> list[str]:
+    return [f"{case.label}, {mode}" for case, mode in _attention_cases()]
 
 
 def _table_rows(markdown: str) -> dict[str, list[str]]:
@@ -84,12 +95,20 @@ def test_bench_prints_the_table(tiny_run):
         "p-tuning-v2 (train step)",
         "p-tuning (train step)",
         f"generate, prefix-tuning ({TINY['--new-tokens']} new tokens)",
+        *_attention_labels(),
     ]
-    # The table prints the figures of the JSON of the same run (whose consistency the JSON test checks),
+    # The tables print the figures of the JSON of the same run (whose consistency the JSON test checks),
     # each rounded as printed: a ratio of rounded tokens/s says nothing at the tiny model's rates.
     computed = json.loads((out / "result.json").read_text())["rows"]
     assert len(computed) == len(rows)
-    for (label, cells), row in zip(rows.items(), computed, strict=True):
+    for row in computed[-len(_attention_labels()):]:
+        fast, naive, bare = row["fastprompt"], row["naive"], row["no_prefix"]
+        assert rows[row["name"]] == [
+            f"{fast['ms']:.2f}", f"{naive['ms']:.2f}", f"{bare['ms']:.2f}", f"{naive['ms'] / fast['ms']:.2f}x",
+            f"{bare['ms'] / fast['ms']:.2f}x", f"{fast['peak_mib']:,.1f}", f"{naive['peak_mib']:,.1f}",
+        ], row["name"]
+    computed = computed[: -len(_attention_labels())]
+    for (label, cells), row in zip(list(rows.items())[: len(computed)], computed, strict=True):
         naive, fast = row["naive"], row["fastprompt"]
         memory = "n/a" if row["memory_ratio"] is None else f"{row['memory_ratio']:.2f}x"
         assert cells == [
@@ -115,10 +134,17 @@ def test_bench_json_has_every_figure(tiny_run):
         "vocab": TINY["--vocab"],
     }
     assert data["config"]["dtype"] == "float32"
-    assert [row["name"] for row in data["rows"]] == list(bench.DEFAULT_ROWS)
+    names = [row["name"] for row in data["rows"]]
+    assert names == [*(name for name in bench.DEFAULT_ROWS if name != bench.ATTENTION), *_attention_labels()]
+    queries = {f"{case.label}, {mode}": case.B * case.T for case, mode in _attention_cases()}
     for row in data["rows"]:
         assert row["error"] is None, row["error"]
         expected_tokens = TINY["--batch"] * (TINY["--new-tokens"] if row["kind"] == "generate" else TINY["--seq-len"])
+        if row["kind"] == bench.ATTENTION:
+            expected_tokens = queries[row["name"]]
+            assert row["no_prefix"]["ms"] > 0
+        else:
+            assert row["no_prefix"] is None
         assert row["tokens_per_call"] == expected_tokens
         naive, fast = row["naive"], row["fastprompt"]
         for figures in (naive, fast):
@@ -127,7 +153,8 @@ def test_bench_json_has_every_figure(tiny_run):
         assert row["speedup"] == pytest.approx(naive["ms"] / fast["ms"])
         if naive["peak_mib"] > 0:
             assert row["memory_ratio"] == pytest.approx(fast["peak_mib"] / naive["peak_mib"])
-        assert f"{naive['tokens_per_s']:,.0f}" in proc.stdout
+        printed = f"{naive['ms']:.2f}" if row["kind"] == bench.ATTENTION else f"{naive['tokens_per_s']:,.0f}"
+        assert printed in proc.stdout
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="--plot needs the optional 'plot' extra (matplotlib)")

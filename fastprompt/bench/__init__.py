@@ -7,6 +7,7 @@ it sits above ``serving`` and below ``cli``: nothing in the library's layers imp
 - :mod:`.pretrained`: real checkpoints and data shipped by pip packages (SmolLM2, MiniLM, movie reviews);
 - :mod:`.work`: the timed work (a training step, greedy generation) and PEFT's path where it needs spelling out;
 - :mod:`.timing`: one way to time a call and measure its peak memory, alternating sides over rounds;
+- :mod:`.attention`: the attention grid (real models' head geometries) and its three timed calls;
 - :mod:`.suite`: the rows of ``fastprompt bench`` and :func:`run`;
 - :mod:`.provenance` and :mod:`.report`: a table's header (device, versions, commit) and the report itself.
 """
@@ -25,6 +26,7 @@ from fastprompt.bench.models import (
 from fastprompt.bench.provenance import device_name, environment, environment_lines, git_commit, versions
 from fastprompt.bench.report import format_markdown, plot, to_json
 from fastprompt.bench.suite import (
+    ATTENTION,
     BASELINES,
     DEFAULT_ROWS,
     DEFAULTS,
@@ -45,6 +47,7 @@ from fastprompt.bench.timing import Measurement
 from fastprompt.bench.work import generate_step, make_optimizer, peft_prefix_generate, peft_prefix_inputs, train_step
 
 __all__ = [
+    "ATTENTION",
     "BASELINES",
     "DEFAULTS",
     "DEFAULT_ROWS",

@@ -34,14 +34,16 @@ from fastprompt.bench.timing import Measurement, best_of_rounds, measure, measur
 from fastprompt.bench.work import generate_step, make_optimizer, peft_prefix_generate, train_step
 
 __all__ = [
-    "BASELINES", "DEFAULTS", "DEFAULT_ROWS", "GENERATE", "ROUNDS", "ROWS", "SERVING", "BenchConfig", "BenchResult",
-    "OutputMismatchError", "Row", "ServingShape", "patched", "run", "steps",
+    "ATTENTION", "BASELINES", "DEFAULTS", "DEFAULT_ROWS", "GENERATE", "ROUNDS", "ROWS", "SERVING", "BenchConfig",
+    "BenchResult", "OutputMismatchError", "Row", "ServingShape", "patched", "run", "steps",
 ]
 
 GENERATE = "generate"
+ATTENTION = "attention"
+"""The op alone on real models' head geometries (:func:`fastprompt.bench.attention.bench_cases`)."""
 SERVING = ("few-shot", "shared-generate", "mixed-adapters")
 """Serving rows: a cached few-shot prompt (scoring), a shared prompt (generate), many adapters in one batch."""
-DEFAULT_ROWS = (*METHODS, GENERATE)
+DEFAULT_ROWS = (*METHODS, GENERATE, ATTENTION)
 """What a run without ``--methods`` measures; the serving rows take minutes on a CPU and are opt-in."""
 ROWS = (*DEFAULT_ROWS, *SERVING)
 
@@ -137,6 +139,8 @@ class Row:
     scoring: B * query tokens). ``baseline`` names what ``naive`` measured: PEFT's own path for the training
     and generate rows, the best path without fastprompt for a serving row (:data:`BASELINES`).
     ``error`` is set, and the fastprompt figures are missing, when fastprompt refused this case.
+    An attention row (``kind`` :data:`ATTENTION`) times one call of the op; ``tokens`` counts its queries and
+    ``no_prefix`` is SDPA on the same q/k/v without the prefix.
     """
 
     name: str
@@ -146,6 +150,7 @@ class Row:
     fastprompt: Measurement | None = None
     error: str | None = None
     baseline: str = "peft"
+    no_prefix: Measurement | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -210,6 +215,8 @@ BASELINES = {
     "copied-cache": "prompt K/V computed once, copied into every row's cache",
     "peft-per-adapter": "PEFT, one batch per adapter",
     "single-adapter": "fastprompt, one adapter for every row",
+    "naive-attention": "the naive path of one attention call: the prefix expanded per row, concatenated onto K/V, "
+    "a 4-D mask, SDPA",
 }
 """What a row's ``naive`` side ran, by :attr:`Row.baseline`."""
 
@@ -405,6 +412,30 @@ def _serving_rows(name: str, config: BenchConfig, base: torch.nn.Module) -> list
             for label, m in measured.items()]
 
 
+def _attention_rows(config: BenchConfig) -> list[Row]:
+    """The op on :func:`fastprompt.bench.attention.bench_cases` in the run's dtype and device: fastprompt, the
+    naive path and SDPA without the prefix in turn for :data:`ROUNDS` rounds, after a check of fastprompt's
+    output against the float64 oracle."""
+    from fastprompt.bench import attention
+
+    device = config.device.type
+    rows = []
+    for case in attention.bench_cases():
+        attention.check_against_reference(case, config.dtype, device)
+        for mode in attention.MODES if case.trains else attention.MODES[:1]:
+            fast, naive, no_prefix = best_of_rounds(
+                [
+                    functools.partial(attention.timed, call, case, mode, config.dtype, device, config.warmup,
+                                      config.iters)
+                    for call in attention.CALLS.values()
+                ],
+                rounds=ROUNDS,
+            )
+            rows.append(Row(name=f"{case.label}, {mode}", kind=ATTENTION, tokens=case.B * case.T, naive=naive,
+                            fastprompt=fast, baseline="naive-attention", no_prefix=no_prefix))
+    return rows
+
+
 def steps(config: BenchConfig) -> int:
     """How many measurements :func:`run` makes (for a progress bar)."""
     return len(config.rows) + 2
@@ -446,6 +477,9 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda stage: Non
         progress(f"{name}: naive and fastprompt, alternating")
         if name in SERVING:
             result.rows.extend(_serving_rows(name, config, serving_base))
+            continue
+        if name == ATTENTION:
+            result.rows.extend(_attention_rows(config))
             continue
         if name == GENERATE:
             peft_model = wrap("prefix-tuning", base, config.prefix_len).eval()

@@ -88,7 +88,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="measure fastprompt against the naive PEFT path on this machine",
         description=(
             "Time one training step (prefix-tuning, P-tuning v2, P-tuning) and greedy generation with a "
-            "prefix-tuned adapter, on the naive PEFT path and after fastprompt.patch, in one run. "
+            "prefix-tuned adapter, on the naive PEFT path and after fastprompt.patch, in one run, and the "
+            "attention op alone on real models' head geometries against the naive path and SDPA without "
+            "the prefix. "
             f"The serving rows ({', '.join(SERVING)}) are opt-in through --methods: fastprompt's "
             "adapter_names against the best path without it. "
             "Without options: a small random-weight Llama model on CPU, a 1B-class one (bf16) on CUDA. "
