@@ -39,8 +39,9 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kBlockK = 64;     // keys per block
-constexpr int64_t kBlockRows = 64;  // query rows (positions x heads of a group) per block
+constexpr int64_t kBlockK = 128;    // keys per block (forward)
+constexpr int64_t kBackwardBlockK = 128;  // keys per block (backward: key-block major, fewer and larger GEMMs)
+constexpr int64_t kBlockRows = 128;  // query rows (positions x heads of a group) per block
 constexpr int64_t kMaxKeySplits = 16;  // backward: most pieces the keys of one (b, kv head) are cut into
 
 template <typename T>
@@ -188,8 +189,40 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_c
   blas(&transa_blas, &transb_blas, &m, &n, &k, &alpha, b, &lda, a, &ldb_blas, &beta, c, &ldc_blas);
 }
 
+// C[M, N] = A[M, K] @ B[N, K]^T, all row-major (leading dims lda, ldb, ldc), through the BLAS: a block's keys
+// used in place as B. Returns false, doing nothing, when no BLAS is linked.
+template <typename T>
+bool gemm_abt_blas(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                   int64_t ldc) {
+  const auto blas = blas_gemm<T>();
+  if (blas == nullptr) {
+    return false;
+  }
+  // Column-major, C^T [N, M] = B [N, K] (B^T stored column-major, ld ldb, transposed) @ A^T [K, M] (ld lda).
+  const char yes = 'T', no = 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int lda_blas = static_cast<int>(ldb), ldb_blas = static_cast<int>(lda), ldc_blas = static_cast<int>(ldc);
+  const T alpha = 1, beta = 0;
+  blas(&yes, &no, &m, &n, &k, &alpha, b, &lda_blas, a, &ldb_blas, &beta, c, &ldc_blas);
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Row helpers on acc-type buffers.
+
+// op over a vector's lanes, pairwise: a serial reduction of the lanes is a chain of dependent instructions.
+template <typename T, typename Op>
+T lanes_reduce(const Vectorized<T>& v, Op op) {
+  constexpr int W = Vectorized<T>::size();
+  T lanes[W];
+  v.store(lanes);
+  for (int width = W / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) {
+      lanes[l] = op(lanes[l], lanes[l + width]);
+    }
+  }
+  return lanes[0];
+}
 
 template <typename T>
 T row_max(const T* x, int64_t n) {
@@ -202,17 +235,14 @@ T row_max(const T* x, int64_t n) {
     for (j = W; j + W <= n; j += W) {
       m = at::vec::maximum(m, Vec::loadu(x + j));
     }
-    T lanes[W];
-    m.store(lanes);
-    for (int l = 0; l < W; ++l) {
-      best = std::max(best, lanes[l]);
-    }
+    best = lanes_reduce(m, [](T a, T b) { return std::max(a, b); });
   }
   for (; j < n; ++j) {
     best = std::max(best, x[j]);
   }
   return best;
 }
+
 
 // x[j] = exp(x[j] * mul - sub) in place; returns the sum. -inf inputs give 0.
 template <typename T>
@@ -227,12 +257,7 @@ T exp_and_sum(T* x, int64_t n, T mul, T sub) {
     e.store(x + j);
     vsum = vsum + e;
   }
-  T lanes[W];
-  vsum.store(lanes);
-  T sum = 0;
-  for (int l = 0; l < W; ++l) {
-    sum += lanes[l];
-  }
+  T sum = lanes_reduce(vsum, [](T a, T b) { return a + b; });
   for (; j < n; ++j) {
     x[j] = std::exp(x[j] * mul - sub);
     sum += x[j];
@@ -370,15 +395,16 @@ bool mask_row(const Problem<scalar_t>& p, int64_t b, int64_t t, const KeyBlock& 
 
 // Blocks of keys row b visits for queries up to t_last: prefix blocks then sequence blocks.
 template <typename scalar_t>
-std::vector<KeyBlock> key_blocks(const Problem<scalar_t>& p, int64_t b, int64_t t_last, int parts) {
+std::vector<KeyBlock> key_blocks(const Problem<scalar_t>& p, int64_t b, int64_t t_last, int parts,
+                                 int64_t block = kBlockK) {
   std::vector<KeyBlock> blocks;
   const int64_t L = parts & kPrefixKeys ? p.prefix_len(b) : 0;
-  for (int64_t s = 0; s < L; s += kBlockK) {
-    blocks.push_back({true, s, std::min(kBlockK, L - s)});
+  for (int64_t s = 0; s < L; s += block) {
+    blocks.push_back({true, s, std::min(block, L - s)});
   }
   const int64_t s_end = !(parts & kSequenceKeys) ? 0 : p.causal ? std::min(p.S, p.S - p.T + t_last + 1) : p.S;
-  for (int64_t s = 0; s < s_end; s += kBlockK) {
-    const int64_t len = std::min(kBlockK, s_end - s);
+  for (int64_t s = 0; s < s_end; s += block) {
+    const int64_t len = std::min(block, s_end - s);
     if (p.block_has_keys(b, s, len)) {
       blocks.push_back({false, s, len});
     }
@@ -407,12 +433,12 @@ void pack_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* 
   }
 }
 
-// dst[d, j] = src[j * ld + d] as acc_t (D x kBlockK, the transposed key/value tile).
+// dst[d, j] = src[j * ld + d] as acc_t (D x ld_dst, the transposed key/value tile).
 template <typename scalar_t, typename acc_t>
-void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* dst) {
+void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* dst, int64_t ld_dst = kBlockK) {
   for (int64_t j = 0; j < rows; ++j) {
     for (int64_t d = 0; d < D; ++d) {
-      dst[d * kBlockK + j] = static_cast<acc_t>(src[j * ld + d]);
+      dst[d * ld_dst + j] = static_cast<acc_t>(src[j * ld + d]);
     }
   }
 }
@@ -476,9 +502,18 @@ void attend_key_block(const Problem<scalar_t>& p, const RowBlock& rows, int64_t 
   const int64_t D = p.D, G = p.G, per_batch = rows.tn * G, hkv = rows.hkv;
   const bool padded = !blk.prefix && p.block_has_padding(b, blk.start, blk.len);
   const int64_t col0 = blk.prefix ? blk.start : p.P + blk.start;
-  pack_transposed(key_row(p, p.pk, p.k, b, hkv, blk), key_stride(p.pk, p.k, blk), blk.len, D, w.kt.data());
-  gemm<acc_t>(r1 - r0, blk.len, D, w.qp.data() + r0 * D, D, 1, w.kt.data(), kBlockK, w.s.data() + r0 * kBlockK,
-              kBlockK, false);
+  const scalar_t* krow = key_row(p, p.pk, p.k, b, hkv, blk);
+  const int64_t ldk = key_stride(p.pk, p.k, blk);
+  bool scored = false;  // S = Q K^T: on the keys in place where the BLAS can read them, else on a packed K^T
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    scored = gemm_abt_blas<acc_t>(r1 - r0, blk.len, D, w.qp.data() + r0 * D, D, krow, ldk,
+                                  w.s.data() + r0 * kBlockK, kBlockK);
+  }
+  if (!scored) {
+    pack_transposed(krow, ldk, blk.len, D, w.kt.data());
+    gemm<acc_t>(r1 - r0, blk.len, D, w.qp.data() + r0 * D, D, 1, w.kt.data(), kBlockK, w.s.data() + r0 * kBlockK,
+                kBlockK, false);
+  }
 
   for (int64_t r = r0; r < r1; ++r) {
     acc_t* srow = w.s.data() + r * kBlockK;

@@ -94,9 +94,10 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const int64_t max_rows = positions * G;
-    std::vector<acc_t> kp(kBlockK * D), kt(D * kBlockK), vt(D * kBlockK), dk_blk(kBlockK * D),
-        dv_blk(kBlockK * D), qp(max_rows * D), dop(max_rows * D), prob(max_rows * kBlockK),
-        dprob(max_rows * kBlockK), drop(max_rows * kBlockK), delta(T * G), lse_rows(T * G), dq_acc(dq_size);
+    constexpr int64_t BK = kBackwardBlockK;
+    std::vector<acc_t> kp(BK * D), kt(D * BK), vt(D * BK), dk_blk(BK * D), dv_blk(BK * D), qp(max_rows * D),
+        dop(max_rows * D), prob(max_rows * BK), dprob(max_rows * BK), drop(max_rows * BK), delta(T * G),
+        lse_rows(T * G), dq_acc(dq_size);
     ForwardScratch<acc_t> lse_scratch(std::is_same_v<acc_t, double> ? max_rows : 0, D);
     for (int64_t i = plan.chunk_start[chunk_begin]; i < plan.chunk_start[chunk_end]; ++i) {
       const int64_t pair = plan.order[i] / splits, split = plan.order[i] % splits;
@@ -128,7 +129,7 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
       }
       std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
 
-      const std::vector<KeyBlock> blocks = key_blocks(p, b, T - 1, p.parts);
+      const std::vector<KeyBlock> blocks = key_blocks(p, b, T - 1, p.parts, BK);
       int64_t total_cost = 0, cost_before = 0;
       for (const KeyBlock& blk : blocks) {
         total_cost += T - first_query(blk);
@@ -148,8 +149,23 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
         const int64_t col0 = blk.prefix ? blk.start : p.P + blk.start;
         const int64_t n = blk.len;
         const auto [kmat, ldkm] = rows_as_acc(krow, ldk, n, D, kp.data());
-        pack_transposed(krow, ldk, n, D, kt.data());
-        pack_transposed(vrow, ldv, n, D, vt.data());
+        // S = Q K^T and dP = dO V^T read K and V in place where the BLAS can, else packed transposed
+        constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
+        const bool blas = in_place && blas_gemm<acc_t>() != nullptr;
+        if (!blas) {
+          pack_transposed(krow, ldk, n, D, kt.data(), BK);
+          pack_transposed(vrow, ldv, n, D, vt.data(), BK);
+        }
+        const auto scores = [&](const acc_t* a, const scalar_t* rows_in_place, const std::vector<acc_t>& packed,
+                                int64_t ld_in_place, int64_t M, acc_t* c) {
+          if constexpr (in_place) {
+            if (blas) {
+              gemm_abt_blas<acc_t>(M, n, D, a, D, rows_in_place, ld_in_place, c, BK);
+              return;
+            }
+          }
+          gemm<acc_t>(M, n, D, a, D, 1, packed.data(), BK, c, BK, false);
+        };
         std::fill(dk_blk.begin(), dk_blk.end(), acc_t(0));
         std::fill(dv_blk.begin(), dv_blk.end(), acc_t(0));
         for (int64_t t0 = first_query(blk) / positions * positions; t0 < T; t0 += positions) {
@@ -157,10 +173,10 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
           const int64_t M = tn * G;
           pack_queries(p.q, b, hkv, G, t0, tn, D, acc_t(1), qp.data());
           pack_queries(grad_out, b, hkv, G, t0, tn, D, acc_t(1), dop.data());
-          gemm<acc_t>(M, n, D, qp.data(), D, 1, kt.data(), kBlockK, prob.data(), kBlockK, false);
+          scores(qp.data(), krow, kt, ldk, M, prob.data());
           const acc_t* pd = p.dropout.active ? dprob.data() : prob.data();  // probabilities after dropout
           for (int64_t r = 0; r < M; ++r) {
-            acc_t* prow = prob.data() + r * kBlockK;
+            acc_t* prow = prob.data() + r * BK;
             const int64_t t = t0 + r / G;
             const acc_t row_lse = lse_rows[t * G + r % G];
             if (row_lse == -std::numeric_limits<acc_t>::infinity() || !mask_row(p, b, t, blk, padded, prow)) {
@@ -169,22 +185,22 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
               exp_and_sum(prow, n, scale, row_lse);
             }
             if (p.dropout.active) {
-              acc_t* mrow = drop.data() + r * kBlockK;
+              acc_t* mrow = drop.data() + r * BK;
               p.dropout.row_multipliers(p.dropout.row_key(b, hkv * G + r % G, t, p.Hq, T), col0, n, mrow);
-              acc_t* pdrow = dprob.data() + r * kBlockK;
+              acc_t* pdrow = dprob.data() + r * BK;
               for (int64_t j = 0; j < n; ++j) {
                 pdrow[j] = prow[j] * mrow[j];
               }
             }
           }
           // dV += Pd^T dO
-          gemm<acc_t>(n, D, M, pd, 1, kBlockK, dop.data(), D, dv_blk.data(), D, true);
+          gemm<acc_t>(n, D, M, pd, 1, BK, dop.data(), D, dv_blk.data(), D, true);
           // dP = dO V^T, then dS = P * (dP * dropout - delta) * scale (in place in dprob)
-          gemm<acc_t>(M, n, D, dop.data(), D, 1, vt.data(), kBlockK, dprob.data(), kBlockK, false);
+          scores(dop.data(), vrow, vt, ldv, M, dprob.data());
           for (int64_t r = 0; r < M; ++r) {
-            const acc_t* prow = prob.data() + r * kBlockK;
-            acc_t* dsrow = dprob.data() + r * kBlockK;
-            const acc_t* mrow = drop.data() + r * kBlockK;
+            const acc_t* prow = prob.data() + r * BK;
+            acc_t* dsrow = dprob.data() + r * BK;
+            const acc_t* mrow = drop.data() + r * BK;
             const acc_t row_delta = delta[(t0 + r / G) * G + r % G];
             for (int64_t j = 0; j < n; ++j) {
               const acc_t dp = p.dropout.active ? dsrow[j] * mrow[j] : dsrow[j];
@@ -192,8 +208,8 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
             }
           }
           // dQ += dS K ; dK += dS^T Q
-          gemm<acc_t>(M, D, n, dprob.data(), kBlockK, 1, kmat, ldkm, dq_acc.data() + t0 * G * D, D, true);
-          gemm<acc_t>(n, D, M, dprob.data(), 1, kBlockK, qp.data(), D, dk_blk.data(), D, true);
+          gemm<acc_t>(M, D, n, dprob.data(), BK, 1, kmat, ldkm, dq_acc.data() + t0 * G * D, D, true);
+          gemm<acc_t>(n, D, M, dprob.data(), 1, BK, qp.data(), D, dk_blk.data(), D, true);
         }
 
         for (int64_t j = 0; j < n; ++j) {
