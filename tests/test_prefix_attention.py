@@ -399,7 +399,7 @@ def test_cpu_routes_mix_between_forward_and_backward(forward_route, monkeypatch)
 
 
 def test_cpu_routes_follow_the_declared_thresholds():
-    """Which route each kind of call takes: the cascade where a query attends many sequence keys."""
+    """Which route each kind of call takes: the cascade on long bidirectional rows and wide decode batches."""
 
     def args(B, Hq, Hkv, T, S, causal=True):
         case = make_case(B=B, Hq=Hq, Hkv=Hkv, T=T, S=S, P=4, D=32, causal=causal)
@@ -408,17 +408,16 @@ def test_cpu_routes_follow_the_declared_thresholds():
     many, few = cpu_cascade.FORWARD_MIN_KEYS, cpu_cascade.FORWARD_MIN_KEYS // 2
     assert cpu_cascade.runs_forward(args(1, 2, 2, many, many, causal=False))
     assert not cpu_cascade.runs_forward(args(1, 2, 2, few, few, causal=False))
-    # causal: the mean over queries, S - (T - 1) / 2; a prefill after a cache counts the cache
-    assert not cpu_cascade.runs_forward(args(1, 2, 2, many, many))
-    assert cpu_cascade.runs_forward(args(1, 2, 2, 2 * many, 2 * many))
-    assert cpu_cascade.runs_forward(args(1, 2, 2, few, many + few))
-    assert cpu_cascade.runs_backward(args(1, 2, 2, many, many, causal=False))
-    assert not cpu_cascade.runs_backward(args(1, 2, 2, 4 * many, 4 * many))  # causal backward: the C++ kernel
-    # decode: the C++ kernel for GQA groups above DECODE_MAX_GROUP and for small batches of short caches
-    keys = cpu_cascade.DECODE_MIN_KEYS
-    assert cpu_cascade.runs_forward(args(4, 3, 1, 1, keys // 4))
-    assert not cpu_cascade.runs_forward(args(4, 3, 1, 1, keys // 8))
-    assert not cpu_cascade.runs_forward(args(4, 8, 2, 1, keys))
+    assert not cpu_cascade.runs_forward(args(1, 2, 2, 4 * many, 4 * many))  # causal: the C++ kernel
+    long = cpu_cascade.BACKWARD_MIN_KEYS
+    assert cpu_cascade.runs_backward(args(1, 2, 2, long, long, causal=False))
+    assert not cpu_cascade.runs_backward(args(1, 2, 2, long // 2, long // 2, causal=False))
+    assert not cpu_cascade.runs_backward(args(1, 2, 2, long, long))
+    # decode: the cascade only for groups up to DECODE_MAX_GROUP heads with DECODE_MIN_KEYS keys in the batch
+    keys, group = cpu_cascade.DECODE_MIN_KEYS, cpu_cascade.DECODE_MAX_GROUP
+    assert cpu_cascade.runs_forward(args(4, group, 1, 1, keys // 4))
+    assert not cpu_cascade.runs_forward(args(4, group, 1, 1, keys // 8))
+    assert not cpu_cascade.runs_forward(args(4, 2 * group, 1, 1, keys))
 
 
 def test_merge_attention_states_equals_attention_over_the_union():

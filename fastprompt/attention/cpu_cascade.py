@@ -10,8 +10,8 @@ probabilities are ``exp(logit - lse)`` and ``delta = rowsum(dO * out)``, so ATen
 sequence part and the kernel's backward over the prefix keys (adding to the flash kernel's ``dq`` and summing
 the prefix gradient over the rows that use it) give exactly the gradients of the whole softmax.
 
-The cascade pays for itself only where ATen's kernel beats the C++ kernel over the sequence: when a query
-attends many sequence keys. :func:`runs_forward` and :func:`runs_backward` say where, from the thresholds below;
+The cascade pays for itself only where ATen's kernel beats the C++ kernel over the sequence: on long
+bidirectional rows. :func:`runs_forward` and :func:`runs_backward` say where, from the thresholds below;
 :mod:`fastprompt.attention.cpu_backend` sends every other call to the C++ kernels alone (as it does calls with
 dropout, which ATen's CPU flash kernel lacks, and backward calls with a gradient reaching the lse, which its
 flash backward cannot take, or in float64, whose gradients the float32 lse would cap at ~1e-7 relative
@@ -31,31 +31,26 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 
 # Where each route is faster, measured side by side on a 2-core Xeon (AVX-512, MKL), float32, 2 threads
-# (benchmarks/results/cpu-2026-12-03-cpu-routes.md). ATen's flash kernel does each query-key pair faster once a
-# query attends a few hundred sequence keys; below that its per-call and per-block costs dominate, and the C++
-# kernel wins outright on causal backward and on decode steps of GQA groups of four or more heads (it reads
-# each K/V block once per group, ATen's kernel once per query head).
+# (benchmarks/results/cpu-2026-12-03-cpu-routes.md). The C++ kernel reads each K/V block once for the query heads
+# of a GQA group and skips the blocks a causal mask hides; ATen's flash kernel runs larger blocks, which pays on
+# long bidirectional rows of few heads per group.
 FORWARD_MIN_KEYS = 256
-"""Forward: the cascade when a query attends at least this many sequence keys on average."""
-BACKWARD_MIN_KEYS = 256
-"""Backward: the cascade when bidirectional and every query attends at least this many sequence keys."""
-DECODE_MAX_GROUP = 3
+"""Forward: the cascade for bidirectional calls with at least this many sequence keys; causal: the C++ kernel."""
+BACKWARD_MIN_KEYS = 1024
+"""Backward: the cascade for bidirectional calls with at least this many sequence keys."""
+DECODE_MAX_GROUP = 1
 """Decode steps (one query per row): the cascade only for GQA groups of at most this many query heads..."""
-DECODE_MIN_KEYS = 2048
+DECODE_MIN_KEYS = 8192
 """...and at least this many sequence keys in the whole batch (B * S)."""
-
-
-def _mean_sequence_keys(args: AttentionArgs) -> float:
-    T, S = args.q.shape[2], args.k.shape[2]
-    return S - (T - 1) / 2 if args.causal else S
 
 
 def runs_forward(args: AttentionArgs) -> bool:
     """Whether the cascade is the faster forward for this call's shapes (dropout aside)."""
     B, Hq, T = args.q.shape[:3]
+    S = args.k.shape[2]
     if T == 1:
-        return Hq // args.k.shape[1] <= DECODE_MAX_GROUP and B * args.k.shape[2] >= DECODE_MIN_KEYS
-    return _mean_sequence_keys(args) >= FORWARD_MIN_KEYS
+        return Hq // args.k.shape[1] <= DECODE_MAX_GROUP and B * S >= DECODE_MIN_KEYS
+    return not args.causal and S >= FORWARD_MIN_KEYS
 
 
 def runs_backward(args: AttentionArgs) -> bool:
