@@ -112,9 +112,10 @@ def format_report(rows: list[Row], argv: list[str]) -> str:
         "",
         *environment_lines(torch.device("cpu"), torch.float32, argv),
         "",
-        f"Thresholds: forward cascade when a query attends >= {cpu_cascade.FORWARD_MIN_KEYS} sequence keys on "
-        f"average; backward cascade when bidirectional with S >= {cpu_cascade.BACKWARD_MIN_KEYS}; decode cascade "
-        f"when the GQA group is <= {cpu_cascade.DECODE_MAX_GROUP} heads and B * S >= {cpu_cascade.DECODE_MIN_KEYS}.",
+        f"Thresholds: the cascade for bidirectional forwards with S >= {cpu_cascade.FORWARD_MIN_KEYS}, "
+        f"bidirectional backwards with S >= {cpu_cascade.BACKWARD_MIN_KEYS} and decode steps whose GQA group is "
+        f"<= {cpu_cascade.DECODE_MAX_GROUP} heads with B * S >= {cpu_cascade.DECODE_MIN_KEYS}; the C++ kernel "
+        "for the rest.",
         "",
         f"{len(rows)} rows; the routed route is the faster on {len(rows) - len(wrong)}; where it is not, it takes "
         f"{costs[-1]:.2f}x the faster's time at worst (median over those rows "
