@@ -371,23 +371,39 @@ struct KeyBlock {
   int64_t start, len;
 };
 
-// Writes -inf over the invisible columns of one score row of a key block; returns false when the
-// row sees none of the block's keys.
+// The additive padding mask of a sequence block, 0 for a real key and -inf for padding, written to buf; nullptr
+// when the block holds no padding (a prefix block never does).
 template <typename scalar_t, typename acc_t>
-bool mask_row(const Problem<scalar_t>& p, int64_t b, int64_t t, const KeyBlock& blk, bool padded, acc_t* srow) {
-  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+const acc_t* block_padding(const Problem<scalar_t>& p, int64_t b, const KeyBlock& blk, acc_t* buf) {
+  if (blk.prefix || !p.block_has_padding(b, blk.start, blk.len)) {
+    return nullptr;
+  }
+  const bool* m = p.key_padding_mask + b * p.S + blk.start;
+  for (int64_t j = 0; j < blk.len; ++j) {
+    buf[j] = m[j] ? acc_t(0) : -std::numeric_limits<acc_t>::infinity();
+  }
+  return buf;
+}
+
+// Writes -inf over the invisible columns of one score row of a key block (causally hidden, or padding:
+// `padding` from block_padding); returns false when the row sees none of the block's keys.
+template <typename scalar_t, typename acc_t>
+bool mask_row(const Problem<scalar_t>& p, int64_t t, const KeyBlock& blk, const acc_t* padding, acc_t* srow) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int W = Vec::size();
   if (blk.prefix) {
     return true;
   }
   const int64_t visible =
       p.causal ? std::clamp<int64_t>(p.S - p.T + t - blk.start + 1, 0, blk.len) : blk.len;
-  std::fill(srow + visible, srow + blk.len, neg_inf);
-  if (padded) {
-    const bool* m = p.key_padding_mask + b * p.S + blk.start;
-    for (int64_t j = 0; j < visible; ++j) {
-      if (!m[j]) {
-        srow[j] = neg_inf;
-      }
+  std::fill(srow + visible, srow + blk.len, -std::numeric_limits<acc_t>::infinity());
+  if (padding != nullptr) {
+    int64_t j = 0;
+    for (; j + W <= visible; j += W) {
+      (Vec::loadu(srow + j) + Vec::loadu(padding + j)).store(srow + j);
+    }
+    for (; j < visible; ++j) {
+      srow[j] += padding[j];
     }
   }
   return visible > 0;
@@ -475,10 +491,10 @@ void pack_queries(const Rows<const scalar_t>& x, int64_t b, int64_t hkv, int64_t
 
 template <typename acc_t>
 struct ForwardScratch {
-  std::vector<acc_t> qp, kt, vbuf, s, acc, m, l, mult;
+  std::vector<acc_t> qp, kt, vbuf, s, acc, m, l, mult, padding;
   explicit ForwardScratch(int64_t max_rows, int64_t D)
       : qp(max_rows * D), kt(D * kBlockK), vbuf(kBlockK * D), s(max_rows * kBlockK), acc(max_rows * D),
-        m(max_rows), l(max_rows), mult(kBlockK) {}
+        m(max_rows), l(max_rows), mult(kBlockK), padding(kBlockK) {}
 };
 
 template <typename acc_t>
@@ -500,7 +516,7 @@ void attend_key_block(const Problem<scalar_t>& p, const RowBlock& rows, int64_t 
                       int64_t r1, bool with_values, ForwardScratch<acc_t>& w) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t D = p.D, G = p.G, per_batch = rows.tn * G, hkv = rows.hkv;
-  const bool padded = !blk.prefix && p.block_has_padding(b, blk.start, blk.len);
+  const acc_t* padding = block_padding(p, b, blk, w.padding.data());
   const int64_t col0 = blk.prefix ? blk.start : p.P + blk.start;
   const scalar_t* krow = key_row(p, p.pk, p.k, b, hkv, blk);
   const int64_t ldk = key_stride(p.pk, p.k, blk);
@@ -518,7 +534,7 @@ void attend_key_block(const Problem<scalar_t>& p, const RowBlock& rows, int64_t 
   for (int64_t r = r0; r < r1; ++r) {
     acc_t* srow = w.s.data() + r * kBlockK;
     const int64_t t = rows.t0 + (r % per_batch) / G;
-    const acc_t row_block_max = mask_row(p, b, t, blk, padded, srow) ? row_max(srow, blk.len) : neg_inf;
+    const acc_t row_block_max = mask_row(p, t, blk, padding, srow) ? row_max(srow, blk.len) : neg_inf;
     const acc_t m_new = std::max(w.m[r], row_block_max);
     if (m_new == neg_inf) {
       std::fill(srow, srow + blk.len, acc_t(0));

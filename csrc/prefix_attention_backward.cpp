@@ -97,7 +97,7 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
     constexpr int64_t BK = kBackwardBlockK;
     std::vector<acc_t> kp(BK * D), kt(D * BK), vt(D * BK), dk_blk(BK * D), dv_blk(BK * D), qp(max_rows * D),
         dop(max_rows * D), prob(max_rows * BK), dprob(max_rows * BK), drop(max_rows * BK), delta(T * G),
-        lse_rows(T * G), dq_acc(dq_size);
+        lse_rows(T * G), dq_acc(dq_size), padding_buf(BK);
     ForwardScratch<acc_t> lse_scratch(std::is_same_v<acc_t, double> ? max_rows : 0, D);
     for (int64_t i = plan.chunk_start[chunk_begin]; i < plan.chunk_start[chunk_end]; ++i) {
       const int64_t pair = plan.order[i] / splits, split = plan.order[i] % splits;
@@ -145,7 +145,7 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
         const scalar_t* krow = key_row(p, p.pk, p.k, b, hkv, blk);
         const scalar_t* vrow = key_row(p, p.pv, p.v, b, hkv, blk);
         const int64_t ldk = key_stride(p.pk, p.k, blk), ldv = key_stride(p.pv, p.v, blk);
-        const bool padded = !blk.prefix && p.block_has_padding(b, blk.start, blk.len);
+        const acc_t* padding = block_padding(p, b, blk, padding_buf.data());
         const int64_t col0 = blk.prefix ? blk.start : p.P + blk.start;
         const int64_t n = blk.len;
         const auto [kmat, ldkm] = rows_as_acc(krow, ldk, n, D, kp.data());
@@ -179,7 +179,7 @@ void backward_kernel(const Problem<scalar_t>& p, const Rows<const scalar_t>& gra
             acc_t* prow = prob.data() + r * BK;
             const int64_t t = t0 + r / G;
             const acc_t row_lse = lse_rows[t * G + r % G];
-            if (row_lse == -std::numeric_limits<acc_t>::infinity() || !mask_row(p, b, t, blk, padded, prow)) {
+            if (row_lse == -std::numeric_limits<acc_t>::infinity() || !mask_row(p, t, blk, padding, prow)) {
               std::fill(prow, prow + n, acc_t(0));
             } else {
               exp_and_sum(prow, n, scale, row_lse);
