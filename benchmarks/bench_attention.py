@@ -28,7 +28,6 @@ when ``i + j`` is even.
 
 from __future__ import annotations
 
-import csv
 import functools
 import sys
 from dataclasses import asdict, dataclass
@@ -49,7 +48,7 @@ from fastprompt.bench.attention import (  # noqa: F401  (the builders test_bench
     training_case,
 )
 from fastprompt.bench.provenance import environment_lines
-from fastprompt.bench.timing import Measurement, best_of_rounds, kernel_bench_options
+from fastprompt.bench.timing import Measurement, best_of_rounds, kernel_bench_options, write_csv
 
 
 @dataclass(frozen=True)
@@ -178,10 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print(format_tflops(training_case("Llama-3.2-1B", 1024, 64, True), dtype, args.device, args.warmup, iters))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0].record()))
-            writer.writeheader()
-            writer.writerows(row.record() for row in rows)
+        write_csv(args.csv, [row.record() for row in rows])
 
 
 if __name__ == "__main__":

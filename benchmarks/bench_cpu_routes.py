@@ -16,7 +16,6 @@ its time over the faster route's.
 
 from __future__ import annotations
 
-import csv
 import functools
 import itertools
 import sys
@@ -29,7 +28,7 @@ from fastprompt.attention import AttentionArgs, cpu_backend, cpu_cascade
 from fastprompt.attention.cases import make_case
 from fastprompt.bench.attention import GEOMETRIES, Case, grid_cases
 from fastprompt.bench.provenance import environment_lines
-from fastprompt.bench.timing import best_of_rounds, kernel_bench_options, measure
+from fastprompt.bench.timing import best_of_rounds, kernel_bench_options, measure, write_csv
 
 DECODE_GEOMETRIES = {**GEOMETRIES, "fastprompt bench default": (8, 2, 32)}
 DECODE_BATCHES, DECODE_CACHES, DECODE_PREFIX = (1, 4, 32), (128, 512, 2048), 512
@@ -139,10 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(cases, args.warmup, iters, args.rounds)
     print(format_report(rows, ["benchmarks/bench_cpu_routes.py", *argv]))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0].record()))
-            writer.writeheader()
-            writer.writerows(row.record() for row in rows)
+        write_csv(args.csv, [row.record() for row in rows])
 
 
 if __name__ == "__main__":

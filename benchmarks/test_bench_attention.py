@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from bench_attention import CALLS, MODES, decode_case, make_step, training_case
+
+from fastprompt.bench.attention import CALLS, MODES, decode_case, make_step, training_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32

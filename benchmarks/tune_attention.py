@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from bench_attention import Case, make_inputs, training_case
 
 from fastprompt.attention import AttentionArgs
+from fastprompt.bench.attention import Case, make_inputs, training_case
 from fastprompt.bench.provenance import environment
 from fastprompt.kernels import prefix_attention as pa
 

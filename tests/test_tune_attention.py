@@ -11,8 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import tune_attention  # noqa: E402
-from bench_attention import Case  # noqa: E402
 
+from fastprompt.bench.attention import Case  # noqa: E402
 from fastprompt.kernels import prefix_attention as pa  # noqa: E402
 
 

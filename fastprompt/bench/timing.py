@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import functools
 import os
 import statistics
@@ -182,3 +183,11 @@ def kernel_bench_options(
         parser.error("--device cuda: no CUDA device is available")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     return args, dtype, args.iters or iters[args.device == "cuda"]
+
+
+def write_csv(path: str | os.PathLike, records: Sequence[dict[str, object]]) -> None:
+    """The ``--csv`` file of a kernel benchmark: one row per record, the first record's keys as the header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
