@@ -34,15 +34,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fastprompt.bench.attention import (  # noqa: F401  (the builders test_bench_attention.py reuses)
+from fastprompt.bench.attention import (
     CALLS,
     MODES,
     Case,
     check_against_reference,
-    decode_case,
     fastprompt_call,
     grid_cases,
-    make_step,
     sdpa_call,
     timed,
     training_case,

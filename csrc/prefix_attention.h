@@ -243,7 +243,6 @@ T row_max(const T* x, int64_t n) {
   return best;
 }
 
-
 // x[j] = exp(x[j] * mul - sub) in place; returns the sum. -inf inputs give 0.
 template <typename T>
 T exp_and_sum(T* x, int64_t n, T mul, T sub) {

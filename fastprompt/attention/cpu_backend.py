@@ -1,6 +1,6 @@
 """The ``cpu`` backend: ATen's CPU flash attention over the sequence and the C++ kernels of ``csrc/`` over the
-prefix (:mod:`~fastprompt.attention.cpu_cascade`) where a query attends many sequence keys, the C++ kernels
-over both elsewhere and where ATen's kernel cannot serve (dropout; in backward also a gradient reaching the
+prefix (:mod:`~fastprompt.attention.cpu_cascade`) on long bidirectional rows, the C++ kernels over both
+elsewhere and where ATen's kernel cannot serve (dropout; in backward also a gradient reaching the
 lse, and float64). The kernels are prebuilt by
 ``setup.py`` or compiled with ninja on first use.
 

@@ -93,8 +93,10 @@ def decode_case(model: str) -> Case:
 
 
 def grid_cases(full: bool = False) -> list[Case]:
-    """The training shapes (the sample described in the module docstring, or with ``full`` the cross
-    product), then one decode row per geometry."""
+    """The training shapes, then one decode row per geometry. ``full``: the cross product of geometries,
+    prefix lengths, sequence lengths and maskings (120 shapes); else a sample of 20 in which every geometry meets
+    every P, every T and both maskings: geometry ``i`` with prefix length ``j`` takes
+    ``T = SEQ_LENS[(i + j) % 3]`` and is causal when ``i + j`` is even."""
     models = list(GEOMETRIES)
     if full:
         training = [training_case(m, T, P, causal) for m, P, T, causal in

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fastprompt.bench.attention import BENCH_SHAPE, DECODE_BATCH, DECODE_CACHE, DECODE_PREFIX, TOKENS
 from fastprompt.bench.models import ModelShape
 from fastprompt.bench.provenance import dtype_name
 from fastprompt.bench.suite import ATTENTION, BASELINES, ROUNDS, SERVING, BenchConfig, BenchResult, Row
@@ -68,8 +69,6 @@ def _attention_lines(result: BenchResult) -> list[str]:
     rows = [row for row in result.rows if row.kind == ATTENTION]
     if not rows:
         return []
-    from fastprompt.bench.attention import BENCH_SHAPE, DECODE_BATCH, DECODE_CACHE, DECODE_PREFIX, TOKENS
-
     T, P = BENCH_SHAPE
     lines = [
         "",

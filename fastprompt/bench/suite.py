@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fastprompt.bench import attention
 from fastprompt.bench.models import (
     METHODS,
     PAD_TOKEN_ID,
@@ -416,8 +417,6 @@ def _attention_rows(config: BenchConfig) -> list[Row]:
     """The op on :func:`fastprompt.bench.attention.bench_cases` in the run's dtype and device: fastprompt, the
     naive path and SDPA without the prefix in turn for :data:`ROUNDS` rounds, after a check of fastprompt's
     output against the float64 oracle."""
-    from fastprompt.bench import attention
-
     device = config.device.type
     rows = []
     for case in attention.bench_cases():
